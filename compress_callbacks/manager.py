@@ -1,0 +1,361 @@
+"""The event loop: counts real optimizer updates and drives every compression callback.
+
+>>> import torch, torch.nn as nn
+>>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
+>>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+>>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
+>>> manager.attach(model, optimizer)
+>>> for _ in range(4):
+...     model(torch.randn(4, 8)).sum().backward()
+...     optimizer.step()
+...     optimizer.zero_grad()
+>>> manager.step
+4
+>>> compressed = manager.finalize(model)
+>>> float((compressed[0].weight == 0).float().mean())
+0.5
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .callback import CompressionCallback
+from .targets import unwrap_model
+
+__all__ = ["CompressionManager", "underlying_optimizer"]
+
+logger = logging.getLogger("compress_callbacks")
+
+
+def underlying_optimizer(optimizer: Any) -> Any:
+    """The real ``torch.optim.Optimizer`` behind Accelerate / Lightning / Trainer wrappers.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> underlying_optimizer(opt) is opt
+    True
+    """
+    seen = set()
+    while id(optimizer) not in seen and not isinstance(optimizer, torch.optim.Optimizer):
+        seen.add(id(optimizer))
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if inner is None:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def optimizer_parameters(optimizer: Any) -> set[int]:
+    """ids of every parameter the optimizer updates."""
+    return {id(p) for group in underlying_optimizer(optimizer).param_groups for p in group["params"]}
+
+
+def update_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """True inside a step hook when the grad scaler told a fused optimizer to skip this step.
+
+    ``GradScaler`` still calls ``step()`` of optimizers that support AMP scaling natively (fused
+    AdamW, the Transformers default); they skip inside the kernel, and ``optimizer.found_inf``
+    (set only for the duration of the call) is the only place that says so.
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is None:
+        return False
+    return bool(found_inf.item() if torch.is_tensor(found_inf) else found_inf)
+
+
+class CompressionManager:
+    """Wires compression callbacks into an existing training loop.
+
+    Args:
+        *callbacks: ``GradualMagnitudePruning``, ``QuantizationAwareTraining``, ... (any
+            :class:`CompressionCallback`). They run in the order given.
+        accelerator: optional ``accelerate.Accelerator``: the manager registers itself for
+            ``save_state``/``load_state``, logs through ``accelerator.log`` and keeps ranks in sync.
+        log_every: log callback and loss values every this many real updates (0: only on events).
+
+    ``attach(model, optimizer)`` hooks the real optimizer: every real update (not an accumulation
+    micro-step, not an update the AMP grad scaler skipped) advances ``manager.step`` by one and
+    runs the callbacks. Loops that cannot be hooked attach with ``hook=False`` and call
+    ``manager.record_update()`` once after each real update.
+
+    Example::
+
+        manager = CompressionManager(GradualMagnitudePruning(0.9, start_step=100, end_step=1000),
+                                     accelerator=accelerator)
+        manager.attach(model, optimizer)
+        ...  # the loop stays as it is
+        compressed = manager.finalize(model)
+    """
+
+    def __init__(self, *callbacks: CompressionCallback, accelerator: Any = None, log_every: int = 50) -> None:
+        if len(callbacks) == 1 and isinstance(callbacks[0], (list, tuple)):
+            callbacks = tuple(callbacks[0])
+        for cb in callbacks:
+            if not isinstance(cb, CompressionCallback):
+                raise TypeError(
+                    f"`callbacks` must be CompressionCallback instances (e.g. GradualMagnitudePruning); got {cb!r}"
+                )
+        if len({id(cb) for cb in callbacks}) != len(callbacks):
+            raise ValueError("`callbacks`: the same callback instance was given twice")
+        if not isinstance(log_every, int) or log_every < 0:
+            raise ValueError(f"`log_every` must be an int >= 0, got {log_every!r}")
+        self.callbacks: list[CompressionCallback] = list(callbacks)
+        self.accelerator = accelerator
+        self.log_every = log_every
+        self._step = 0
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._handles: list[Any] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._loss_sources: list[Any] = []
+        self._registered_for_checkpointing = False
+        self._finalized = False
+        self.hooked = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        """Real optimizer updates so far (what every ``*_step`` argument counts)."""
+        return self._step
+
+    @property
+    def attached(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The unwrapped model the callbacks act on (None before ``attach``)."""
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The underlying ``torch.optim.Optimizer`` (None before ``attach``)."""
+        return self._optimizer
+
+    @property
+    def has_before_update_hook(self) -> bool:
+        """Whether callbacks get ``on_before_update`` (a pre-step hook on a real torch optimizer)."""
+        return isinstance(self._optimizer, torch.optim.Optimizer)
+
+    @property
+    def is_main_process(self) -> bool:
+        if self.accelerator is not None:
+            return bool(self.accelerator.is_main_process)
+        from ._dist import rank
+
+        return rank() == 0
+
+    # ------------------------------------------------------------------ attach
+    def attach(self, model: nn.Module, optimizer: Any, *, hook: bool = True) -> None:
+        """Install every callback on ``model`` and hook the real updates of ``optimizer``.
+
+        ``model`` may be wrapped (DDP, ``torch.compile``, ``accelerator.prepare``); callbacks act
+        on the unwrapped module, with the same ``Parameter`` objects, so the optimizer and DDP keep
+        working. Everything is validated before anything is modified.
+        """
+        if self._finalized:
+            raise ValueError("this CompressionManager was finalized; create a new one to `attach` again")
+        if self.attached:
+            raise ValueError("`attach` was already called on this CompressionManager; call it once per run")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        root = unwrap_model(model)
+        real_optimizer = underlying_optimizer(optimizer) if optimizer is not None else None
+        if real_optimizer is not None and not hasattr(real_optimizer, "param_groups"):
+            raise TypeError(f"`optimizer` must be a torch optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        for cb in self.callbacks:
+            cb.validate(root, real_optimizer)
+
+        self._model, self._optimizer = root, real_optimizer
+        for cb in self.callbacks:
+            cb.manager = self
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        for cb in self.callbacks:
+            cb.on_attach(root, real_optimizer, self._step)
+        if isinstance(real_optimizer, torch.optim.Optimizer):
+            if any(cb.needs_before_update for cb in self.callbacks):
+                self._handles.append(real_optimizer.register_step_pre_hook(self._pre_step_hook))
+            if hook:
+                self._handles.append(real_optimizer.register_step_post_hook(self._post_step_hook))
+                self.hooked = True
+        elif hook:
+            raise TypeError(
+                "`optimizer` exposes no step hooks; attach with hook=False and call manager.record_update() "
+                "after each real optimizer update"
+            )
+        if self.accelerator is not None and not self._registered_for_checkpointing:
+            self.accelerator.register_for_checkpointing(self)
+            self._registered_for_checkpointing = True
+        self._log_event("attach", {f"{cb.name}/{k}": v for cb in self.callbacks for k, v in cb.log_values().items()})
+
+    # ------------------------------------------------------------------ stepping
+    def _pre_step_hook(self, optimizer, args, kwargs) -> None:
+        if update_was_skipped(optimizer):
+            return
+        for cb in self.callbacks:
+            if cb.needs_before_update:
+                cb.on_before_update(self._step)
+
+    def _post_step_hook(self, optimizer, args, kwargs) -> None:
+        if update_was_skipped(optimizer):
+            return
+        self._advance()
+
+    def record_update(self) -> None:
+        """Count one real optimizer update by hand (only for ``attach(..., hook=False)``)."""
+        if not self.attached:
+            raise ValueError("call `attach` before `record_update`")
+        if self.hooked:
+            raise ValueError("this manager counts updates through optimizer hooks; `record_update` would count twice")
+        self._advance()
+
+    def _advance(self) -> None:
+        self._step += 1
+        for cb in self.callbacks:
+            cb.on_update(self._step)
+        if self.log_every and self._step % self.log_every == 0:
+            self.log(self.collect_log_values())
+
+    # ------------------------------------------------------------------ logging
+    def register_loss(self, loss: Any) -> Any:
+        """Log ``loss.log_values()`` (e.g. a ``DistillationLoss``'s hard/soft/total) with the callbacks'."""
+        if not hasattr(loss, "log_values"):
+            raise TypeError("`loss` must have a `log_values()` method (e.g. DistillationLoss)")
+        if loss not in self._loss_sources:
+            self._loss_sources.append(loss)
+        return loss
+
+    def collect_log_values(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for cb in self.callbacks:
+            for key, value in cb.log_values().items():
+                values[f"compress/{cb.name}/{key}"] = float(value)
+        for source in self._loss_sources:
+            for key, value in source.log_values().items():
+                values[f"compress/{type(source).__name__}/{key}"] = float(value)
+        return values
+
+    def log(self, values: dict[str, float], step: int | None = None) -> None:
+        """Send ``values`` to ``accelerator.log`` (when trackers are set) or to ``logging`` (main process)."""
+        if not values:
+            return
+        step = self._step if step is None else step
+        trackers = getattr(self.accelerator, "trackers", None) if self.accelerator is not None else None
+        if trackers:
+            self.accelerator.log(values, step=step)
+        elif self.is_main_process:
+            text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            logger.info("step %d: %s", step, text)
+
+    def _log_event(self, event: str, values: dict[str, float]) -> None:
+        if self.is_main_process:
+            logger.info("%s at step %d", event, self._step)
+        self.log({f"compress/{k}": float(v) for k, v in values.items()})
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Step count and every callback's state (masks, observer ranges, ...)."""
+        return {
+            "step": self._step,
+            "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``: before ``attach`` (applied on attach) or while attached (resume)."""
+        if not isinstance(state, dict) or "step" not in state or "callbacks" not in state:
+            raise ValueError("`state` is not a CompressionManager.state_dict()")
+        expected = [f"{i}:{cb.name}" for i, cb in enumerate(self.callbacks)]
+        if list(state["callbacks"]) != expected:
+            raise ValueError(
+                f"`state` was saved with callbacks {list(state['callbacks'])}, this manager has {expected}"
+            )
+        if self.attached:
+            self._apply_state(state)
+        else:
+            self._pending_state = state
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self._step = int(state["step"])
+        for key, cb in zip(state["callbacks"], self.callbacks):
+            cb.load_state_dict(state["callbacks"][key])
+
+    # ------------------------------------------------------------------ finalize / report
+    def finalize(self, model: nn.Module | None = None) -> nn.Module:
+        """Bake every technique into the unwrapped model (in place) and return it.
+
+        The result has its original module types and ``state_dict`` keys, no hooks, and loads
+        with ``strict=True`` into a fresh copy of the architecture.
+        """
+        if not self.attached:
+            raise ValueError("`finalize` needs an attached manager (call `attach` first)")
+        root = unwrap_model(model) if model is not None else self._model
+        if root is not self._model:
+            raise ValueError("`model` is not the model this manager was attached to")
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for cb in self.callbacks:
+            cb.finalize(root)
+        self._log_event("finalize", {})
+        self._finalized = True
+        self._model = None
+        self._optimizer = None
+        return root
+
+    def summary(self) -> str:
+        """A per-layer table of what every callback does to every module it touches."""
+        lines = [f"CompressionManager: step {self._step}, {len(self.callbacks)} callback(s)"]
+        for cb in self.callbacks:
+            rows = cb.summary_rows()
+            lines.append(f"\n{cb!r}")
+            if not rows:
+                lines.append("  (not attached)")
+                continue
+            columns = list(rows[0])
+            cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+            widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+            lines.append("  " + "  ".join("-" * w for w in widths))
+            for r in cells:
+                lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ recipes
+    @classmethod
+    def from_recipe(cls, recipe: dict | str | Path, *, accelerator: Any = None, **kwargs: Any) -> CompressionManager:
+        """Build a manager from a recipe dict, YAML text or a YAML file path."""
+        from .recipes import callbacks_from_recipe
+
+        return cls(*callbacks_from_recipe(recipe), accelerator=accelerator, **kwargs)
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The callbacks as a recipe dict (round-trips through ``from_recipe``)."""
+        from .recipes import callbacks_to_recipe
+
+        return callbacks_to_recipe(self.callbacks)
+
+    def to_recipe_yaml(self) -> str:
+        """``to_recipe()`` dumped as YAML text."""
+        import yaml
+
+        return yaml.safe_dump(self.to_recipe(), sort_keys=False)
+
+    def __repr__(self) -> str:
+        return f"CompressionManager({', '.join(map(repr, self.callbacks))}, step={self._step})"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, (tuple, list, torch.Size)):
+        return "x".join(str(v) for v in value)
+    return str(value)

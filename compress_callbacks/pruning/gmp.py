@@ -1,0 +1,332 @@
+"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates.
+
+>>> import torch, torch.nn as nn
+>>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
+>>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+>>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
+>>> manager = CompressionManager(gmp)
+>>> manager.attach(model, optimizer)
+>>> for _ in range(12):
+...     model(torch.randn(8, 16)).pow(2).mean().backward()
+...     optimizer.step(); optimizer.zero_grad()
+>>> [round(s, 4) for s in gmp.layer_sparsities().values()]
+[0.75, 0.75]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..callback import CompressionCallback
+from ..schedules import cubic_sparsity, last_grid_point
+from ..targets import ModuleSpec, normalize_spec, select_modules
+from . import masks as M
+
+__all__ = ["GradualMagnitudePruning"]
+
+GRANULARITIES = ("unstructured", "channel")
+SCOPES = ("layer", "global")
+
+# Optimizers whose update of a parameter with zero gradient and zero state is exactly zero (also with
+# weight decay, momentum, Nesterov, AMSGrad, maximize). For these, masking gradients before each
+# update keeps pruned weights exactly zero with one pass; any other optimizer also gets its pruned
+# weights re-zeroed after each update.
+ZERO_PRESERVING_OPTIMIZERS = tuple(
+    getattr(torch.optim, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Adafactor", "Rprop", "ASGD")
+    if hasattr(torch.optim, name)
+)
+
+
+def _check_unit_interval(value: Any, argument: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"`{argument}` must be a float in [0, 1), got {value!r}")
+
+
+def _check_step(value: Any, argument: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
+
+
+class GradualMagnitudePruning(CompressionCallback):
+    """Raise sparsity along the cubic schedule while training; pruned weights stay exactly zero.
+
+    Args:
+        target_sparsity: final fraction of zeros in [0, 1) (for ``"N:M"``: ``1 - N/M`` or None).
+        start_step / end_step: real optimizer updates at which pruning starts / reaches the target.
+        update_every: masks are recomputed every this many updates between start and end.
+        initial_sparsity: sparsity applied at ``start_step``.
+        granularity: ``"unstructured"``, ``"channel"`` (output channels by L2 norm) or ``"N:M"``
+            (e.g. ``"2:4"``: the N largest of every M consecutive input weights are kept).
+        scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (the target holds over
+            all targeted weights together).
+        modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+
+    Pruned weights get their gradients masked before each real update and their optimizer state
+    zeroed when the mask grows, so they stay exactly zero and their optimizer state does not grow.
+    Weights that are already zero at ``attach`` (a sparse checkpoint) stay zero.
+
+    Example::
+
+        gmp = GradualMagnitudePruning(target_sparsity=0.9, start_step=100, end_step=1000, update_every=50)
+        manager = CompressionManager(gmp, accelerator=accelerator)
+        manager.attach(model, optimizer)
+    """
+
+    needs_before_update = True
+
+    def __init__(
+        self,
+        target_sparsity: float | None,
+        start_step: int,
+        end_step: int,
+        update_every: int = 100,
+        initial_sparsity: float = 0.0,
+        granularity: str = "unstructured",
+        scope: str = "layer",
+        modules: ModuleSpec = None,
+        exclude: ModuleSpec = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(granularity, str):
+            raise TypeError(f"`granularity` must be a string, got {granularity!r}")
+        nm = M.parse_nm(granularity)
+        if nm is None and granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be 'unstructured', 'channel' or 'N:M' (e.g. '2:4'), got {granularity!r}")
+        if nm is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if target_sparsity is None:
+                target_sparsity = implied
+            elif not math.isclose(float(target_sparsity), implied, abs_tol=1e-9):
+                raise ValueError(
+                    f"`target_sparsity` must be 1 - N/M = {implied:g} for granularity {granularity!r} (or None), "
+                    f"got {target_sparsity!r}"
+                )
+        _check_unit_interval(target_sparsity, "target_sparsity")
+        _check_unit_interval(initial_sparsity, "initial_sparsity")
+        if initial_sparsity > target_sparsity:
+            raise ValueError(
+                f"`initial_sparsity` ({initial_sparsity}) must be <= `target_sparsity` ({target_sparsity})"
+            )
+        _check_step(start_step, "start_step", 0)
+        _check_step(end_step, "end_step", 0)
+        if end_step <= start_step:
+            raise ValueError(f"`end_step` ({end_step}) must be > `start_step` ({start_step})")
+        _check_step(update_every, "update_every", 1)
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be 'layer' or 'global', got {scope!r}")
+        normalize_spec(modules, argument="modules")
+        normalize_spec(exclude, argument="exclude")
+
+        self.target_sparsity = float(target_sparsity)
+        self.start_step = start_step
+        self.end_step = end_step
+        self.update_every = update_every
+        self.initial_sparsity = float(initial_sparsity)
+        self.granularity = granularity
+        self.scope = scope
+        self.modules = modules
+        self.exclude = exclude
+        self._nm = nm
+
+        self._names: list[str] = []
+        self._params: list[nn.Parameter] = []
+        self._keeps: list[torch.Tensor | None] = []
+        self._applied_sparsity = 0.0  # schedule value the current masks implement
+        self._mask_sparsity = 0.0  # fraction of targeted weights the masks prune
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._mask_weights_after_update = False
+        self._final_rows: list[dict[str, Any]] = []
+        self._loaded: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ recipe
+    def config(self) -> dict[str, Any]:
+        return {
+            "target_sparsity": self.target_sparsity,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "update_every": self.update_every,
+            "initial_sparsity": self.initial_sparsity,
+            "granularity": self.granularity,
+            "scope": self.scope,
+            "modules": self.modules,
+            "exclude": self.exclude,
+        }
+
+    def sparsity_at(self, step: int) -> float:
+        """The schedule's target sparsity after ``step`` real updates."""
+        return cubic_sparsity(
+            step, initial=self.initial_sparsity, final=self.target_sparsity,
+            start=self.start_step, end=self.end_step, every=self.update_every,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        if self._nm is not None:
+            m = self._nm[1]
+            for name, module in selected:
+                fan_in = module.weight[0].numel()
+                if fan_in % m:
+                    raise ValueError(
+                        f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
+                        f"not a multiple of M={m}; exclude it with `exclude=[{name!r}]`"
+                    )
+        if optimizer is not None:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [name for name, module in selected if id(module.weight) not in owned]
+            if missing:
+                raise ValueError(
+                    f"`optimizer` does not own the weights of {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                    "attach the optimizer that trains this model (after accelerator.prepare)"
+                )
+
+    def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        self._names = [name for name, _ in selected]
+        self._params = [module.weight for _, module in selected]
+        self._optimizer = optimizer
+        self._mask_weights_after_update = not (
+            self.manager is not None and self.manager.has_before_update_hook
+            and isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)
+        )
+        if self._loaded is not None:
+            self._restore(self._loaded)
+            self._loaded = None
+        else:
+            self._keeps = [M.keep_from_zeros(p) for p in self._params]
+            self._mask_sparsity = self._count_mask_sparsity()
+        self._enforce_masks(include_state=True)
+        self._update_masks(step)
+
+    def on_before_update(self, step: int) -> None:
+        grads, keeps = [], []
+        for p, keep in zip(self._params, self._keeps):
+            if keep is not None and p.grad is not None:
+                grads.append(p.grad)
+                keeps.append(keep)
+        if grads:
+            torch._foreach_mul_(grads, keeps)
+
+    def on_update(self, step: int) -> None:
+        if self._mask_weights_after_update:
+            self._enforce_masks(include_state=False)
+        if step >= self.start_step and (step >= self.end_step or (step - self.start_step) % self.update_every == 0):
+            self._update_masks(step)
+
+    def finalize(self, model: nn.Module) -> None:
+        self._enforce_masks(include_state=False)
+        self._final_rows = self.summary_rows()
+        self._keeps = [None] * len(self._params)
+        self._params, self._optimizer = [], None
+
+    # ------------------------------------------------------------------ masks
+    def _update_masks(self, step: int) -> None:
+        target = self.sparsity_at(step)
+        if last_grid_point(step, start=self.start_step, end=self.end_step, every=self.update_every) is None:
+            return
+        if target == 0.0 or target <= self._applied_sparsity:
+            return
+        weights = [p.detach() for p in self._params]
+        keeps = self._keeps
+        if self._nm is not None:
+            new = M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=self.scope)
+        elif self.granularity == "channel":
+            new = M.channel_keep_masks(weights, target, keeps=keeps, scope=self.scope)
+        else:
+            new = M.unstructured_keep_masks(weights, target, keeps=keeps, scope=self.scope)
+        from .._dist import broadcast_
+
+        self._keeps = [broadcast_(k) for k in new]
+        self._applied_sparsity = target
+        self._mask_sparsity = self._count_mask_sparsity()
+        self._enforce_masks(include_state=True)
+        if self.manager is not None:
+            self.manager.log({f"compress/{self.name}/{k}": v for k, v in self.log_values().items()}, step=step)
+
+    @torch.no_grad()
+    def _enforce_masks(self, include_state: bool) -> None:
+        """Zero pruned weights (and, with ``include_state``, their gradients and optimizer state)."""
+        pairs = [(p, k) for p, k in zip(self._params, self._keeps) if k is not None]
+        if not pairs:
+            return
+        torch._foreach_mul_([p.data for p, _ in pairs], [k for _, k in pairs])
+        if not include_state:
+            return
+        state = self._optimizer.state if self._optimizer is not None else {}
+        for p, keep in pairs:
+            if p.grad is not None:
+                p.grad.mul_(keep)
+            for value in state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.mul_(keep)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "applied_sparsity": self._applied_sparsity,
+            "names": list(self._names),
+            "masks": [None if k is None else k.detach().to("cpu", torch.bool) for k in self._keeps],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._params:
+            self._restore(state)
+            self._enforce_masks(include_state=True)
+        else:
+            self._loaded = state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if list(state["names"]) != self._names:
+            raise ValueError(f"`state` holds masks for modules {state['names'][:3]}..., this model has {self._names[:3]}...")
+        keeps = []
+        for mask, p in zip(state["masks"], self._params):
+            if mask is not None and tuple(mask.shape) != tuple(p.shape):
+                raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit weight {tuple(p.shape)}")
+            keeps.append(None if mask is None else mask.to(p.device, torch.uint8))
+        self._keeps = keeps
+        self._applied_sparsity = float(state["applied_sparsity"])
+        self._mask_sparsity = self._count_mask_sparsity()
+
+    # ------------------------------------------------------------------ reporting
+    def layer_sparsities(self) -> dict[str, float]:
+        """Measured fraction of exact zeros in each targeted weight."""
+        return {name: float((p.detach() == 0).float().mean()) for name, p in zip(self._names, self._params)}
+
+    def overall_sparsity(self) -> float:
+        """Measured fraction of exact zeros over all targeted weights."""
+        total = sum(p.numel() for p in self._params)
+        zeros = sum(int((p.detach() == 0).sum()) for p in self._params)
+        return zeros / total if total else 0.0
+
+    def _count_mask_sparsity(self) -> float:
+        total = sum(p.numel() for p in self._params)
+        pruned = sum(p.numel() - int(k.sum(dtype=torch.int64)) for p, k in zip(self._params, self._keeps) if k is not None)
+        return pruned / total if total else 0.0
+
+    def log_values(self) -> dict[str, float]:
+        if not self._params:
+            return {}
+        return {"target_sparsity": self._applied_sparsity, "mask_sparsity": self._mask_sparsity}
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        if not self._params:
+            return self._final_rows
+        measured = self.layer_sparsities()
+        return [
+            {
+                "module": name,
+                "shape": tuple(p.shape),
+                "params": p.numel(),
+                "target": self._applied_sparsity,
+                "sparsity": measured[name],
+            }
+            for name, p in zip(self._names, self._params)
+        ]

@@ -1,0 +1,125 @@
+"""Which modules a callback touches: names, ``re:`` regexes and module types, on the unwrapped model.
+
+>>> import torch.nn as nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> [name for name, _ in select_modules(model, modules=None, exclude=["re:2"])]
+['0']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Union
+
+import torch.nn as nn
+
+__all__ = [
+    "DEFAULT_TARGET_TYPES",
+    "ModuleSpec",
+    "normalize_spec",
+    "select_modules",
+    "unwrap_model",
+]
+
+DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / ``torch.compile`` / FSDP-style wrappers.
+
+    >>> import torch.nn as nn
+    >>> unwrap_model(nn.DataParallel(nn.Linear(2, 2))).__class__.__name__
+    'Linear'
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ in {"FullyShardedDataParallel", "DeepSpeedEngine"} and hasattr(model, "module"):
+            model = model.module
+    return model
+
+
+def normalize_spec(spec: ModuleSpec, *, argument: str) -> list[str | type]:
+    """Validate a ``modules`` / ``exclude`` argument and return it as a list.
+
+    >>> normalize_spec("re:.*attn.*", argument="modules")
+    ['re:.*attn.*']
+    """
+    if spec is None:
+        return []
+    items: Iterable = [spec] if isinstance(spec, (str, type)) else spec
+    out: list[str | type] = []
+    for item in items:
+        if isinstance(item, str):
+            if item.startswith("re:"):
+                try:
+                    re.compile(item[3:])
+                except re.error as err:
+                    raise ValueError(f"`{argument}`: invalid regex {item!r}: {err}") from None
+            out.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            out.append(item)
+        else:
+            raise TypeError(
+                f"`{argument}` takes module names, 're:' regexes or nn.Module subclasses; got {item!r}"
+            )
+    return out
+
+
+def _matches(name: str, module: nn.Module, item: str | type) -> bool:
+    if isinstance(item, type):
+        return isinstance(module, item)
+    if item.startswith("re:"):
+        return re.fullmatch(item[3:], name) is not None
+    return name == item
+
+
+def select_modules(
+    model: nn.Module,
+    *,
+    modules: ModuleSpec = None,
+    exclude: ModuleSpec = None,
+    argument: str = "modules",
+    require_weight: bool = True,
+) -> list[tuple[str, nn.Module]]:
+    """Return ``(qualified_name, module)`` pairs the callback should touch, in model order.
+
+    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` that
+    matches nothing raises ``ValueError`` (a typo should not silently compress nothing), and so does
+    a selection that ends up empty.
+    """
+    include = normalize_spec(modules, argument=argument)
+    excluded = normalize_spec(exclude, argument="exclude")
+    root = unwrap_model(model)
+    named = [(name, mod) for name, mod in root.named_modules() if name]
+    for item in include:
+        if isinstance(item, str) and not any(_matches(n, m, item) for n, m in named):
+            raise ValueError(f"`{argument}`: {item!r} matches no module of {type(root).__name__}")
+    chosen = []
+    for name, mod in named:
+        if include:
+            if not any(_matches(name, mod, item) for item in include):
+                continue
+        elif not isinstance(mod, DEFAULT_TARGET_TYPES):
+            continue
+        if any(_matches(name, mod, item) for item in excluded):
+            continue
+        weight = getattr(mod, "weight", None)
+        if require_weight and not isinstance(weight, nn.Parameter):
+            if include and any(isinstance(i, str) and _matches(name, mod, i) for i in include):
+                raise ValueError(f"`{argument}`: module {name!r} has no `weight` parameter to compress")
+            continue
+        chosen.append((name, mod))
+    if not chosen:
+        raise ValueError(
+            f"`{argument}`/`exclude` matched no module with a weight in {type(root).__name__}; "
+            f"by default every nn.Linear and nn.Conv1d/2d/3d is targeted"
+        )
+    return chosen
