@@ -1,0 +1,96 @@
+"""What QAT learned, in the form ``export`` reads: per-layer quantization specs on a side attribute.
+
+``QuantizationAwareTraining.finalize`` leaves plain modules (original types and ``state_dict`` keys)
+with weights snapped to their grid, and sets ``model.compress_qparams`` (a plain attribute, not a
+buffer, so ``state_dict`` is unchanged) to ``{qualified_module_name: LayerQuantSpec}``.
+
+Conventions (shared by training and export):
+
+- weights: per output channel (dim 0), symmetric, zero point 0, signed restricted range
+  ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8: [-127, 127]);
+- activations (the layer's input): per tensor, affine, ``[activation_qmin, activation_qmax]``
+  (uint8 [0, 255] by default), ``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)``;
+- a Conv whose output feeds a BatchNorm that QAT folded names it in ``bn``: the stored conv weight is
+  ``q(w_fold) / bn_factor`` with ``bn_factor = gamma / sqrt(running_var + eps)``, so conv + BN in
+  eval compute the trained folded conv, and ``w * bn_factor`` lies on the grid ``weight_scale``.
+
+>>> import torch
+>>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
+>>> quantize_weight(torch.tensor([[1.0, -0.5], [0.25, 10.0]]), spec).tolist()
+[[2, -1], [1, 127]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "QPARAMS_ATTR",
+    "LayerQuantSpec",
+    "weight_qmax",
+    "quantize_weight",
+    "get_qparams",
+    "set_qparams",
+    "qparams_to_state",
+    "qparams_from_state",
+]
+
+QPARAMS_ATTR = "compress_qparams"
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest code of a symmetric signed ``bits``-bit weight (int8: 127).
+
+    >>> weight_qmax(4)
+    7
+    """
+    return 2 ** (bits - 1) - 1
+
+
+@dataclass
+class LayerQuantSpec:
+    """Quantization of one Linear/Conv layer, as learned in training."""
+
+    weight_bits: int
+    weight_scale: torch.Tensor  # [out_channels] float32
+    activation_bits: int | None = None  # None: weight-only
+    input_scale: float | None = None
+    input_zero_point: int | None = None
+    activation_qmin: int = 0
+    activation_qmax: int = 255
+    bn: str | None = None  # qualified name of the BatchNorm folded into this conv during training
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation_bits is None
+
+
+def quantize_weight(weight: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """Integer codes (int8 tensor) of a (BN-folded, if ``spec.bn``) weight on the spec's grid."""
+    qmax = weight_qmax(spec.weight_bits)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    scale = spec.weight_scale.to(weight.device, torch.float32).reshape(shape)
+    return torch.clamp(torch.round(weight.float() / scale), -qmax, qmax).to(torch.int8)
+
+
+def get_qparams(model: nn.Module) -> dict[str, LayerQuantSpec]:
+    """The specs a finalized QAT model carries (empty dict for a model without QAT)."""
+    return dict(getattr(model, QPARAMS_ATTR, None) or {})
+
+
+def set_qparams(model: nn.Module, qparams: dict[str, LayerQuantSpec]) -> None:
+    """Attach specs to ``model`` (a plain attribute: ``state_dict`` keys do not change)."""
+    model.__dict__[QPARAMS_ATTR] = dict(qparams)
+
+
+def qparams_to_state(qparams: dict[str, LayerQuantSpec]) -> dict[str, dict[str, Any]]:
+    """Plain dicts of tensors and numbers (for ``torch.save(..., weights_only=True)`` files)."""
+    return {name: asdict(spec) for name, spec in qparams.items()}
+
+
+def qparams_from_state(state: dict[str, dict[str, Any]]) -> dict[str, LayerQuantSpec]:
+    return {name: LayerQuantSpec(**fields) for name, fields in state.items()}
