@@ -16,7 +16,7 @@ Conventions (shared by training and export):
 
 >>> import torch
 >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
->>> quantize_weight(torch.tensor([[1.0, -0.5], [0.25, 10.0]]), spec).tolist()
+>>> quantize_weight(torch.tensor([[1.0, -0.5], [0.25, 40.0]]), spec).tolist()
 [[2, -1], [1, 127]]
 """
 
