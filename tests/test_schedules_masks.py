@@ -1,0 +1,128 @@
+"""Pure math: the cubic schedule and exact, deterministic mask selection."""
+
+import math
+
+import pytest
+import torch
+
+from compress_callbacks.pruning import masks as M
+from compress_callbacks.schedules import cubic_sparsity, last_grid_point, schedule_grid
+
+
+def reference_cubic(t, si, sf, t0, t1):
+    return sf + (si - sf) * (1 - (t - t0) / (t1 - t0)) ** 3
+
+
+@pytest.mark.parametrize("step", [0, 99, 100, 101, 149, 150, 420, 999, 1000, 5000])
+def test_cubic_matches_formula_on_grid(step):
+    got = cubic_sparsity(step, initial=0.1, final=0.9, start=100, end=1000, every=50)
+    if step < 100:
+        assert got == 0.0
+    elif step >= 1000:
+        assert got == 0.9
+    else:
+        grid = 100 + ((step - 100) // 50) * 50
+        assert got == pytest.approx(reference_cubic(grid, 0.1, 0.9, 100, 1000), abs=1e-12)
+
+
+def test_schedule_is_monotone_and_lands_exactly():
+    values = [cubic_sparsity(t, initial=0.0, final=0.98, start=3, end=97, every=7) for t in range(200)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert values[97] == 0.98 and values[-1] == 0.98
+    assert last_grid_point(96, start=3, end=97, every=7) == 94
+    assert schedule_grid(start=3, end=97, every=7)[-1] == 97
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kth_smallest_key_agrees_with_kthvalue(seed):
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(s, generator=g) * 0.02 for s in (1000, 3, 2500)]
+    parts[1][:] = parts[0][:3]  # duplicates across tensors
+    keys = [M.magnitude_keys(p, None) for p in parts]
+    flat = torch.cat([p.abs() for p in parts])
+    for k in (1, 17, 1800, flat.numel()):
+        key, below = M.kth_smallest_key(keys, k)
+        expected = torch.kthvalue(flat, k).values
+        assert torch.tensor([key], dtype=torch.int32).view(torch.float32).item() == expected.item()
+        assert below == int((flat < expected).sum())
+
+
+def test_unstructured_exact_count_and_ties_by_index():
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 2.0, 3.0]])
+    keep = M.unstructured_keep_masks([w], 0.5)[0]
+    assert keep.dtype == torch.uint8
+    assert keep.tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_unstructured_monotone_even_with_zero_ties():
+    w = torch.tensor([0.0, 0.0, 0.0, 5.0, 6.0, 7.0])
+    prior = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.uint8)  # position 2 already pruned
+    keep = M.unstructured_keep_masks([w], 1 / 3, keeps=[prior])[0]
+    assert keep[2] == 0 and int((keep == 0).sum()) == 2
+
+
+@pytest.mark.parametrize("target", [0.3, 0.9, 0.98])
+def test_layer_and_global_hit_exact_counts(target):
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(64, 33, generator=g), torch.randn(10, 64, generator=g) * 5, torch.randn(7, generator=g)]
+    layer = M.unstructured_keep_masks(ws, target)
+    for w, keep in zip(ws, layer):
+        assert int((keep == 0).sum()) == M.count_to_prune(w.numel(), target)
+    glob = M.unstructured_keep_masks(ws, target, scope="global")
+    total = sum(w.numel() for w in ws)
+    assert sum(int((k == 0).sum()) for k in glob) == M.count_to_prune(total, target)
+    # global keeps the largest magnitudes overall
+    kept_min = min(float(w[k.bool()].abs().min()) for w, k in zip(ws, glob) if k.any())
+    pruned_max = max(float(w[~k.bool()].abs().max()) for w, k in zip(ws, glob) if (~k.bool()).any())
+    assert pruned_max <= kept_min
+
+
+def test_channel_masks_remove_whole_rows_by_l2():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 3, 3, 3, generator=g)
+    keep = M.channel_keep_masks([w], 0.25)[0]
+    rows = keep.reshape(16, -1)
+    assert all(r.min() == r.max() for r in rows)
+    pruned = (rows[:, 0] == 0).nonzero().flatten()
+    norms = w.reshape(16, -1).norm(dim=1)
+    assert len(pruned) == 4
+    assert set(pruned.tolist()) == set(norms.argsort()[:4].tolist())
+
+
+def test_channel_global_never_exceeds_budget():
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(20, 8, generator=g), torch.randn(12, 20, generator=g)]
+    keeps = M.channel_keep_masks(ws, 0.5, scope="global")
+    pruned = sum(int((k == 0).sum()) for k in keeps)
+    budget = M.count_to_prune(sum(w.numel() for w in ws), 0.5)
+    assert budget - 20 < pruned <= budget
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_pattern_is_valid_and_gradual(n, m):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 4 * m, generator=g)
+    final = 1 - n / m
+    half = M.nm_keep_masks([w], final / 2, n, m)[0]
+    assert int((half == 0).sum()) == M.count_to_prune(w.numel(), final / 2)
+    keep = M.nm_keep_masks([w], final, n, m, keeps=[half])[0]
+    groups = keep.reshape(-1, m)
+    assert (groups.sum(1) == n).all()
+    assert ((half == 0) <= (keep == 0)).all()  # monotone
+    kept_vals = w.abs().reshape(-1, m)
+    for grp, kv in zip(groups, kept_vals):
+        assert kv[grp.bool()].min() >= kv[~grp.bool()].max()
+
+
+def test_parse_nm_rejects_bad_patterns():
+    assert M.parse_nm("unstructured") is None
+    for bad in ("4:2", "0:4", "a:b", "2:2"):
+        with pytest.raises(ValueError, match="granularity"):
+            M.parse_nm(bad)
+
+
+def test_keep_from_zeros_ignores_all_zero_layers():
+    assert M.keep_from_zeros(torch.zeros(3, 3)) is None
+    assert M.keep_from_zeros(torch.ones(3)) is None
+    assert M.keep_from_zeros(torch.tensor([0.0, 2.0])).tolist() == [0, 1]
+    assert math.isclose(M.sparsity(torch.tensor([0, 1, 1, 1], dtype=torch.uint8)), 0.25)
