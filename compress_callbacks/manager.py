@@ -43,10 +43,12 @@ def underlying_optimizer(optimizer: Any) -> Any:
     True
     """
     seen = set()
-    while id(optimizer) not in seen and not isinstance(optimizer, torch.optim.Optimizer):
+    while id(optimizer) not in seen:
         seen.add(id(optimizer))
+        # wrappers may themselves subclass Optimizer (Accelerate's AcceleratedOptimizer does), so
+        # unwrap whenever an inner optimizer exists, not only when the outer one is no Optimizer
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+        if inner is None or not hasattr(inner, "param_groups"):
             break
         optimizer = inner
     return optimizer
