@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -217,17 +218,19 @@ def _onnx_bytes(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
     input_names = [f"input_{i}" for i in range(len(inputs))]
     output_names = [f"output_{i}" for i in range(n_out)]
     buffer = io.BytesIO()
-    torch.onnx.export(
-        graph_model,
-        inputs,
-        buffer,
-        dynamo=False,
-        opset_version=ONNX_OPSET,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
-        do_constant_folding=True,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated in favour of dynamo; it is the one
+        warnings.simplefilter("ignore", DeprecationWarning)  # that maps fake-quant ops to Q/DQ directly
+        torch.onnx.export(
+            graph_model,
+            inputs,
+            buffer,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
+            do_constant_folding=True,
+        )
     onnx_model = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantizers(onnx_model, weight_dtype)
     return onnx_model.SerializeToString()

@@ -31,13 +31,12 @@ import torch
 import torch.nn as nn
 
 from ..targets import ModuleSpec, select_modules, unwrap_model
-from .spec import LayerQuantSpec, get_qparams, quantize_weight, set_qparams, weight_qmax
+from . import fake_quant as FQ
+from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = [
     "calibrate",
     "fake_quantized",
-    "symmetric_weight_scale",
-    "affine_qparams",
     "bn_fold_factor",
     "folded_conv_bias",
     "dequantized_weight",
@@ -47,32 +46,10 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def symmetric_weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scale ``max|w| / qmax`` (an all-zero channel gets a tiny positive scale).
-
-    >>> symmetric_weight_scale(torch.tensor([[1.27, -2.54], [0.0, 0.0]]), 8).tolist()
-    [0.019999999552965164, 1.0000000116860974e-07]
-    """
-    amax = weight.detach().float().abs().reshape(weight.shape[0], -1).amax(dim=1)
-    return (amax / weight_qmax(bits)).clamp_min(1e-7)
-
-
-def affine_qparams(low: float, high: float, qmin: int = 0, qmax: int = 255) -> tuple[float, int]:
-    """Scale and zero point of an affine per-tensor grid covering ``[low, high]`` and zero.
-
-    >>> affine_qparams(-1.0, 1.0)
-    (0.00784313725490196, 128)
-    """
-    low, high = min(float(low), 0.0), max(float(high), 0.0)
-    scale = max((high - low) / (qmax - qmin), 1e-8)
-    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
-    return scale, zero_point
-
-
 def bn_fold_factor(bn: nn.Module) -> torch.Tensor:
-    """``gamma / sqrt(running_var + eps)``: the per-channel factor an eval BatchNorm multiplies by."""
-    factor = torch.rsqrt(bn.running_var.float() + bn.eps)
-    return factor * bn.weight.detach().float() if bn.weight is not None else factor
+    """``gamma / sqrt(running_var + eps)`` of an eval BatchNorm module (float32, one per channel)."""
+    gamma = bn.weight.detach().float() if bn.weight is not None else None
+    return FQ.bn_scale_factor(gamma, bn.running_var.float(), bn.eps)
 
 
 def folded_conv_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
@@ -84,24 +61,33 @@ def folded_conv_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
 
 
 def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
-    """``codes * weight_scale`` per output channel, in float32."""
-    shape = (-1,) + (1,) * (codes.dim() - 1)
-    return codes.float() * spec.weight_scale.to(codes.device, torch.float32).reshape(shape)
+    """``codes * weight_scale`` per output channel, in float32.
+
+    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
+    >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
+    [[1.0, -0.5], [0.25, 31.75]]
+    """
+    return codes.float() * _channel_view(spec.weight_scale.float(), codes)
 
 
 def _channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return vector.to(like.device).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _snap_weight(module: nn.Module, spec: LayerQuantSpec, bn: nn.Module | None) -> None:
-    """Store the weight on its grid; for a BN-folded conv store ``q(w * factor) / factor``."""
+def _spec_for(module: nn.Module, bn: nn.Module | None, bn_name: str | None, weight_bits: int) -> LayerQuantSpec:
     weight = module.weight.detach().float()
-    factor = _channel_view(bn_fold_factor(bn), weight) if bn is not None else None
-    folded = weight * factor if factor is not None else weight
-    on_grid = dequantized_weight(quantize_weight(folded, spec), spec)
-    if factor is not None:
-        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
-        on_grid = torch.where(factor == 0, torch.zeros_like(on_grid), on_grid / safe)
+    grid_weight = weight * _channel_view(bn_fold_factor(bn), weight) if bn is not None else weight
+    scale = FQ.per_channel_weight_scale(grid_weight, weight_bits)
+    return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name)
+
+
+def _snap_weight(module: nn.Module, spec: LayerQuantSpec, bn: nn.Module | None) -> None:
+    """Store the weight on its grid, as QAT's ``finalize`` does (``q(w * f) / f`` for a folded conv)."""
+    weight = module.weight.detach().float()
+    if bn is None:
+        on_grid = FQ.fake_quantize_weight(weight, spec.weight_bits)
+    else:
+        on_grid = FQ.fold_bn_fake_quantize_weight(weight, bn_fold_factor(bn).to(weight.device), spec.weight_bits)
     with torch.no_grad():
         module.weight.copy_(on_grid.to(module.weight.dtype))
 
@@ -200,17 +186,14 @@ def calibrate(
     named = dict(root.named_modules())
     qparams = get_qparams(root)
     for name, module in layers.items():
-        bn = named[edges[name]] if fold_bn and name in edges else None
-        weight = module.weight.detach().float()
-        scale_source = weight * _channel_view(bn_fold_factor(bn), weight) if bn is not None else weight
-        spec = LayerQuantSpec(
-            weight_bits=weight_bits,
-            weight_scale=symmetric_weight_scale(scale_source, weight_bits).cpu(),
-            bn=edges[name] if bn is not None else None,
-        )
+        bn_name = edges.get(name) if fold_bn else None
+        bn = named[bn_name] if bn_name is not None else None
+        spec = _spec_for(module, bn, bn_name, weight_bits)
         if activation_bits is not None and name in ranges:
+            low, high = (torch.tensor(v) for v in ranges[name])
+            scale, zero_point = FQ.activation_qparams(low, high, spec.activation_qmin, spec.activation_qmax)
             spec.activation_bits = activation_bits
-            spec.input_scale, spec.input_zero_point = affine_qparams(*ranges[name], spec.activation_qmin, spec.activation_qmax)
+            spec.input_scale, spec.input_zero_point = float(scale), int(zero_point)
         _snap_weight(module, spec, bn)
         qparams[name] = spec
     set_qparams(root, qparams)
