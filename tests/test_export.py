@@ -279,3 +279,49 @@ def test_compressed_sizes_against_fp32_state_dict(tmp_path):
     assert sparse_fp32 <= 0.2
     reloaded = load_compressed(tmp_path / "sparse_fp32.ccz", nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)))
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), sparse.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------- QAT end to end
+
+
+def qat_train(model: nn.Module, batches, *, prune: bool):
+    """A few QAT (+ GMP) steps; returns the finalized model and the fake-quant model's eval outputs."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    callbacks = [QuantizationAwareTraining(start_step=2)]
+    if prune:
+        callbacks.append(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=1))
+    manager = CompressionManager(*callbacks)
+    manager.attach(model, optimizer)
+    for x in batches * 3:
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        simulated = [model(x) for x in batches]
+    return manager.finalize(model), simulated
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_qat_model_exports_to_int8_onnx_and_compact_file(cnn_batches, tmp_path, prune):
+    torch.manual_seed(5)
+    finalized, simulated = qat_train(randomize_bn(make_cnn()), cnn_batches, prune=prune)
+    specs = get_qparams(finalized)
+    assert specs["0"].bn == "1" and specs["3"].bn == "4"
+    for x, ref in zip(cnn_batches, simulated):  # the contract: finalized + specs == fake-quant model
+        assert torch.allclose(reference(finalized, x), ref, atol=1e-5)
+    int8_model = to_int8(finalized, example_inputs=cnn_batches[0][:1])
+    path = export_onnx(finalized, example_inputs=cnn_batches[0][:1], path=tmp_path / "qat.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    for x, ref in zip(cnn_batches, simulated):
+        assert_int8_close(int8_model(x), ref)
+        onnx_out = torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0])
+        assert torch.allclose(onnx_out, ref, atol=1e-4)
+    save_compressed(finalized, tmp_path / "qat.ccz")
+    fresh = load_compressed(tmp_path / "qat.ccz", make_cnn()).eval()
+    assert torch.allclose(fresh(cnn_batches[0]), finalized(cnn_batches[0]), atol=1e-6)
+    if prune:
+        zeros = [(m.weight == 0).float().mean().item() for m in fresh.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert min(zeros) >= 0.5
