@@ -167,7 +167,11 @@ def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
     }
 
+    aliases = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+
     def value(name):
+        while name in aliases:  # the exporter shares equal initializers through Identity nodes
+            name = aliases[name]
         if name in initializers:
             return numpy_helper.to_array(initializers[name])
         return constants.get(name)
@@ -200,8 +204,9 @@ def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
     for node in removed:
         graph.node.remove(node)
     used = {inp for node in graph.node for inp in node.input} | {o.name for o in graph.output}
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+    for node in [n for n in graph.node if n.op_type in ("Constant", "Identity") and n.output[0] not in used]:
         graph.node.remove(node)
+    used = {inp for node in graph.node for inp in node.input} | {o.name for o in graph.output}
     for init in list(graph.initializer):
         if init.name not in used:
             graph.initializer.remove(init)

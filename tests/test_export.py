@@ -193,7 +193,7 @@ def test_to_int8_onnxruntime_matches_fake_quant_and_keeps_zeros(ptq_cnn, cnn_bat
     assert torch.equal(clone(cnn_batches[0]), int8_model(cnn_batches[0]))
 
 
-def test_to_int8_weight_only_layers_and_mlp():
+def test_to_int8_weight_only_layers_and_mlp(tmp_path):
     torch.manual_seed(2)
     batches = [torch.randn(16, 32) for _ in range(2)]
     model = calibrate(prune_half(make_mlp()).eval(), batches, modules=["0", "2"])
@@ -201,6 +201,14 @@ def test_to_int8_weight_only_layers_and_mlp():
     assert get_qparams(model)["4"].weight_only and not get_qparams(model)["0"].weight_only
     int8_model = to_int8(model, example_inputs=batches[0])
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
+    # layers 0 and 2 have equal-shaped zero points, which the exporter shares through an Identity node
+    graph = onnx.load(export_onnx(model, example_inputs=batches[0], path=tmp_path / "mlp.onnx")).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == 2 and not any(n.input[0] in inits for n in quantizers)
+    weights = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert [w.dtype for w in weights] == [np.int8] * 3
+    assert not any(v.dtype == np.float32 and v.ndim == 2 for v in inits.values())  # no float weight left
 
 
 def test_to_int8_inductor_matches_fake_quant():
