@@ -403,11 +403,17 @@ def to_int8(model: nn.Module, *, example_inputs: Any, backend: str = "onnxruntim
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-    _require_qparams(model, "to_int8")
+    qparams = _require_qparams(model, "to_int8")
     inputs = _as_tuple(example_inputs)
     if backend == "onnxruntime":
         weight_dtype = "int8" if cpu_has_vnni() else "uint8"
         return OnnxRuntimeModule(_onnx_bytes(model, inputs, weight_dtype=weight_dtype)).eval()
+    if not cpu_has_vnni() and any(spec.weight_bits == 8 for spec in qparams.values()):
+        warnings.warn(
+            "to_int8(backend='inductor'): this CPU has no VNNI, so oneDNN's u8 x s8 kernels may saturate with "
+            "8-bit weights and the outputs drift from the fake-quant model; backend='onnxruntime' is exact here",
+            stacklevel=2,
+        )
     int8_model = InductorInt8Module(_int8_layers_copy(model).eval()).eval()
     int8_model(*inputs)  # compile now, not on the user's first batch
     return int8_model
@@ -512,11 +518,8 @@ def load_compressed(path: str | os.PathLike, fresh_model: nn.Module) -> nn.Modul
             bn_state = {k.removeprefix(spec.bn + "."): v for k, v in state.items() if k.startswith(spec.bn + ".")}
             bn = copy.deepcopy(root.get_submodule(spec.bn))
             bn.load_state_dict(bn_state)
-            factor = bn_fold_factor(bn)
-            shape = (-1,) + (1,) * (state[key].dim() - 1)
-            folded = state[key].float()
-            safe = torch.where(factor == 0, torch.ones_like(factor), factor).reshape(shape)
-            state[key] = torch.where(factor.reshape(shape) == 0, torch.zeros_like(folded), folded / safe).to(state[key].dtype)
+            factor = bn_fold_factor(bn).reshape((-1,) + (1,) * (state[key].dim() - 1))
+            state[key] = (state[key].float() / factor).to(state[key].dtype)  # as QAT's finalize: q(w f) / f
     root.load_state_dict(state, strict=True)
     set_qparams(root, qparams)
     return fresh_model

@@ -329,7 +329,10 @@ def test_qat_model_exports_to_int8_onnx_and_compact_file(cnn_batches, tmp_path, 
         assert torch.allclose(onnx_out, ref, atol=1e-4)
     save_compressed(finalized, tmp_path / "qat.ccz")
     fresh = load_compressed(tmp_path / "qat.ccz", make_cnn()).eval()
-    assert torch.allclose(fresh(cnn_batches[0]), finalized(cnn_batches[0]), atol=1e-6)
+    for key, value in finalized.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert torch.equal(fresh(cnn_batches[0]), finalized(cnn_batches[0]))
+    assert sorted(get_qparams(fresh)) == sorted(specs)
     if prune:
         zeros = [(m.weight == 0).float().mean().item() for m in fresh.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert min(zeros) >= 0.5
