@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .quantization.ptq import bn_fold_factor, dequantized_weight, folded_conv_bias
 from .quantization.spec import (
+    QPARAMS_ATTR,
     LayerQuantSpec,
     get_qparams,
     qparams_from_state,
@@ -69,6 +70,13 @@ class FakeQuantLayer(nn.Module):
 
     Traced by ``torch.onnx.export`` this becomes QuantizeLinear/DequantizeLinear around the layer.
     The weight it holds is already on its grid (``codes * scale``), so fake-quant is exact on it.
+
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> layer.weight.data = torch.tensor([[0.5, -0.26]])
+    >>> spec = LayerQuantSpec(weight_bits=2, weight_scale=torch.tensor([0.5]), activation_bits=8,
+    ...                       input_scale=0.1, input_zero_point=0)
+    >>> FakeQuantLayer(layer, spec)(torch.tensor([[1.04, 1.0]])).tolist()   # x -> [1.0, 1.0], w -> [0.5, -0.5]
+    [[0.0]]
     """
 
     def __init__(self, layer: nn.Module, spec: LayerQuantSpec, bias: torch.Tensor | None = None):
@@ -124,7 +132,7 @@ def quantized_copy(model: nn.Module) -> nn.Module:
     """
     qparams = _require_qparams(model, "quantized_copy")
     root = copy.deepcopy(unwrap_model(model)).eval()
-    root.__dict__.pop("compress_qparams", None)
+    root.__dict__.pop(QPARAMS_ATTR, None)
     for name, spec in qparams.items():
         layer = root.get_submodule(name)
         bias = None
@@ -267,6 +275,15 @@ class OnnxRuntimeModule(nn.Module):
 
     Outputs come back on the device of the first input. Picklable: the session is rebuilt from the
     stored model bytes.
+
+    >>> import onnx
+    >>> from onnx import helper, TensorProto
+    >>> graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    >>> module = OnnxRuntimeModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    >>> module(torch.tensor([-1.0, 2.0])).tolist()
+    [0.0, 2.0]
     """
 
     def __init__(self, onnx_model: bytes, num_threads: int | None = None):
@@ -325,6 +342,14 @@ class Int8Layer(nn.Module):
     The input is quantized/dequantized per tensor with the learned range (skipped when weight-only),
     the weight dequantized per channel from its int8 codes; under ``torch.compile`` with
     ``freezing=True`` Inductor's x86 passes fuse the pattern into oneDNN ``qlinear`` / ``qconv``.
+    Eager, it computes the fake-quant layer (slowly).
+
+    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.01]))
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> layer.weight.data = torch.tensor([[0.5, -0.25]])
+    >>> int8 = Int8Layer(FakeQuantLayer(layer, spec))
+    >>> int8.codes.tolist(), int8(torch.tensor([[2.0, 4.0]])).tolist()
+    ([[50, -25]], [[0.0]])
     """
 
     def __init__(self, fake_quant: FakeQuantLayer):
@@ -358,7 +383,14 @@ class Int8Layer(nn.Module):
 
 
 class InductorInt8Module(nn.Module):
-    """``torch.compile`` (Inductor, ``freezing=True``) of a model made of ``Int8Layer``; runs under ``no_grad``."""
+    """``torch.compile`` (Inductor, ``freezing=True``) of a model made of ``Int8Layer``; runs under ``no_grad``.
+
+    Compiles on the first call for each new input shape (tens of seconds), so build it with
+    ``to_int8(..., backend="inductor")``, which makes that first call on ``example_inputs``.
+
+    >>> InductorInt8Module(nn.Identity()).graph_model
+    Identity()
+    """
 
     def __init__(self, graph_model: nn.Module):
         super().__init__()
