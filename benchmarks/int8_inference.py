@@ -7,7 +7,8 @@ median latency / median fp32-eager latency (lower is faster).
 
 Shipped paths (``compress_callbacks.export.to_int8``): ``onnxruntime`` (default) and ``inductor``.
 Named alternatives: torchao int8 dynamic-activation (eager and ``torch.compile`` with freezing),
-ONNX Runtime dynamic int8 (``quantize_dynamic``) and ONNX Runtime fp32.
+ONNX Runtime dynamic int8 (``quantize_dynamic``), ONNX Runtime's own static QDQ quantizer
+(``quantize_static``, int8 weights) and ONNX Runtime fp32.
 
     PYTHONPATH=. python benchmarks/int8_inference.py            # full sizes
     PYTHONPATH=. python benchmarks/int8_inference.py --quick    # small sizes, < 60 s
@@ -120,7 +121,32 @@ def _ort_dynamic(fp32: nn.Module, x: torch.Tensor) -> Callable:
             return OnnxRuntimeModule(f.read())
 
 
-def build_paths(fp32: nn.Module, quantized: nn.Module, x: torch.Tensor, include_compiled: bool) -> dict[str, Callable]:
+def _ort_static(fp32: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]) -> Callable:
+    """ONNX Runtime's own static QDQ quantizer (its own min/max calibration), for comparison."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input_0": b.numpy()} for b in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        with open(source, "wb") as f:
+            f.write(_onnx_float_bytes(fp32, x))
+        quantize_static(
+            source, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )
+        with open(target, "rb") as f:
+            return OnnxRuntimeModule(f.read())
+
+
+def build_paths(
+    fp32: nn.Module, quantized: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor], include_compiled: bool
+) -> dict[str, Callable]:
     paths: dict[str, Callable] = {
         "fp32 eager": fp32,
         "to_int8 onnxruntime [shipped]": to_int8(quantized, example_inputs=x),
@@ -131,6 +157,7 @@ def build_paths(fp32: nn.Module, quantized: nn.Module, x: torch.Tensor, include_
     if include_compiled:
         paths["torchao int8 dyn compile+freezing"] = _torchao_dynamic(fp32, x, compiled=True)
     paths["ORT dynamic int8"] = _ort_dynamic(fp32, x)
+    paths["ORT static QDQ (quantize_static)"] = _ort_static(fp32, x, calibration)
     paths["ORT fp32"] = OnnxRuntimeModule(_onnx_float_bytes(fp32, x))
     return paths
 
@@ -222,7 +249,7 @@ def main(argv: list[str] | None = None) -> str:
             x = torch.randn(batch, *shape)
             with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
-                paths = build_paths(fp32, quantized, x, include_compiled=not quick)
+                paths = build_paths(fp32, quantized, x, calibration, include_compiled=not quick)
             times = time_interleaved(paths, x, rounds, min_seconds)
             base = times["fp32 eager"]
             for name, seconds in times.items():
