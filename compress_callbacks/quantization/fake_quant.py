@@ -33,7 +33,9 @@ __all__ = [
     "fold_bn_fake_quantize_weight",
     "bn_scale_factor",
     "activation_qparams",
+    "activation_bounds",
     "fake_quantize_activation",
+    "fake_quantize_activation_with_bounds",
     "moving_average_range",
 ]
 
@@ -55,7 +57,9 @@ def per_channel_weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     2.0
     """
     flat = weight.detach().reshape(weight.shape[0], -1)
-    amax = torch.linalg.vector_norm(flat, float("inf"), dim=1, dtype=torch.float32)
+    # two vectorized reductions beat abs().amax() (a temporary) and aminmax / vector_norm(inf) along
+    # a dim (~10x slower on CPU, measured)
+    amax = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_()).float()
     return (amax / weight_qmax(bits)).clamp_min_(WEIGHT_SCALE_EPS)
 
 
@@ -125,11 +129,51 @@ def activation_qparams(
     return scale, zero_point
 
 
+def activation_bounds(
+    scale: torch.Tensor, zero_point: torch.Tensor, qmin: int = 0, qmax: int = 255
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(1 / scale, qmin - zero_point, qmax - zero_point)`` as float32: what the fast kernel reads."""
+    zp = zero_point.float()
+    return scale.reciprocal(), qmin - zp, qmax - zp
+
+
+class _ActivationFakeQuantSTE(torch.autograd.Function):
+    """``clamp(round(x / s), qmin - zp, qmax - zp) * s``; gradient passes where nothing was clamped.
+
+    Same values as ``torch.fake_quantize_per_tensor_affine`` (which multiplies by ``1 / scale`` too),
+    but from vectorized ops: the ATen CPU kernel is scalar and ~3x slower on a training step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, inv_scale, qlo, qhi):  # type: ignore[override]
+        rounded = (x * inv_scale).round_()
+        clamped = torch.clamp(rounded, qlo, qhi)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(clamped == rounded)
+        return clamped.mul_(scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad_output, 0.0), None, None, None, None
+
+
+def fake_quantize_activation_with_bounds(
+    x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor, qlo: torch.Tensor, qhi: torch.Tensor
+) -> torch.Tensor:
+    """Per-tensor affine fake quant from precomputed :func:`activation_bounds` (no host sync)."""
+    return _ActivationFakeQuantSTE.apply(x, scale, inv_scale, qlo, qhi)
+
+
 def fake_quantize_activation(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int = 0, qmax: int = 255
 ) -> torch.Tensor:
-    """Per-tensor affine fake quant with tensor qparams (no host sync); gradient passes where unclipped."""
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    """Per-tensor affine fake quant (``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)``), STE.
+
+    >>> fake_quantize_activation(torch.tensor([-0.3, 0.26, 9.0]), torch.tensor([0.1]), torch.tensor([2]), 0, 10).tolist()
+    [-0.20000000298023224, 0.30000001192092896, 0.800000011920929]
+    """
+    return fake_quantize_activation_with_bounds(x, scale, *activation_bounds(scale, zero_point, qmin, qmax))
 
 
 def moving_average_range(

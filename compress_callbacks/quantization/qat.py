@@ -66,8 +66,7 @@ class _LayerState:
         self.initialized = False  # input range observed at least once
         self.group: _RangeGroup | None = None
         self.slot = 0  # index in the group's packed tensors
-        self.scale: torch.Tensor | None = None  # views into the group's packed qparams
-        self.zero_point: torch.Tensor | None = None
+        self.qparams: tuple[torch.Tensor, ...] = ()  # (scale, inv_scale, qlo, qhi): views into the group
 
     def bn_factor(self) -> torch.Tensor:
         bn = self.bn
@@ -100,7 +99,7 @@ class _LayerState:
                 if observe:
                     group.record(self.slot, lo, hi)
                     owner._observed = True
-        return FQ.fake_quantize_activation(x, self.scale, self.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        return FQ.fake_quantize_activation_with_bounds(x, *self.qparams)
 
 
 def _qat_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -160,16 +159,26 @@ class _RangeGroup:
 
         self.running_min, self.running_max = full(0.0), full(0.0)
         self.observed_min, self.observed_max = full(float("inf")), full(float("-inf"))
-        self.scale = full(1.0)
+        self.scale, self.inv_scale, self.qlo, self.qhi = full(1.0), full(1.0), full(0.0), full(0.0)
         self.zero_point = torch.zeros(size, dtype=torch.int32, device=device)
         self.fresh: list[int] = []  # slots first initialized since the last update
+
+    def views(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """``(scale, inv_scale, qlo, qhi)`` of one layer: views that follow every refresh."""
+        return tuple(t[slot : slot + 1] for t in (self.scale, self.inv_scale, self.qlo, self.qhi))
+
+    def set_qparams(self, index: slice | int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zero_point = FQ.activation_qparams(lo, hi, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        inv_scale, qlo, qhi = FQ.activation_bounds(scale, zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        for target, value in zip(
+            (self.scale, self.zero_point, self.inv_scale, self.qlo, self.qhi), (scale, zero_point, inv_scale, qlo, qhi)
+        ):
+            target[index] = value
 
     def initialize(self, slot: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
         self.running_min[slot] = lo
         self.running_max[slot] = hi
-        scale, zero_point = FQ.activation_qparams(lo, hi, ACTIVATION_QMIN, ACTIVATION_QMAX)
-        self.scale[slot] = scale
-        self.zero_point[slot] = zero_point
+        self.set_qparams(slot, lo, hi)
         self.fresh.append(slot)
 
     def record(self, slot: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -199,9 +208,7 @@ class _RangeGroup:
         self.fresh.clear()
 
     def refresh_qparams(self) -> None:
-        scale, zero_point = FQ.activation_qparams(self.running_min, self.running_max, ACTIVATION_QMIN, ACTIVATION_QMAX)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
+        self.set_qparams(slice(None), self.running_min, self.running_max)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -386,8 +393,8 @@ class QuantizationAwareTraining(CompressionCallback):
                     weight_bits=st.bits,
                     weight_scale=scale.detach().to("cpu", torch.float32),
                     activation_bits=self.activation_bits if quantized_input else None,
-                    input_scale=float(st.scale) if quantized_input else None,
-                    input_zero_point=int(st.zero_point) if quantized_input else None,
+                    input_scale=float(st.group.scale[st.slot]) if quantized_input else None,
+                    input_zero_point=int(st.group.zero_point[st.slot]) if quantized_input else None,
                     activation_qmin=ACTIVATION_QMIN,
                     activation_qmax=ACTIVATION_QMAX,
                     bn=st.bn_name,
@@ -470,7 +477,7 @@ class QuantizationAwareTraining(CompressionCallback):
             group = _RangeGroup(len(members), device)
             for slot, st in enumerate(members):
                 st.group, st.slot = group, slot
-                st.scale, st.zero_point = group.scale[slot : slot + 1], group.zero_point[slot : slot + 1]
+                st.qparams = group.views(slot)
             self._groups.append(group)
 
     # ------------------------------------------------------------------ state
