@@ -54,6 +54,7 @@ from compress_callbacks import (
 )
 from compress_callbacks.export import export_onnx, load_compressed, save_compressed, to_int8
 from compress_callbacks.metrics import TeacherStudentAgreement
+from compress_callbacks.quantization.ptq import calibrate, fake_quantized
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64  # 8x8 images
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("techniques")
     g.add_argument("--no-distill", dest="distill", action="store_false", help="train the student on labels only")
     g.add_argument("--no-prune", dest="prune", action="store_false", help="no gradual magnitude pruning")
-    g.add_argument("--no-qat", dest="qat", action="store_false", help="no quantization-aware training")
+    g.add_argument("--no-qat", dest="qat", action="store_false",
+                   help="no quantization-aware training: the student is quantized after training (calibrate)")
     g = p.add_argument_group("pruning")
     g.add_argument("--sparsity", type=float, default=None,
                    help="final fraction of zero weights (default 0.8; for N:M granularity it is 1 - N/M)")
@@ -101,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--teacher-hidden", type=_sizes, default=[256, 256], help="teacher hidden sizes, comma separated")
     g.add_argument("--student-hidden", type=_sizes, default=[128, 64], help="student hidden sizes, comma separated")
-    g.add_argument("--teacher-epochs", type=int, default=40)
-    g.add_argument("--epochs", type=int, default=60, help="student epochs (dense and compressed)")
+    g.add_argument("--teacher-epochs", type=int, default=30)
+    g.add_argument("--epochs", type=int, default=40, help="student epochs (dense and compressed)")
     g.add_argument("--steps", type=int, default=None, help="student optimizer updates (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (split over processes)")
     g.add_argument("--lr", type=float, default=3e-3)
@@ -256,6 +258,12 @@ def build_callbacks(args: argparse.Namespace, steps: int) -> list:
 
 
 # ----------------------------------------------------------------------------------- measuring
+def linear_weight_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over the weights of every ``nn.Linear`` (what pruning targets here)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(all parameters, non-zero parameters)."""
     params = list(model.parameters())
@@ -419,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss_fn = cross_entropy
     student, manager, student_history = fit(make_mlp(args.student_hidden), student_steps, loss_fn,
                                             "compressed student", callbacks)
+    trained_sparsity = linear_weight_sparsity(accelerator.unwrap_model(student))  # before the int8 grid
     if manager is not None:
         say(manager.summary())
         compressed = manager.finalize(student)  # plain nn.Sequential, standard state_dict keys
@@ -427,27 +436,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compressed.eval()
 
     # 4. measure: accuracy and agreement on every rank (gathered), files and latency on the main process
-    teacher_logits = predict(accelerator, teacher, eval_loader)
     logits = {
-        "teacher": teacher_logits,
+        "teacher": predict(accelerator, teacher, eval_loader),
         "dense student": predict(accelerator, dense, eval_loader),
-        "compressed student (finalized, float)": predict(accelerator, compressed, eval_loader),
     }
     results: dict[str, Any] = {}
     if accelerator.is_main_process:
-        results = report(args, accelerator, out, teacher, dense, compressed, callbacks, logits, test_x, test_y,
-                         teacher_history, dense_history, student_history, manager, student_steps)
+        results = report(args, accelerator, out, teacher, dense, compressed, callbacks, logits, train_x, test_x,
+                         test_y, trained_sparsity, teacher_history, dense_history, student_history, manager, student_steps)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
 
-def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, logits, test_x, test_y,
-           teacher_history, dense_history, student_history, manager, student_steps) -> dict[str, Any]:
+def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, logits, train_x, test_x,
+           test_y, trained_sparsity: float, teacher_history, dense_history, student_history, manager, student_steps) -> dict[str, Any]:
     """Everything the main process writes and prints."""
     cpu = torch.device("cpu")
     teacher, dense, compressed = (copy.deepcopy(m).to(cpu).eval() for m in (teacher, dense, compressed))
-    example = test_x[:1].to(cpu)
+    test_x, example = test_x.to(cpu), test_x[:1].to(cpu)
+    if not args.qat:  # no QAT: post-training quantization on training inputs gives the int8 ranges
+        calibrate(compressed, train_x[:512].to(cpu).split(128), weight_bits=args.weight_bits,
+                  activation_bits=args.activation_bits)
 
     torch.save(teacher.state_dict(), out / "teacher.pt")
     torch.save(dense.state_dict(), out / "dense_student.pt")
@@ -460,9 +470,11 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
     load_compressed(out / "student.ccz", reloaded)
 
     with torch.inference_mode():
-        int8_logits = int8_model(test_x.to(cpu)).float()
-        reloaded_logits = reloaded.eval()(test_x.to(cpu)).float()
-    finalized_logits = logits["compressed student (finalized, float)"].to(cpu)
+        int8_logits = int8_model(test_x).float()
+        reloaded_logits = reloaded.eval()(test_x).float()
+        finalized_logits = compressed(test_x).float()  # weights on their int8 grid, float activations
+        with fake_quantized(compressed):
+            fake_quant_logits = compressed(test_x).float()  # what the int8 model should compute
     teacher_logits = logits["teacher"].to(cpu)
 
     def agreement(student_logits: torch.Tensor) -> float:
@@ -474,7 +486,7 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
     for name, model, path, lg in (
         ("teacher", teacher, out / "teacher.pt", teacher_logits),
         ("dense student", dense, out / "dense_student.pt", logits["dense student"].to(cpu)),
-        ("compressed student (int8)", int8_model, out / "student.ccz", int8_logits),
+        (f"compressed student (int8{'' if args.qat else ', PTQ'})", int8_model, out / "student.ccz", int8_logits),
     ):
         # parameters are counted on the float model; the int8 model stores the same weights (zeros stay zeros)
         total, nonzero = count_parameters(compressed if model is int8_model else model)
@@ -490,10 +502,6 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
     table = format_table(rows)
 
     gmp = next((cb for cb in callbacks if isinstance(cb, GradualMagnitudePruning)), None)
-    pruned_layers = [m for m in compressed.modules() if isinstance(m, nn.Linear)]
-    measured_sparsity = (
-        sum(int((m.weight == 0).sum()) for m in pruned_layers) / sum(m.weight.numel() for m in pruned_layers)
-    )
     recipe_path = out / "recipe.yaml"
     recipe_path.write_text(manager.to_recipe_yaml() if manager is not None else "{}\n")
 
@@ -504,11 +512,13 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
         "student_steps": student_steps,
         "table": rows,
         "requested_sparsity": gmp.target_sparsity if gmp is not None else 0.0,
-        "measured_sparsity": measured_sparsity,
+        "measured_sparsity": trained_sparsity,  # zeros in the Linear weights after training
+        "int8_weight_zero_fraction": linear_weight_sparsity(compressed),  # once on the int8 grid (>=)
+        "finalized_float_accuracy": accuracy(finalized_logits, test_y),
         "int8_vs_finalized": {
             "top1_agreement": float((int8_logits.argmax(-1) == finalized_logits.argmax(-1)).float().mean()),
-            "max_abs_logit_diff": float((int8_logits - finalized_logits).abs().max()),
-            "logit_range": float(finalized_logits.abs().max()),
+            "max_abs_logit_diff_vs_fake_quant": float((int8_logits - fake_quant_logits).abs().max()),
+            "fake_quant_logit_range": float(fake_quant_logits.abs().max()),
         },
         "reloaded_vs_finalized_max_abs_diff": float((reloaded_logits - finalized_logits).abs().max()),
         "onnx_bytes": (out / "student.onnx").stat().st_size,
@@ -517,21 +527,20 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
             "dense_student": dense_history.as_dict(),
             "compressed_student": student_history.as_dict(),
         },
-        "files": sorted(p.name for p in out.iterdir()),
     }
     techniques = [t for t, on in (("distillation", args.distill), ("pruning", args.prune), ("QAT", args.qat)) if on]
     title = (f"digits student {args.student_hidden}: {' + '.join(techniques) or 'no compression'}"
              + (f", {args.granularity} sparsity {metrics['requested_sparsity']:.2f}" if gmp is not None else "")
              + (f", W{args.weight_bits}A{args.activation_bits or 'fp'}" if args.qat else ""))
     plot_history(out / "training.png", student_history, dense_history, rows[0]["accuracy"], callbacks, title)
-    metrics["files"] = sorted(p.name for p in out.iterdir()) + ["metrics.json"]
+    metrics["files"] = sorted({p.name for p in out.iterdir()} | {"metrics.json"})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
     print()
     print(table)
-    print(f"\nsparsity of the student's Linear weights: {measured_sparsity:.4f}"
-          f" (requested {metrics['requested_sparsity']:.4f}); int8 vs finalized float: top-1 agreement "
-          f"{metrics['int8_vs_finalized']['top1_agreement']:.4f}")
+    print(f"\nzeros in the student's Linear weights: {trained_sparsity:.4f} after training (requested "
+          f"{metrics['requested_sparsity']:.4f}), {metrics['int8_weight_zero_fraction']:.4f} on the int8 grid; "
+          f"int8 vs finalized float: top-1 agreement {metrics['int8_vs_finalized']['top1_agreement']:.4f}")
     print(f"wrote {', '.join(metrics['files'])} to {out}/")
     metrics["table_text"] = table
     return metrics
