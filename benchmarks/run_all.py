@@ -7,7 +7,8 @@
 A benchmark is any ``benchmarks/<name>.py`` module (not starting with ``_``, not this file) that
 defines ``main(argv=None)`` returning its table as a string. They are discovered, not listed here,
 so a new benchmark file joins the run by existing. A benchmark that fails is reported and the
-others still run; the exit status is then 1.
+others still run; the exit status is then 1. What a benchmark prints itself is captured and shown
+only when it fails (``--verbose`` shows it always), so the output is the tables.
 
 >>> from pathlib import Path
 >>> "run_all" in [m for m, _ in discover(Path(__file__).parent)]
@@ -17,7 +18,9 @@ False
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
 import platform
 import sys
@@ -63,7 +66,7 @@ def machine_header() -> str:
 
 def run_benchmarks(
     folder: Path = HERE, *, quick: bool = False, only: list[str] | None = None,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] = print, verbose: bool = False,
 ) -> list[tuple[str, str | None]]:
     """Run every discovered benchmark; returns ``(name, error or None)`` per benchmark."""
     if str(REPO) not in sys.path:
@@ -76,20 +79,26 @@ def run_benchmarks(
             continue
         out(f"\n## {name}")
         t0 = time.perf_counter()
+        printed = io.StringIO()
         try:
-            module = _load(path)
-            bench_main = getattr(module, "main", None)
-            if not callable(bench_main):
-                out("(no main(argv=None): not a benchmark, skipped)")
-                continue
-            table = bench_main(["--quick"] if quick else [])
+            with contextlib.redirect_stdout(printed):
+                module = _load(path)
+                bench_main = getattr(module, "main", None)
+                if not callable(bench_main):
+                    out("(no main(argv=None): not a benchmark)")
+                    continue
+                table = bench_main(["--quick"] if quick else [])
             if not isinstance(table, str):
                 raise TypeError(f"{name}.main() returned {type(table).__name__}, expected the table as a string")
+            if verbose and printed.getvalue().strip():
+                out(printed.getvalue().rstrip())
             out(table.rstrip())
             outcomes.append((name, None))
         except BaseException as err:  # noqa: BLE001  argparse exits and failures must not stop the others
             if isinstance(err, KeyboardInterrupt):
                 raise
+            if printed.getvalue().strip():
+                out(printed.getvalue().rstrip()[-4000:])
             out(f"FAILED: {type(err).__name__}: {err}")
             out(traceback.format_exc().rstrip())
             outcomes.append((name, f"{type(err).__name__}: {err}"))
@@ -104,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: every benchmark in < 60 s")
     parser.add_argument("--only", action="append", default=None, metavar="NAME",
                         help="run only benchmarks whose module name contains NAME (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="also show what each benchmark prints itself")
     args = parser.parse_args(argv)
-    outcomes = run_benchmarks(quick=args.quick, only=args.only)
+    outcomes = run_benchmarks(quick=args.quick, only=args.only, verbose=args.verbose)
     return 1 if any(error for _, error in outcomes) else 0
 
 

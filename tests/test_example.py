@@ -147,9 +147,9 @@ def test_two_processes_match_one(tiny_run, tmp_path):
 # ------------------------------------------------------------------------------- benchmark runner
 def test_runner_discovers_and_runs_every_benchmark(tmp_path):
     (tmp_path / "good.py").write_text(
-        "def main(argv=None):\n    return 'quick table' if argv == ['--quick'] else 'full table'\n"
+        "def main(argv=None):\n    print('chatter')\n    return 'quick table' if argv == ['--quick'] else 'full table'\n"
     )
-    (tmp_path / "broken.py").write_text("def main(argv=None):\n    raise RuntimeError('boom')\n")
+    (tmp_path / "broken.py").write_text("def main(argv=None):\n    print('last words')\n    raise RuntimeError('boom')\n")
     (tmp_path / "helpers.py").write_text("X = 1\n")
     (tmp_path / "_private.py").write_text("raise SystemExit('must not be imported')\n")
     lines: list[str] = []
@@ -157,6 +157,7 @@ def test_runner_discovers_and_runs_every_benchmark(tmp_path):
     text = "\n".join(lines)
     assert dict(outcomes) == {"broken": "RuntimeError: boom", "good": None}
     assert "quick table" in text and "full table" not in text
+    assert "chatter" not in text and "last words" in text  # a benchmark's own prints show only when it fails
     assert "torch " + torch.__version__ in text and f"{os.cpu_count()} cores" in text
     lines.clear()
     assert run_all.run_benchmarks(tmp_path, only=["good"], out=lines.append) == [("good", None)]
