@@ -78,41 +78,50 @@ def _sizes(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Distill + prune + QAT a digits MLP in one Accelerate loop, then convert to int8.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Distill + prune + QAT a digits MLP in one Accelerate loop, then convert it to int8.",
     )
-    g = p.add_argument_group("techniques")
+    g = p.add_argument_group("techniques (all on by default)")
     g.add_argument("--no-distill", dest="distill", action="store_false", help="train the student on labels only")
     g.add_argument("--no-prune", dest="prune", action="store_false", help="no gradual magnitude pruning")
     g.add_argument("--no-qat", dest="qat", action="store_false",
                    help="no quantization-aware training: the student is quantized after training (calibrate)")
     g = p.add_argument_group("pruning")
     g.add_argument("--sparsity", type=float, default=None,
-                   help="final fraction of zero weights (default 0.8; for N:M granularity it is 1 - N/M)")
-    g.add_argument("--granularity", default="unstructured", help="'unstructured', 'channel' or 'N:M' (e.g. '2:4')")
-    g.add_argument("--scope", default="layer", choices=["layer", "global"])
+                   help="final fraction of zero weights in every Linear (default 0.8; N:M granularity implies 1 - N/M)")
+    g.add_argument("--granularity", default="unstructured",
+                   help="'unstructured' (default), 'channel' (whole output rows) or 'N:M' (e.g. '2:4')")
+    g.add_argument("--scope", default="layer", choices=["layer", "global"],
+                   help="every layer reaches the target, or all layers together (default: %(default)s)")
     g.add_argument("--prune-window", type=_fraction, nargs=2, default=[0.1, 0.6], metavar=("START", "END"),
-                   help="pruning starts / reaches the target at these fractions of the student's steps")
+                   help="pruning starts / reaches the target at these fractions of the student's updates "
+                        "(default: 0.1 0.6)")
     g = p.add_argument_group("quantization")
-    g.add_argument("--weight-bits", type=int, default=8, help="QAT weight bits (2..8)")
-    g.add_argument("--activation-bits", type=_bits, default=8, help="QAT activation bits: 8 or 'none' (weight-only)")
-    g.add_argument("--qat-start", type=_fraction, default=0.7, help="fake-quant starts at this fraction of the steps")
+    g.add_argument("--weight-bits", type=int, default=8, help="weight bits, 2..8 (default: %(default)s)")
+    g.add_argument("--activation-bits", type=_bits, default=8,
+                   help="activation bits: 8 or 'none' for weight-only (default: %(default)s)")
+    g.add_argument("--qat-start", type=_fraction, default=0.7,
+                   help="fake-quant starts at this fraction of the student's updates (default: %(default)s)")
     g = p.add_argument_group("distillation")
-    g.add_argument("--temperature", type=float, default=4.0)
-    g.add_argument("--alpha", type=float, default=0.7, help="weight of the soft (teacher) term")
+    g.add_argument("--temperature", type=float, default=4.0, help="softening temperature (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=0.7, help="weight of the soft (teacher) term (default: %(default)s)")
     g = p.add_argument_group("training")
-    g.add_argument("--teacher-hidden", type=_sizes, default=[256, 256], help="teacher hidden sizes, comma separated")
-    g.add_argument("--student-hidden", type=_sizes, default=[128, 64], help="student hidden sizes, comma separated")
-    g.add_argument("--teacher-epochs", type=int, default=30)
-    g.add_argument("--epochs", type=int, default=40, help="student epochs (dense and compressed)")
+    g.add_argument("--teacher-hidden", type=_sizes, default=[256, 256],
+                   help="teacher hidden sizes, comma separated (default: 256,256)")
+    g.add_argument("--student-hidden", type=_sizes, default=[128, 64],
+                   help="student hidden sizes, comma separated (default: 128,64)")
+    g.add_argument("--teacher-epochs", type=int, default=30, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=40,
+                   help="student epochs, for the dense and the compressed student (default: %(default)s)")
     g.add_argument("--steps", type=int, default=None, help="student optimizer updates (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch size (split over processes)")
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N updates (default: once per epoch)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="global batch size, split over the processes (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N updates (default: every epoch)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g = p.add_argument_group("output")
-    g.add_argument("--output-dir", type=Path, default=Path("runs/digits"))
-    g.add_argument("--latency-repeats", type=int, default=300, help="timed batch-1 forward passes per model")
+    g.add_argument("--output-dir", type=Path, default=Path("runs/digits"), help="(default: %(default)s)")
+    g.add_argument("--latency-repeats", type=int, default=300,
+                   help="timed batch-1 forward passes per model (default: %(default)s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
@@ -129,6 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    if not 2 <= args.weight_bits <= 8:
+        parser.error(f"--weight-bits must be in 2..8, got {args.weight_bits}")
+    if args.activation_bits not in (8, None):
+        parser.error(f"--activation-bits must be 8 or 'none', got {args.activation_bits}")
+    if not args.temperature > 0 or not 0.0 <= args.alpha <= 1.0:
+        parser.error("--temperature must be > 0 and --alpha in [0, 1]")
     return args
 
 
@@ -388,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     student_steps = args.steps or args.epochs * steps_per_epoch
     eval_every = args.eval_every or steps_per_epoch
+    callbacks = build_callbacks(args, student_steps)  # built first: a bad setting fails before any training
     say(f"digits: {len(train_y)} train / {len(test_y)} test images, {accelerator.num_processes} process(es), "
         f"{steps_per_epoch} updates per epoch")
 
@@ -419,7 +435,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. compressed student: distillation + pruning + QAT in one loop ------------------------
     set_seed(args.seed + 1)  # same initial weights as the dense student
-    callbacks = build_callbacks(args, student_steps)
     if args.distill:
         distill = DistillationLoss(teacher, temperature=args.temperature, alpha=args.alpha)
         loss_fn = lambda logits, y, x: distill(logits, y, inputs=x)  # noqa: E731  teacher runs on `inputs`
@@ -477,10 +492,11 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
             fake_quant_logits = compressed(test_x).float()  # what the int8 model should compute
     teacher_logits = logits["teacher"].to(cpu)
 
-    def agreement(student_logits: torch.Tensor) -> float:
-        metric = TeacherStudentAgreement()
+    def agreement(student_logits: torch.Tensor) -> dict[str, float]:
+        # the logits are already gathered from every rank: no second sync inside the metric
+        metric = TeacherStudentAgreement(sync_on_compute=False)
         metric.update(student_logits.to(cpu), teacher_logits)
-        return float(metric.compute())
+        return {k: float(v) for k, v in metric.compute().items()}
 
     rows = []
     for name, model, path, lg in (
@@ -497,7 +513,7 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
             "nonzero_params": nonzero,
             "file_bytes": path.stat().st_size,
             "latency_ms": cpu_latency_ms(model, example, args.latency_repeats),
-            "agreement": agreement(lg),
+            **{k if k == "agreement" else f"teacher_{k}": v for k, v in agreement(lg).items()},
         })
     table = format_table(rows)
 

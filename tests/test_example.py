@@ -108,6 +108,10 @@ def test_bad_arguments_fail_before_training(tmp_path):
         example.main(["--prune-window", "0.6", "0.1", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         example.main(["--qat-start", "1.5", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        example.main(["--weight-bits", "9", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="target_sparsity"):  # the callback's own check, before any training
+        example.main(["--granularity", "2:4", "--sparsity", "0.8", "--output-dir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
 
