@@ -53,7 +53,7 @@ from compress_callbacks import (
     QuantizationAwareTraining,
 )
 from compress_callbacks.export import export_onnx, load_compressed, save_compressed, to_int8
-from compress_callbacks.metrics import TeacherStudentAgreement
+from compress_callbacks.metrics import Sparsity, TeacherStudentAgreement
 from compress_callbacks.quantization.ptq import calibrate, fake_quantized
 
 NUM_CLASSES = 10
@@ -180,6 +180,7 @@ class History:
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.loss: list[float] = []
+        self.hard_loss: list[float] = []  # the cross-entropy part of a distillation loss
         self.sparsity: list[float] = []
         self.eval_steps: list[int] = []
         self.accuracy: list[float] = []
@@ -218,6 +219,7 @@ def train(
     desc: str,
     progress: bool,
     sparsity_fn: Callable[[], float] | None = None,
+    hard_loss_fn: Callable[[], float] | None = None,
 ) -> History:
     """A plain Accelerate loop: nothing here knows about compression (the manager hooks the optimizer)."""
     history = History()
@@ -236,6 +238,9 @@ def train(
             step += 1
             history.steps.append(step)
             history.loss.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
+            if hard_loss_fn is not None:
+                hard = torch.tensor(hard_loss_fn(), device=loss.device)
+                history.hard_loss.append(float(accelerator.reduce(hard, reduction="mean")))
             history.sparsity.append(sparsity_fn() if sparsity_fn is not None else 0.0)
             if step % eval_every == 0 or step == steps:
                 history.eval_steps.append(step)
@@ -275,8 +280,9 @@ def build_callbacks(args: argparse.Namespace, steps: int) -> list:
 # ----------------------------------------------------------------------------------- measuring
 def linear_weight_sparsity(model: nn.Module) -> float:
     """Fraction of exact zeros over the weights of every ``nn.Linear`` (what pruning targets here)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    metric = Sparsity(sync_on_compute=False)  # this rank's model; ranks hold identical weights under DDP
+    metric.update(model)
+    return float(metric.compute())
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -347,7 +353,12 @@ def plot_history(path: Path, compressed: History, dense: History, teacher_accura
 
     window = max(1, len(steps) // 60)
     ax_l.plot(dense.steps, _smooth(dense.loss, window), color="C7", label="dense student (cross-entropy)")
-    ax_l.plot(steps, _smooth(compressed.loss, window), color="C0", label="compressed student (training loss)")
+    if compressed.hard_loss:
+        ax_l.plot(steps, _smooth(compressed.loss, window), color="C0", lw=1, alpha=0.5,
+                  label="compressed student (distillation loss)")
+        ax_l.plot(steps, _smooth(compressed.hard_loss, window), color="C0", label="compressed student (its cross-entropy)")
+    else:
+        ax_l.plot(steps, _smooth(compressed.loss, window), color="C0", label="compressed student (cross-entropy)")
     ax_l.set_ylabel("training loss")
     ax_l.set_yscale("log")
 
@@ -407,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     say(f"digits: {len(train_y)} train / {len(test_y)} test images, {accelerator.num_processes} process(es), "
         f"{steps_per_epoch} updates per epoch")
 
-    def fit(model: nn.Module, steps: int, loss_fn, desc: str, manager_callbacks: list | None = None):
+    def fit(model: nn.Module, steps: int, loss_fn, desc: str, manager_callbacks: list | None = None,
+            hard_loss_fn=None):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
         model, optimizer = accelerator.prepare(model, optimizer)
         manager = None
@@ -419,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sparsity_fn = gmp.overall_sparsity if gmp is not None else None
         history = train(accelerator, model, optimizer, train_loader, eval_loader, test_y, steps=steps,
                         loss_fn=loss_fn, eval_every=eval_every, desc=desc, progress=args.progress,
-                        sparsity_fn=sparsity_fn)
+                        sparsity_fn=sparsity_fn, hard_loss_fn=hard_loss_fn)
         return model, manager, history
 
     # 1. teacher ---------------------------------------------------------------------------
@@ -438,10 +450,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.distill:
         distill = DistillationLoss(teacher, temperature=args.temperature, alpha=args.alpha)
         loss_fn = lambda logits, y, x: distill(logits, y, inputs=x)  # noqa: E731  teacher runs on `inputs`
+        hard_loss_fn = lambda: distill.log_values()["hard"]  # noqa: E731  the cross-entropy part, for the plot
     else:
-        loss_fn = cross_entropy
+        loss_fn, hard_loss_fn = cross_entropy, None
     student, manager, student_history = fit(make_mlp(args.student_hidden), student_steps, loss_fn,
-                                            "compressed student", callbacks)
+                                            "compressed student", callbacks, hard_loss_fn)
     trained_sparsity = linear_weight_sparsity(accelerator.unwrap_model(student))  # before the int8 grid
     if manager is not None:
         say(manager.summary())
