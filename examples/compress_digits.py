@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N updates (default: every epoch)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process; 1 is fastest for layers this small, 0 keeps torch's "
+                        "default (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("runs/digits"), help="(default: %(default)s)")
     g.add_argument("--latency-repeats", type=int, default=300,
@@ -133,6 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.sparsity = 0.8
     if args.prune_window[0] >= args.prune_window[1]:
         parser.error(f"--prune-window START must be < END, got {args.prune_window}")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
     for name in ("teacher_epochs", "epochs", "batch_size", "latency_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -396,6 +401,18 @@ def _smooth(values: list[float], window: int) -> list[float]:
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole example for parsed arguments (``main`` parses them and sets the thread count)."""
+    started = time.perf_counter()
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
     if args.batch_size % accelerator.num_processes:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the {accelerator.num_processes} processes")
@@ -434,16 +451,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         sparsity_fn=sparsity_fn, hard_loss_fn=hard_loss_fn)
         return model, manager, history
 
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        seconds[stage] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+
     # 1. teacher ---------------------------------------------------------------------------
     set_seed(args.seed)
     teacher, _, teacher_history = fit(make_mlp(args.teacher_hidden), args.teacher_epochs * steps_per_epoch,
                                       cross_entropy, "teacher")
     teacher = accelerator.unwrap_model(teacher).eval().requires_grad_(False)
+    lap("teacher")
 
     # 2. dense student: same architecture, same updates, labels only, float32 ---------------
     set_seed(args.seed + 1)
     dense, _, dense_history = fit(make_mlp(args.student_hidden), student_steps, cross_entropy, "dense student")
     dense = accelerator.unwrap_model(dense).eval()
+    lap("dense_student")
 
     # 3. compressed student: distillation + pruning + QAT in one loop ------------------------
     set_seed(args.seed + 1)  # same initial weights as the dense student
@@ -462,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         compressed = accelerator.unwrap_model(student)
     compressed.eval()
+    lap("compressed_student")
 
     # 4. measure: accuracy and agreement on every rank (gathered), files and latency on the main process
     logits = {
@@ -470,15 +498,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     results: dict[str, Any] = {}
     if accelerator.is_main_process:
-        results = report(args, accelerator, out, teacher, dense, compressed, callbacks, logits, train_x, test_x,
-                         test_y, trained_sparsity, teacher_history, dense_history, student_history, manager, student_steps)
+        histories = {"teacher": teacher_history, "dense_student": dense_history, "compressed_student": student_history}
+        results = report(args, accelerator, out, teacher, dense, compressed, manager, callbacks, logits,
+                         train_x, test_x, test_y, trained_sparsity, histories, student_steps,
+                         seconds, lambda: round(time.perf_counter() - started, 1))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
 
-def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, logits, train_x, test_x,
-           test_y, trained_sparsity: float, teacher_history, dense_history, student_history, manager, student_steps) -> dict[str, Any]:
+def report(args, accelerator, out: Path, teacher, dense, compressed, manager, callbacks, logits, train_x, test_x,
+           test_y, trained_sparsity: float, histories: dict[str, History], student_steps: int,
+           seconds: dict[str, float], elapsed: Callable[[], float]) -> dict[str, Any]:
     """Everything the main process writes and prints."""
     cpu = torch.device("cpu")
     teacher, dense, compressed = (copy.deepcopy(m).to(cpu).eval() for m in (teacher, dense, compressed))
@@ -551,17 +582,17 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
         },
         "reloaded_vs_finalized_max_abs_diff": float((reloaded_logits - finalized_logits).abs().max()),
         "onnx_bytes": (out / "student.onnx").stat().st_size,
-        "history": {
-            "teacher": teacher_history.as_dict(),
-            "dense_student": dense_history.as_dict(),
-            "compressed_student": student_history.as_dict(),
-        },
+        "history": {name: h.as_dict() for name, h in histories.items()},
+        "seconds": seconds,
     }
     techniques = [t for t, on in (("distillation", args.distill), ("pruning", args.prune), ("QAT", args.qat)) if on]
     title = (f"digits student {args.student_hidden}: {' + '.join(techniques) or 'no compression'}"
              + (f", {args.granularity} sparsity {metrics['requested_sparsity']:.2f}" if gmp is not None else "")
              + (f", W{args.weight_bits}A{args.activation_bits or 'fp'}" if args.qat else ""))
-    plot_history(out / "training.png", student_history, dense_history, rows[0]["accuracy"], callbacks, title)
+    plot_history(out / "training.png", histories["compressed_student"], histories["dense_student"],
+                 rows[0]["accuracy"], callbacks, title)
+    seconds["setup_and_report"] = round(elapsed() - sum(seconds.values()), 2)
+    seconds["total"] = elapsed()
     metrics["files"] = sorted({p.name for p in out.iterdir()} | {"metrics.json"})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
@@ -570,7 +601,7 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, callbacks, 
     print(f"\nzeros in the student's Linear weights: {trained_sparsity:.4f} after training (requested "
           f"{metrics['requested_sparsity']:.4f}), {metrics['int8_weight_zero_fraction']:.4f} on the int8 grid; "
           f"int8 vs finalized float: top-1 agreement {metrics['int8_vs_finalized']['top1_agreement']:.4f}")
-    print(f"wrote {', '.join(metrics['files'])} to {out}/")
+    print(f"wrote {', '.join(metrics['files'])} to {out}/ in {seconds['total']:.0f} s")
     metrics["table_text"] = table
     return metrics
 
