@@ -33,6 +33,7 @@ import copy
 import json
 import math
 import statistics
+from collections import OrderedDict
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no quantization-aware training: the student is quantized after training (calibrate)")
     g = p.add_argument_group("pruning")
     g.add_argument("--sparsity", type=float, default=None,
-                   help="final fraction of zero weights in every Linear (default 0.8; N:M granularity implies 1 - N/M)")
+                   help="final fraction of zero weights in every hidden Linear (the classifier stays dense; "
+                        "default 0.8; N:M granularity implies 1 - N/M)")
     g.add_argument("--granularity", default="unstructured",
                    help="'unstructured' (default), 'channel' (whole output rows) or 'N:M' (e.g. '2:4')")
     g.add_argument("--scope", default="layer", choices=["layer", "global"],
@@ -167,15 +169,19 @@ def load_digits_split(seed: int, test_fraction: float = 0.2) -> tuple[torch.Tens
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
+#: the output layer stays dense: pruning its rows ("channel" granularity) would delete whole classes
+PRUNING_EXCLUDE = ["classifier"]
+
+
 def make_mlp(hidden: list[int]) -> nn.Sequential:
-    """``Linear -> ReLU`` blocks from 64 inputs to 10 logits."""
-    layers: list[nn.Module] = []
+    """``fc1 -> ReLU -> fc2 -> ReLU ... -> classifier``: 64 inputs to 10 logits."""
+    layers: dict[str, nn.Module] = {}
     width = NUM_FEATURES
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+    for i, h in enumerate(hidden, start=1):
+        layers[f"fc{i}"], layers[f"relu{i}"] = nn.Linear(width, h), nn.ReLU()
         width = h
-    layers.append(nn.Linear(width, NUM_CLASSES))
-    return nn.Sequential(*layers)
+    layers["classifier"] = nn.Linear(width, NUM_CLASSES)
+    return nn.Sequential(OrderedDict(layers))
 
 
 # ----------------------------------------------------------------------------------- training
@@ -272,6 +278,7 @@ def build_callbacks(args: argparse.Namespace, steps: int) -> list:
         callbacks.append(GradualMagnitudePruning(
             target_sparsity=args.sparsity, start_step=start, end_step=end,
             update_every=max(1, (end - start) // 20), granularity=args.granularity, scope=args.scope,
+            exclude=PRUNING_EXCLUDE,
         ))
     if args.qat:
         start = int(args.qat_start * steps)
@@ -283,9 +290,9 @@ def build_callbacks(args: argparse.Namespace, steps: int) -> list:
 
 
 # ----------------------------------------------------------------------------------- measuring
-def linear_weight_sparsity(model: nn.Module) -> float:
-    """Fraction of exact zeros over the weights of every ``nn.Linear`` (what pruning targets here)."""
-    metric = Sparsity(sync_on_compute=False)  # this rank's model; ranks hold identical weights under DDP
+def pruned_weight_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over the weights pruning targets here (every Linear but the classifier)."""
+    metric = Sparsity(exclude=PRUNING_EXCLUDE, sync_on_compute=False)  # ranks hold identical weights under DDP
     metric.update(model)
     return float(metric.compute())
 
@@ -482,7 +489,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loss_fn, hard_loss_fn = cross_entropy, None
     student, manager, student_history = fit(make_mlp(args.student_hidden), student_steps, loss_fn,
                                             "compressed student", callbacks, hard_loss_fn)
-    trained_sparsity = linear_weight_sparsity(accelerator.unwrap_model(student))  # before the int8 grid
+    trained_sparsity = pruned_weight_sparsity(accelerator.unwrap_model(student))  # before the int8 grid
     if manager is not None:
         say(manager.summary())
         compressed = manager.finalize(student)  # plain nn.Sequential, standard state_dict keys
@@ -572,8 +579,8 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, manager, ca
         "student_steps": student_steps,
         "table": rows,
         "requested_sparsity": gmp.target_sparsity if gmp is not None else 0.0,
-        "measured_sparsity": trained_sparsity,  # zeros in the Linear weights after training
-        "int8_weight_zero_fraction": linear_weight_sparsity(compressed),  # once on the int8 grid (>=)
+        "measured_sparsity": trained_sparsity,  # zeros in the pruned weights after training
+        "int8_weight_zero_fraction": pruned_weight_sparsity(compressed),  # once on the int8 grid (>=)
         "finalized_float_accuracy": accuracy(finalized_logits, test_y),
         "int8_vs_finalized": {
             "top1_agreement": float((int8_logits.argmax(-1) == finalized_logits.argmax(-1)).float().mean()),
@@ -598,7 +605,7 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, manager, ca
 
     print()
     print(table)
-    print(f"\nzeros in the student's Linear weights: {trained_sparsity:.4f} after training (requested "
+    print(f"\nzeros in the student's hidden-layer weights: {trained_sparsity:.4f} after training (requested "
           f"{metrics['requested_sparsity']:.4f}), {metrics['int8_weight_zero_fraction']:.4f} on the int8 grid; "
           f"int8 vs finalized float: top-1 agreement {metrics['int8_vs_finalized']['top1_agreement']:.4f}")
     print(f"wrote {', '.join(metrics['files'])} to {out}/ in {seconds['total']:.0f} s")
