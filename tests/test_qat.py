@@ -434,3 +434,19 @@ def test_ddp_two_processes_agree_on_ranges():
         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_finalized_specs_reproduce_the_fake_quant_model_for_export():
+    from compress_callbacks.quantization.ptq import fake_quantized
+
+    model = cnn()
+    manager, qat, opt = attach(model, freeze_bn_step=2, freeze_observers_step=3)
+    train(model, opt, batches(4, shape=(4, 3, 8, 8), classes=4))
+    model.eval()
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        trained = model(x)  # weights and inputs fake-quantized, BN folded
+        manager.finalize(model)
+        with fake_quantized(model):  # export's reference: the specs applied to the float model
+            reference = model(x)
+    assert torch.allclose(trained, reference, atol=1e-4), (trained - reference).abs().max()
