@@ -33,7 +33,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compress_callbacks.export import OnnxRuntimeModule, save_compressed, to_int8, export_onnx  # noqa: E402
+from compress_callbacks.export import OnnxRuntimeModule, cpu_has_vnni, export_onnx, save_compressed, to_int8  # noqa: E402
 from compress_callbacks.quantization.ptq import calibrate, fake_quantized  # noqa: E402
 
 
@@ -151,6 +151,8 @@ def build_paths(
         "fp32 eager": fp32,
         "to_int8 onnxruntime [shipped]": to_int8(quantized, example_inputs=x),
     }
+    if not cpu_has_vnni():  # the exact default stores uint8 weights here; show what int8 would cost
+        paths["to_int8 onnxruntime weight_dtype=int8"] = to_int8(quantized, example_inputs=x, weight_dtype="int8")
     if include_compiled:
         paths["to_int8 inductor [shipped]"] = to_int8(quantized, example_inputs=x, backend="inductor")
     paths["torchao int8 dyn eager"] = _torchao_dynamic(fp32, x, compiled=False)
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> str:
         (f"CNN+BN width {cnn_width}", _randomize_bn(make_cnn(cnn_width)).eval(), [16], (3, 32, 32)),
     ]
     lines = [
+        f"CPU VNNI: {cpu_has_vnni()}",
         f"int8 inference, ratio = median latency / fp32 eager (lower is faster); torch threads {torch.get_num_threads()}; "
         f"{'quick' if quick else 'full'} sizes, {rounds} interleaved rounds",
         "",

@@ -5,8 +5,8 @@ with BatchNorm (3 conv+BN+ReLU blocks, 32x32 inputs, batch 32). Optimizer: SGD w
 Variants: a plain step; ``QuantizationAwareTraining`` W8A8 and weight-only (W8); torchao's QAT
 (``torchao.quantization.qat``, Linear only: int8 per-token activations + int8 per-channel weights,
 and weight-only) and the deprecated ``torch.ao.quantization.prepare_qat`` (fbgemm W8A8) as named
-baselines. Every variant is timed in rounds, interleaved, and the median per-step time is divided
-by the plain step's median.
+baselines. Every variant is timed in rounds, interleaved (order reversed every other round); the
+best round's per-step time of each variant is divided by the plain step's best round.
 
 Run: ``PYTHONPATH=. python benchmarks/qat_overhead.py`` (``--quick`` for a < 60 s smoke run).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -121,7 +120,8 @@ def time_variants(variants, x, y, steps: int, rounds: int) -> dict[str, float]:
             start = time.perf_counter()
             run(name, steps)
             samples[name].append((time.perf_counter() - start) / steps)
-    return {n: statistics.median(s) for n, s in samples.items()}
+    # best round per variant: the machine's other load only ever adds time
+    return {n: min(s) for n, s in samples.items()}
 
 
 def format_table(title: str, results: dict[str, dict[str, float]]) -> str:

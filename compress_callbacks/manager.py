@@ -43,10 +43,8 @@ def underlying_optimizer(optimizer: Any) -> Any:
     True
     """
     seen = set()
-    while id(optimizer) not in seen:
+    while id(optimizer) not in seen:  # AcceleratedOptimizer subclasses Optimizer but wraps the real one
         seen.add(id(optimizer))
-        # wrappers may themselves subclass Optimizer (Accelerate's AcceleratedOptimizer does), so
-        # unwrap whenever an inner optimizer exists, not only when the outer one is no Optimizer
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
         if inner is None or not hasattr(inner, "param_groups"):
             break

@@ -211,6 +211,19 @@ def test_to_int8_weight_only_layers_and_mlp(tmp_path):
     assert not any(v.dtype == np.float32 and v.ndim == 2 for v in inits.values())  # no float weight left
 
 
+@pytest.mark.parametrize("weight_dtype", ["int8", "uint8"])
+def test_to_int8_onnxruntime_weight_dtype_override(weight_dtype):
+    torch.manual_seed(6)
+    batches = [torch.randn(16, 32) for _ in range(2)]
+    model = calibrate(make_mlp().eval(), batches, weight_bits=7)  # 7 bits: exact even with int8 on AVX2
+    int8_model = to_int8(model, example_inputs=batches[0], weight_dtype=weight_dtype)
+    assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
+    graph = onnx.load_from_string(int8_model.onnx_model).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    weights = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert {w.dtype for w in weights} == {np.dtype(weight_dtype)}
+
+
 def test_to_int8_inductor_matches_fake_quant():
     torch.manual_seed(3)
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
@@ -232,6 +245,8 @@ def test_export_rejects_models_without_specs_and_bad_arguments(tmp_path):
         to_int8(model, example_inputs=x, backend="tensorrt")
     with pytest.raises(ValueError, match="weight_dtype"):
         export_onnx(model, example_inputs=x, path=tmp_path / "m.onnx", weight_dtype="int4")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        to_int8(model, example_inputs=x, backend="inductor", weight_dtype="int8")
     with pytest.raises(TypeError, match="example_inputs"):
         to_int8(model, example_inputs=[1, 2])
     assert not os.path.exists(tmp_path / "m.onnx")

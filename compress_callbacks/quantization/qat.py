@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
 from ..callback import CompressionCallback
-from ..targets import ModuleSpec, normalize_spec, select_modules
+from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
 from . import fake_quant as FQ
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
@@ -349,14 +349,7 @@ class QuantizationAwareTraining(CompressionCallback):
                 )
             if not module.weight.is_floating_point():
                 raise ValueError(f"`modules`: {name!r} has a {module.weight.dtype} weight; fake-quant needs floats")
-        if optimizer is not None:
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [name for name, module in selected if id(module.weight) not in owned]
-            if missing:
-                raise ValueError(
-                    f"`optimizer` does not own the weights of {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                    "attach the optimizer that trains this model (after accelerator.prepare)"
-                )
+        require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
