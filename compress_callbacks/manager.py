@@ -43,10 +43,10 @@ def underlying_optimizer(optimizer: Any) -> Any:
     True
     """
     seen = set()
-    while id(optimizer) not in seen and not isinstance(optimizer, torch.optim.Optimizer):
+    while id(optimizer) not in seen:  # AcceleratedOptimizer subclasses Optimizer but wraps the real one
         seen.add(id(optimizer))
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+        if inner is None or not hasattr(inner, "param_groups"):
             break
         optimizer = inner
     return optimizer
