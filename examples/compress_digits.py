@@ -234,7 +234,7 @@ def train(
 ) -> History:
     """A plain Accelerate loop: nothing here knows about compression (the manager hooks the optimizer)."""
     history = History()
-    bar = tqdm(total=steps, desc=desc, disable=not (progress and accelerator.is_local_main_process),
+    bar = tqdm(total=steps, desc=desc, disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True, leave=True)
     step = 0
     model.train()
