@@ -198,7 +198,25 @@ class CompressionManager:
         self._log_event("attach", {f"{cb.name}/{k}": v for cb in self.callbacks for k, v in cb.log_values().items()})
 
     # ------------------------------------------------------------------ stepping
-    def _pre_step_hook(self, optimizer, args, kwargs) -> None:
+    def _pre_step_hook(self, optimizer, args, kwargs):
+        # step(closure) (Lightning, LBFGS): gradients exist only once the closure has run inside step
+        # (``args`` may hold the optimizer itself first, which is not callable).
+        index = next((i for i, arg in enumerate(args) if callable(arg)), None)
+        closure = kwargs.get("closure") if index is None else args[index]
+        if not callable(closure):
+            self._before_update(optimizer)
+            return None
+
+        def closure_then_before_update():
+            result = closure()
+            self._before_update(optimizer)
+            return result
+
+        if index is None:
+            return args, {**kwargs, "closure": closure_then_before_update}
+        return (*args[:index], closure_then_before_update, *args[index + 1:]), kwargs
+
+    def _before_update(self, optimizer) -> None:
         if update_was_skipped(optimizer):
             return
         for cb in self.callbacks:

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_TARGET_TYPES",
     "ModuleSpec",
     "normalize_spec",
+    "require_optimizer_owns_weights",
     "select_modules",
     "unwrap_model",
 ]
@@ -123,3 +124,16 @@ def select_modules(
             f"by default every nn.Linear and nn.Conv1d/2d/3d is targeted"
         )
     return chosen
+
+
+def require_optimizer_owns_weights(selected: Sequence[tuple[str, nn.Module]], optimizer) -> None:
+    """Raise ``ValueError`` if ``optimizer`` (when given) does not update every selected ``.weight``."""
+    if optimizer is None:
+        return
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, module in selected if id(module.weight) not in owned]
+    if missing:
+        raise ValueError(
+            f"`optimizer` does not own the weights of {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            "attach the optimizer that trains this model (after accelerator.prepare)"
+        )

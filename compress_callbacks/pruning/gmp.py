@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..callback import CompressionCallback
 from ..schedules import cubic_sparsity, last_grid_point
-from ..targets import ModuleSpec, normalize_spec, select_modules
+from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
 from . import masks as M
 
 __all__ = ["GradualMagnitudePruning"]
@@ -179,14 +179,7 @@ class GradualMagnitudePruning(CompressionCallback):
                         f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
                         f"not a multiple of M={m}; exclude it with `exclude=[{name!r}]`"
                     )
-        if optimizer is not None:
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [name for name, module in selected if id(module.weight) not in owned]
-            if missing:
-                raise ValueError(
-                    f"`optimizer` does not own the weights of {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                    "attach the optimizer that trains this model (after accelerator.prepare)"
-                )
+        require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)

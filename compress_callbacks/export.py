@@ -1,0 +1,562 @@
+"""Take a finalized (QAT) or calibrated (PTQ) model further: int8 for CPU, ONNX with Q/DQ, compact files.
+
+A finalized model is a plain float ``nn.Module`` whose quantized layers carry their specs in
+``model.compress_qparams`` (see :mod:`compress_callbacks.quantization.spec`). Everything here reads
+those specs; nothing is re-estimated, so the int8 model computes what training simulated.
+
+>>> import os, tempfile, torch, torch.nn as nn
+>>> from compress_callbacks.quantization.ptq import calibrate, fake_quantized
+>>> torch.manual_seed(0) and None
+>>> model = calibrate(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), [torch.randn(64, 16)])
+>>> x = torch.randn(8, 16)
+>>> with torch.no_grad(), fake_quantized(model):
+...     reference = model(x)
+>>> int8_model = to_int8(model, example_inputs=x)
+>>> bool((int8_model(x) - reference).abs().max() <= 0.01 * reference.abs().max())
+True
+>>> path = os.path.join(tempfile.mkdtemp(), "model.ccz")
+>>> save_compressed(model, path)
+>>> fresh = load_compressed(path, nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
+>>> torch.equal(fresh(x), model(x)), sorted(fresh.compress_qparams)
+(True, ['0', '2'])
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quantization.ptq import bn_fold_factor, dequantized_weight, folded_conv_bias
+from .quantization.spec import (
+    QPARAMS_ATTR,
+    LayerQuantSpec,
+    get_qparams,
+    qparams_from_state,
+    qparams_to_state,
+    quantize_weight,
+    set_qparams,
+)
+from .targets import unwrap_model
+
+__all__ = [
+    "to_int8",
+    "export_onnx",
+    "save_compressed",
+    "load_compressed",
+    "OnnxRuntimeModule",
+    "InductorInt8Module",
+    "Int8Layer",
+    "FakeQuantLayer",
+    "quantized_copy",
+    "cpu_has_vnni",
+]
+
+ONNX_OPSET = 17
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantized graph in float: BN folded, weights and inputs fake-quantized with the specs
+
+
+class FakeQuantLayer(nn.Module):
+    """A Linear/Conv whose weight and input pass through fake-quant with fixed (learned) qparams.
+
+    Traced by ``torch.onnx.export`` this becomes QuantizeLinear/DequantizeLinear around the layer.
+    The weight it holds is already on its grid (``codes * scale``), so fake-quant is exact on it.
+
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> layer.weight.data = torch.tensor([[0.5, -0.26]])
+    >>> spec = LayerQuantSpec(weight_bits=2, weight_scale=torch.tensor([0.5]), activation_bits=8,
+    ...                       input_scale=0.1, input_zero_point=0)
+    >>> FakeQuantLayer(layer, spec)(torch.tensor([[1.04, 1.0]])).tolist()   # x -> [1.0, 1.0], w -> [0.5, -0.5]
+    [[0.0]]
+    """
+
+    def __init__(self, layer: nn.Module, spec: LayerQuantSpec, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        weight = layer.weight.detach()
+        codes = quantize_weight(weight, spec)
+        self.register_buffer("weight_scale", spec.weight_scale.to(weight.device, torch.float32).clone())
+        self.register_buffer("weight_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32, device=weight.device))
+        with torch.no_grad():
+            layer.weight.copy_(dequantized_weight(codes, spec).to(weight.dtype))
+            if bias is not None:
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(bias.to(weight.dtype))
+                else:
+                    layer.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if not spec.weight_only:
+            x = torch.fake_quantize_per_tensor_affine(
+                x, spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax
+            )
+        weight = torch.fake_quantize_per_channel_affine(
+            self.layer.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127
+        )
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _require_qparams(model: nn.Module, function: str) -> dict[str, LayerQuantSpec]:
+    qparams = get_qparams(unwrap_model(model))
+    if not qparams:
+        raise ValueError(
+            f"`model` has no quantization specs (`compress_qparams`): {function} needs a model finalized "
+            "after QuantizationAwareTraining, or one calibrated with "
+            "compress_callbacks.quantization.ptq.calibrate(model, batches)"
+        )
+    return qparams
+
+
+def quantized_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with BatchNorms folded into their convs and every spec'd layer a ``FakeQuantLayer``.
+
+    Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold).
+    """
+    qparams = _require_qparams(model, "quantized_copy")
+    root = copy.deepcopy(unwrap_model(model)).eval()
+    root.__dict__.pop(QPARAMS_ATTR, None)
+    for name, spec in qparams.items():
+        layer = root.get_submodule(name)
+        bias = None
+        if spec.bn is not None:
+            bn = root.get_submodule(spec.bn)
+            factor = bn_fold_factor(bn).to(layer.weight.device)
+            with torch.no_grad():
+                layer.weight.mul_(factor.reshape((-1,) + (1,) * (layer.weight.dim() - 1)).to(layer.weight.dtype))
+            bias = folded_conv_bias(layer, bn)
+            _set_submodule(root, spec.bn, nn.Identity())
+        _set_submodule(root, name, FakeQuantLayer(layer, spec, bias))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
+    """Replace ``QuantizeLinear(float initializer)`` by an integer initializer feeding its DequantizeLinear.
+
+    ``weight_dtype="uint8"`` stores the same grid shifted by 128 (codes + 128, zero point 128).
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = onnx_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    constants = {
+        node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+        for node in graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    }
+
+    aliases = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Identity"}
+
+    def value(name):
+        while name in aliases:  # the exporter shares equal initializers through Identity nodes
+            name = aliases[name]
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        return constants.get(name)
+
+    removed = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
+            continue
+        weight, scale, zero_point = value(node.input[0]), value(node.input[1]), value(node.input[2])
+        if scale is None or zero_point is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim == 1:
+            shape[axis] = -1
+        info = np.iinfo(zero_point.dtype)
+        codes = np.clip(np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape), info.min, info.max)
+        name = node.input[0] + "_quantized"
+        if weight_dtype == "uint8" and zero_point.dtype == np.int8:
+            codes, zero_point = codes + 128, zero_point.astype(np.int32) + 128
+        dtype = np.uint8 if weight_dtype == "uint8" else zero_point.dtype
+        graph.initializer.append(numpy_helper.from_array(codes.astype(dtype), name))
+        zp_name = name + "_zero_point"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(zero_point).astype(dtype), zp_name))
+        for consumer in graph.node:
+            if consumer.op_type == "DequantizeLinear" and consumer.input[0] == node.output[0]:
+                consumer.input[0] = name
+                consumer.input[2] = zp_name
+        removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    used = {inp for node in graph.node for inp in node.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type in ("Constant", "Identity") and n.output[0] not in used]:
+        graph.node.remove(node)
+    used = {inp for node in graph.node for inp in node.input} | {o.name for o in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+
+
+def _onnx_bytes(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8") -> bytes:
+    import onnx
+
+    inputs = _as_tuple(example_inputs)
+    graph_model = quantized_copy(model)
+    with torch.no_grad():
+        outputs = graph_model(*inputs)
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    input_names = [f"input_{i}" for i in range(len(inputs))]
+    output_names = [f"output_{i}" for i in range(n_out)]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated in favour of dynamo; it is the one
+        warnings.simplefilter("ignore", DeprecationWarning)  # that maps fake-quant ops to Q/DQ directly
+        torch.onnx.export(
+            graph_model,
+            inputs,
+            buffer,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
+            do_constant_folding=True,
+        )
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    _fold_weight_quantizers(onnx_model, weight_dtype)
+    return onnx_model.SerializeToString()
+
+
+def export_onnx(model: nn.Module, *, example_inputs: Any, path: str | os.PathLike, weight_dtype: str = "int8") -> str:
+    """Write an ONNX file (opset 17) with QuantizeLinear/DequantizeLinear nodes and return its path.
+
+    Weights are int8 initializers (per-channel scales) feeding DequantizeLinear; each quantized layer's
+    input goes through QuantizeLinear/DequantizeLinear with its learned scale and zero point; a
+    BatchNorm folded in training is folded into its conv. The batch dimension is dynamic. Uses the
+    TorchScript exporter (``dynamo=False``): fast, and it maps the fake-quant ops to Q/DQ directly.
+    ``weight_dtype="uint8"`` stores the same weight grid as uint8 codes + 128 (zero point 128), which
+    x86 CPUs without VNNI run without u8 x s8 saturation. Raises ``ValueError`` for a model without
+    specs (quantize it with ``calibrate`` first).
+    """
+    if weight_dtype not in ("int8", "uint8"):
+        raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
+    _require_qparams(model, "export_onnx")
+    data = _onnx_bytes(model, example_inputs, weight_dtype=weight_dtype)
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ONNX Runtime CPU session behind an ``nn.Module`` interface (tensors in, tensors out).
+
+    Outputs come back on the device of the first input. Picklable: the session is rebuilt from the
+    stored model bytes.
+
+    >>> import onnx
+    >>> from onnx import helper, TensorProto
+    >>> graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    >>> module = OnnxRuntimeModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    >>> module(torch.tensor([-1.0, 2.0])).tolist()
+    [0.0, 2.0]
+    """
+
+    def __init__(self, onnx_model: bytes, num_threads: int | None = None):
+        super().__init__()
+        self.onnx_model = onnx_model
+        self.num_threads = num_threads
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = self.num_threads or torch.get_num_threads()
+            self._session = ort.InferenceSession(self.onnx_model, options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_session"] = None
+        return state
+
+    def forward(self, *inputs: torch.Tensor):
+        session = self.session
+        feeds = {
+            meta.name: x.detach().cpu().contiguous().numpy() for meta, x in zip(session.get_inputs(), inputs)
+        }
+        outputs = [torch.from_numpy(o).to(inputs[0].device) for o in session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 model
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX512-VNNI / AVX-VNNI / AMX) int8 dot products (Linux: /proc/cpuinfo).
+
+    Without VNNI, x86 u8 x s8 kernels (ONNX Runtime's and oneDNN's) add pairs of products in int16 and
+    can saturate when activation codes near 255 meet weight codes near +-127.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
+class Int8Layer(nn.Module):
+    """A Linear/Conv over int8 weight codes, in the quantize/dequantize form Inductor lowers to int8 kernels.
+
+    The input is quantized/dequantized per tensor with the learned range (skipped when weight-only),
+    the weight dequantized per channel from its int8 codes; under ``torch.compile`` with
+    ``freezing=True`` Inductor's x86 passes fuse the pattern into oneDNN ``qlinear`` / ``qconv``.
+    Eager, it computes the fake-quant layer (slowly).
+
+    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.01]))
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> layer.weight.data = torch.tensor([[0.5, -0.25]])
+    >>> int8 = Int8Layer(FakeQuantLayer(layer, spec))
+    >>> int8.codes.tolist(), int8(torch.tensor([[2.0, 4.0]])).tolist()
+    ([[50, -25]], [[0.0]])
+    """
+
+    def __init__(self, fake_quant: FakeQuantLayer):
+        super().__init__()
+        import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+
+        layer, spec = fake_quant.layer, fake_quant.spec
+        self.spec = spec
+        self.register_buffer("codes", quantize_weight(layer.weight.detach(), spec))
+        self.register_buffer("weight_scale", fake_quant.weight_scale.clone())
+        self.register_buffer("weight_zero_point", torch.zeros_like(fake_quant.weight_zero_point, dtype=torch.int64))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+        self.linear = isinstance(layer, nn.Linear)
+        self.conv = None
+        if not self.linear:
+            self.conv = copy.copy(layer)  # keeps stride/padding/... ; its weight is not used
+            self.conv._parameters = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        spec = self.spec
+        if not spec.weight_only:
+            args = (spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax, torch.uint8)
+            x = ops.dequantize_per_tensor.default(ops.quantize_per_tensor.default(x, *args), *args)
+        weight = ops.dequantize_per_channel.default(
+            self.codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
+        )
+        if self.linear:
+            return F.linear(x, weight, self.bias)
+        return self.conv._conv_forward(x, weight, self.bias)
+
+
+class InductorInt8Module(nn.Module):
+    """``torch.compile`` (Inductor, ``freezing=True``) of a model made of ``Int8Layer``; runs under ``no_grad``.
+
+    Compiles on the first call for each new input shape (tens of seconds), so build it with
+    ``to_int8(..., backend="inductor")``, which makes that first call on ``example_inputs``.
+
+    >>> InductorInt8Module(nn.Identity()).graph_model
+    Identity()
+    """
+
+    def __init__(self, graph_model: nn.Module):
+        super().__init__()
+        self.graph_model = graph_model
+        self.compiled = torch.compile(graph_model)
+
+    def forward(self, *inputs):
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return self.compiled(*inputs)
+
+
+def _int8_layers_copy(model: nn.Module) -> nn.Module:
+    root = quantized_copy(model)
+    for name, module in list(root.named_modules()):
+        if isinstance(module, FakeQuantLayer):
+            _set_submodule(root, name, Int8Layer(module))
+    return root
+
+
+BACKENDS = ("onnxruntime", "inductor")
+
+
+def to_int8(
+    model: nn.Module, *, example_inputs: Any, backend: str = "onnxruntime", weight_dtype: str | None = None
+) -> nn.Module:
+    """A real int8 model for CPU inference that computes with the learned scales (static quantization).
+
+    ``backend="onnxruntime"`` (default): the Q/DQ graph of ``export_onnx`` in an ONNX Runtime session
+    wrapped as an ``nn.Module``; ORT's QDQ fusion runs int8 GEMM/conv kernels (QGemm, QLinearConv,
+    ...). Where the CPU lacks VNNI, weights are stored as uint8 (codes + 128, same grid) so the u8 x u8
+    kernels cannot saturate; with VNNI they stay int8. ``weight_dtype="int8"`` / ``"uint8"`` overrides that
+    choice (int8 is about 25% faster without VNNI, at the price of occasional saturation).
+
+    ``backend="inductor"``: the same quantize/dequantize pattern in PyTorch ops, compiled by Inductor
+    with freezing into oneDNN ``qlinear``/``qconv`` (first call compiles: tens of seconds). Without VNNI,
+    oneDNN's u8 x s8 kernels may saturate for 8-bit weights (use 7 bits or fewer to be exact).
+
+    Every spec is used as is: weights per output channel (int8 codes), inputs per tensor with the
+    learned scale / zero point; weight-only layers get int8 weights and float compute; layers without
+    a spec and BatchNorms not folded in training stay float. Zeros from pruning stay zero (code 0).
+    A model without specs raises ``ValueError``: quantize it first with
+    ``compress_callbacks.quantization.ptq.calibrate(model, batches)`` (post-training, static).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if weight_dtype not in (None, "int8", "uint8") or (weight_dtype is not None and backend != "onnxruntime"):
+        raise ValueError(f"`weight_dtype` must be None, 'int8' or 'uint8' (onnxruntime backend only), got {weight_dtype!r}")
+    qparams = _require_qparams(model, "to_int8")
+    inputs = _as_tuple(example_inputs)
+    if backend == "onnxruntime":
+        weight_dtype = weight_dtype or ("int8" if cpu_has_vnni() else "uint8")
+        return OnnxRuntimeModule(_onnx_bytes(model, inputs, weight_dtype=weight_dtype)).eval()
+    if not cpu_has_vnni() and any(spec.weight_bits == 8 for spec in qparams.values()):
+        warnings.warn(
+            "to_int8(backend='inductor'): this CPU has no VNNI, so oneDNN's u8 x s8 kernels may saturate with "
+            "8-bit weights and the outputs drift from the fake-quant model; backend='onnxruntime' is exact here",
+            stacklevel=2,
+        )
+    int8_model = InductorInt8Module(_int8_layers_copy(model).eval()).eval()
+    int8_model(*inputs)  # compile now, not on the user's first batch
+    return int8_model
+
+
+# ---------------------------------------------------------------------------------------------
+# compact checkpoints
+
+_FORMAT = "compress_callbacks.compressed/1"
+
+
+def _pack_tensor(tensor: torch.Tensor, spec: LayerQuantSpec | None) -> dict[str, Any]:
+    """int8 codes (if spec) and/or sparse storage (bitmask + non-zero values) for one weight."""
+    tensor = tensor.detach().cpu()
+    entry: dict[str, Any] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    values = quantize_weight(tensor, spec) if spec is not None else tensor
+    if spec is not None and spec.bn is None:
+        entry["kind"] = "int8"
+    elif spec is not None:
+        entry["kind"] = "int8_bn"  # codes of the folded weight; stored weight = codes * scale / factor
+    else:
+        entry["kind"] = "float"
+    flat = values.reshape(-1)
+    nonzero = flat != 0
+    if int(nonzero.sum()) * 8 < flat.numel() * 7:  # sparse storage pays off once >1/8 zeros
+        entry["mask"] = _pack_bits(nonzero)
+        entry["values"] = flat[nonzero].clone()
+    else:
+        entry["values"] = values.clone()
+    return entry
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    padded = F.pad(mask.to(torch.uint8), (0, (-mask.numel()) % 8)).reshape(-1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (padded * weights).sum(dim=1).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def _unpack_tensor(entry: dict[str, Any]) -> torch.Tensor:
+    shape = entry["shape"]
+    values = entry["values"]
+    if "mask" in entry:
+        numel = 1
+        for size in shape:
+            numel *= size
+        dense = torch.zeros(numel, dtype=values.dtype)
+        dense[_unpack_bits(entry["mask"], numel)] = values
+        values = dense
+    return values.reshape(shape)
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write a compact checkpoint: int8 codes + scales for quantized weights, sparse tensors without zeros.
+
+    A weight with more than 1/8 zeros is stored as a bitmask and its non-zero values. Other entries of
+    the ``state_dict`` are stored as they are. The file is a ``torch.save`` of plain tensors and dicts
+    (loadable with ``weights_only=True``).
+    """
+    root = unwrap_model(model)
+    qparams = get_qparams(root)
+    state = root.state_dict()
+    weight_specs = {f"{name}.weight": spec for name, spec in qparams.items()}
+    tensors = {}
+    for key, tensor in state.items():
+        spec = weight_specs.get(key)
+        if spec is not None and spec.bn is not None:
+            factor = bn_fold_factor(root.get_submodule(spec.bn)).cpu()
+            tensor = tensor.detach().cpu().float() * factor.reshape((-1,) + (1,) * (tensor.dim() - 1))
+        tensors[key] = _pack_tensor(tensor, spec) if tensor.is_floating_point() else {"values": tensor.detach().cpu().clone(), "kind": "raw"}
+    torch.save({"format": _FORMAT, "tensors": tensors, "qparams": qparams_to_state(qparams)}, os.fspath(path))
+
+
+def load_compressed(path: str | os.PathLike, fresh_model: nn.Module) -> nn.Module:
+    """Load a ``save_compressed`` file into ``fresh_model`` (same architecture), strictly; returns it.
+
+    The result computes the same float outputs as the saved model and carries its ``compress_qparams``.
+    """
+    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"`path`: {os.fspath(path)!r} is not a save_compressed file")
+    root = unwrap_model(fresh_model)
+    qparams = qparams_from_state(payload["qparams"])
+    weight_specs = {f"{name}.weight": spec for name, spec in qparams.items()}
+    state = {}
+    for key, entry in payload["tensors"].items():
+        if entry["kind"] == "raw":
+            state[key] = entry["values"]
+            continue
+        tensor = _unpack_tensor(entry)
+        if entry["kind"] in ("int8", "int8_bn"):
+            tensor = dequantized_weight(tensor, weight_specs[key])
+        state[key] = tensor.to(getattr(torch, entry["dtype"]))
+    # a folded conv's weight is stored as codes * scale / bn_factor: needs the BN's loaded statistics
+    for key, entry in payload["tensors"].items():
+        if entry["kind"] == "int8_bn":
+            spec = weight_specs[key]
+            bn_state = {k.removeprefix(spec.bn + "."): v for k, v in state.items() if k.startswith(spec.bn + ".")}
+            bn = copy.deepcopy(root.get_submodule(spec.bn))
+            bn.load_state_dict(bn_state)
+            factor = bn_fold_factor(bn).reshape((-1,) + (1,) * (state[key].dim() - 1))
+            state[key] = (state[key].float() / factor).to(state[key].dtype)  # as QAT's finalize: q(w f) / f
+    root.load_state_dict(state, strict=True)
+    set_qparams(root, qparams)
+    return fresh_model

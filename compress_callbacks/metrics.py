@@ -1,0 +1,131 @@
+"""torchmetrics ``Metric``s for compressed training: teacher-student agreement and weight sparsity.
+
+Both keep their state as sums (``dist_reduce_fx="sum"``), so ``compute()`` gives the same,
+all-rank answer on every DDP rank.
+
+>>> import torch, torch.nn as nn
+>>> agreement = TeacherStudentAgreement()
+>>> agreement.update(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+>>> float(agreement.compute()["agreement"])
+0.5
+>>> model = nn.Linear(4, 2)
+>>> with torch.no_grad():
+...     model.weight[0] = 0.0
+>>> sparsity = Sparsity()
+>>> sparsity.update(model)
+>>> float(sparsity.compute())
+0.5
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from .targets import DEFAULT_TARGET_TYPES, ModuleSpec, normalize_spec, select_modules, unwrap_model
+
+__all__ = ["Sparsity", "TeacherStudentAgreement"]
+
+
+class TeacherStudentAgreement(Metric):
+    """Top-1 agreement and mean ``KL(p_teacher || p_student)`` per sample, over ``[..., V]`` logits.
+
+    Args:
+        temperature: softening temperature for the KL (1.0: the models' own distributions).
+
+    ``update(student_logits, teacher_logits, mask=None)``: ``mask`` (shape of the logits without
+    the class dim, non-zero = counted) drops padding or ignored positions. ``compute()`` returns
+    ``{"agreement": fraction of positions with the same argmax, "kl": mean KL per position}``.
+
+    >>> import torch
+    >>> metric = TeacherStudentAgreement()
+    >>> logits = torch.randn(8, 5)
+    >>> metric.update(logits, logits)
+    >>> {k: round(float(v), 4) for k, v in metric.compute().items()}
+    {'agreement': 1.0, 'kl': 0.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, temperature: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.add_state("agree", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("kl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"`student_logits` {tuple(student_logits.shape)} and `teacher_logits` {tuple(teacher_logits.shape)} differ"
+            )
+        student = student_logits.detach().float().reshape(-1, student_logits.shape[-1])
+        teacher = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
+        if mask is None:
+            keep = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+        else:
+            if mask.shape != student_logits.shape[:-1]:
+                raise ValueError(f"`mask` must have shape {tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}")
+            keep = mask.reshape(-1) != 0
+        log_p_student = F.log_softmax(student / self.temperature, dim=-1)
+        log_p_teacher = F.log_softmax(teacher / self.temperature, dim=-1)
+        kl_rows = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+        same = student.argmax(-1) == teacher.argmax(-1)
+        self.agree += (same & keep).sum().to(self.agree.dtype)
+        self.kl_sum += (kl_rows * keep).sum().to(self.kl_sum.dtype)
+        self.count += keep.sum().to(self.count.dtype)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        count = self.count.clamp(min=1)
+        return {"agreement": self.agree / count, "kl": self.kl_sum / count}
+
+
+class Sparsity(Metric):
+    """Fraction of exact zeros over the weights of the selected modules of a model.
+
+    Args:
+        modules, exclude: as everywhere in the package (names, ``re:`` regexes, module types, on
+            the unwrapped model); ``modules=None`` means every ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+
+    ``update(model)`` counts zeros and elements of each selected ``.weight``; ``compute()`` is
+    zeros / elements over every update since the last ``reset()``.
+
+    >>> import torch.nn as nn
+    >>> metric = Sparsity(modules=["0"])
+    >>> metric.update(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
+    >>> float(metric.compute()) < 0.5
+    True
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, modules: ModuleSpec = None, exclude: ModuleSpec = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.modules_spec = normalize_spec(modules, argument="modules") or None
+        self.exclude_spec = normalize_spec(exclude, argument="exclude") or None
+        self.add_state("zeros", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        root = unwrap_model(model)
+        if self.modules_spec is None and isinstance(root, DEFAULT_TARGET_TYPES):
+            selected = [("", root)]  # a bare layer: the named-module search skips the root
+        else:
+            selected = select_modules(root, modules=self.modules_spec, exclude=self.exclude_spec)
+        for _, module in selected:
+            weight = module.weight.detach()
+            self.zeros += (weight == 0).sum().to(device=self.zeros.device, dtype=self.zeros.dtype)
+            self.total += weight.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.zeros / self.total.clamp(min=1)

@@ -1,0 +1,230 @@
+"""Post-training quantization: specs from a float model and a few calibration batches.
+
+``calibrate`` gives a float model the same form that ``QuantizationAwareTraining`` leaves after
+``finalize`` (see :mod:`compress_callbacks.quantization.spec`): weights snapped to a per-channel
+symmetric grid (BN-folded for a Conv that feeds a BatchNorm), input ranges from min/max over the
+batches, and ``model.compress_qparams``. It is the no-training baseline for QAT, and a way to use
+:mod:`compress_callbacks.export` without QAT. ``fake_quantized`` runs such a model as the
+fake-quant model computes it (inputs quantized with the stored ranges), the reference that every
+int8 backend is compared with.
+
+>>> import torch, torch.nn as nn
+>>> torch.manual_seed(0) and None
+>>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+>>> batches = [torch.randn(8, 1, 6, 6) for _ in range(2)]
+>>> model = calibrate(model.eval(), batches)
+>>> sorted(model.compress_qparams), model.compress_qparams["0"].bn
+(['0', '4'], '1')
+>>> with torch.no_grad(), fake_quantized(model):
+...     simulated = model(batches[0])
+>>> bool((simulated - model(batches[0])).abs().max() < 0.1)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..targets import ModuleSpec, select_modules, unwrap_model
+from . import fake_quant as FQ
+from .spec import LayerQuantSpec, get_qparams, set_qparams
+
+__all__ = [
+    "calibrate",
+    "fake_quantized",
+    "bn_fold_factor",
+    "folded_conv_bias",
+    "dequantized_weight",
+]
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def bn_fold_factor(bn: nn.Module) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)`` of an eval BatchNorm module (float32, one per channel)."""
+    gamma = bn.weight.detach().float() if bn.weight is not None else None
+    return FQ.bn_scale_factor(gamma, bn.running_var.float(), bn.eps)
+
+
+def folded_conv_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """Bias of the single conv equal to ``bn(conv(x))`` in eval."""
+    factor = bn_fold_factor(bn)
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(factor)
+    shift = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(factor)
+    return (bias - bn.running_mean.float()) * factor + shift
+
+
+def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """``codes * weight_scale`` per output channel, in float32.
+
+    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
+    >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
+    [[1.0, -0.5], [0.25, 31.75]]
+    """
+    return codes.float() * _channel_view(spec.weight_scale.float(), codes)
+
+
+def _channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return vector.to(like.device).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _spec_for(module: nn.Module, bn: nn.Module | None, bn_name: str | None, weight_bits: int) -> LayerQuantSpec:
+    weight = module.weight.detach().float()
+    grid_weight = weight * _channel_view(bn_fold_factor(bn), weight) if bn is not None else weight
+    scale = FQ.per_channel_weight_scale(grid_weight, weight_bits)
+    return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name)
+
+
+def _snap_weight(module: nn.Module, spec: LayerQuantSpec, bn: nn.Module | None) -> None:
+    """Store the weight on its grid, as QAT's ``finalize`` does (``q(w * f) / f`` for a folded conv)."""
+    weight = module.weight.detach().float()
+    if bn is None:
+        on_grid = FQ.fake_quantize_weight(weight, spec.weight_bits)
+    else:
+        on_grid = FQ.fold_bn_fake_quantize_weight(weight, bn_fold_factor(bn).to(weight.device), spec.weight_bits)
+    with torch.no_grad():
+        module.weight.copy_(on_grid.to(module.weight.dtype))
+
+
+def _first_tensor(args: Any) -> torch.Tensor | None:
+    first = args[0] if isinstance(args, tuple) and args else args
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]):
+    """Run the batches once; return input min/max per layer and the conv -> BatchNorm edges seen."""
+    ranges: dict[str, list[float]] = {}
+    producer: dict[int, str] = {}
+    conv_to_bn: dict[str, set[str]] = {}
+    handles = []
+
+    def on_input(name):
+        def hook(_module, args):
+            x = _first_tensor(args)
+            if x is not None and x.numel():
+                low, high = float(x.detach().min()), float(x.detach().max())
+                old = ranges.get(name, [low, high])
+                ranges[name] = [min(old[0], low), max(old[1], high)]
+        return hook
+
+    def on_conv_output(name):
+        def hook(_module, _args, out):
+            producer[id(out)] = name
+        return hook
+
+    def on_bn_input(name):
+        def hook(_module, args):
+            x = _first_tensor(args)
+            if x is not None and id(x) in producer:
+                conv_to_bn.setdefault(producer[id(x)], set()).add(name)
+        return hook
+
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(on_input(name)))
+        if isinstance(module, _CONV_TYPES):
+            handles.append(module.register_forward_hook(on_conv_output(name)))
+    for name, module in model.named_modules():
+        if isinstance(module, _BN_TYPES):
+            handles.append(module.register_forward_pre_hook(on_bn_input(name)))
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                producer.clear()
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError("`batches`: expected at least one calibration batch, got none")
+    edges = {conv: next(iter(bns)) for conv, bns in conv_to_bn.items() if len(bns) == 1}
+    return ranges, edges
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    weight_bits: int = 8,
+    activation_bits: int | None = 8,
+    *,
+    modules: ModuleSpec = None,
+    exclude: ModuleSpec = None,
+    fold_bn: bool = True,
+) -> nn.Module:
+    """Post-training quantization, in place: snap weights, record input ranges, attach the specs.
+
+    ``batches``: an iterable of model inputs (a tensor, a tuple of positional arguments or a dict of
+    keyword arguments). The model is run in eval mode. Weights: per output channel, symmetric,
+    ``max|w|`` scales (zeros stay zero). Inputs: per tensor, affine uint8 over the observed min/max
+    (``activation_bits=None``: weight-only). A Conv whose output is the input of a single BatchNorm
+    is quantized BN-folded (``fold_bn=False`` turns that off). Returns the (unwrapped) model.
+    """
+    if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
+        raise ValueError(f"`weight_bits` must be an int in 2..8, got {weight_bits!r}")
+    if activation_bits not in (8, None):
+        raise ValueError(f"`activation_bits` must be 8 or None, got {activation_bits!r}")
+    root = unwrap_model(model)
+    layers = dict(select_modules(root, modules=modules, exclude=exclude))
+    was_training = root.training
+    root.eval()
+    try:
+        ranges, edges = _observe(root, layers, batches)
+    finally:
+        root.train(was_training)
+    named = dict(root.named_modules())
+    qparams = get_qparams(root)
+    for name, module in layers.items():
+        bn_name = edges.get(name) if fold_bn else None
+        bn = named[bn_name] if bn_name is not None else None
+        spec = _spec_for(module, bn, bn_name, weight_bits)
+        if activation_bits is not None and name in ranges:
+            low, high = (torch.tensor(v) for v in ranges[name])
+            scale, zero_point = FQ.activation_qparams(low, high, spec.activation_qmin, spec.activation_qmax)
+            spec.activation_bits = activation_bits
+            spec.input_scale, spec.input_zero_point = float(scale), int(zero_point)
+        _snap_weight(module, spec, bn)
+        qparams[name] = spec
+    set_qparams(root, qparams)
+    return root
+
+
+@contextlib.contextmanager
+def fake_quantized(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, each quantized layer's input is fake-quantized with its stored range.
+
+    With weights already on their grid (a finalized or calibrated model), this is what the
+    fake-quant model computes in eval: the reference for int8 backends.
+    """
+    root = unwrap_model(model)
+    named = dict(root.named_modules())
+    handles = []
+
+    def hook_for(spec: LayerQuantSpec):
+        def hook(_module, args):
+            x = args[0]
+            q = torch.fake_quantize_per_tensor_affine(
+                x.float(), spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax
+            ).to(x.dtype)
+            return (q,) + tuple(args[1:])
+        return hook
+
+    for name, spec in get_qparams(root).items():
+        if not spec.weight_only:
+            handles.append(named[name].register_forward_pre_hook(hook_for(spec)))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,319 @@
+"""YAML recipes: a compression plan as a short file people share, version and review.
+
+A recipe names callback classes and their keyword arguments (exactly the constructor's names)::
+
+    version: 1
+    callbacks:
+      GradualMagnitudePruning:
+        target_sparsity: 0.9
+        start_step: 100
+        end_step: 1000
+        update_every: 50
+        exclude: ["classifier", "type:torch.nn.Conv1d"]
+      QuantizationAwareTraining:
+        start_step: 800
+
+``callbacks`` is a mapping (class name -> keyword arguments, run in file order) or, to use two
+callbacks of one class, a list of one-key mappings (``- GradualMagnitudePruning: {...}``). Module
+types in ``modules`` / ``exclude`` are written ``"type:<module path>.<class name>"``. Every key is
+checked against the constructor's signature and type hints, then the constructor's own checks run;
+an error names the key's path (``callbacks.GradualMagnitudePruning.end_step: ...``).
+
+>>> from compress_callbacks import CompressionManager
+>>> manager = CompressionManager.from_recipe('''
+... callbacks:
+...   GradualMagnitudePruning: {target_sparsity: 0.5, start_step: 0, end_step: 10}
+... ''')
+>>> manager.callbacks[0].target_sparsity
+0.5
+>>> manager.to_recipe()["callbacks"]["GradualMagnitudePruning"]["end_step"]
+10
+>>> callbacks_from_recipe({"callbacks": {"GradualMagnitudePruning": {"target_sparsity": 0.5, "start_step": 5, "end_step": 5}}})
+Traceback (most recent call last):
+...
+ValueError: callbacks.GradualMagnitudePruning.end_step: `end_step` (5) must be > `start_step` (5)
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import importlib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .callback import CompressionCallback
+
+__all__ = [
+    "RECIPE_VERSION",
+    "TYPE_PREFIX",
+    "callback_class",
+    "callbacks_from_recipe",
+    "callbacks_to_recipe",
+    "load_recipe",
+    "register_callback",
+]
+
+RECIPE_VERSION = 1
+TYPE_PREFIX = "type:"
+TOP_LEVEL_KEYS = ("version", "callbacks")
+
+# class name -> module defining it (imported only when a recipe names the class)
+_BUILTIN_CALLBACKS = {
+    "GradualMagnitudePruning": "compress_callbacks.pruning",
+    "QuantizationAwareTraining": "compress_callbacks.quantization",
+}
+_REGISTERED: dict[str, type] = {}
+
+
+# ------------------------------------------------------------------------------------ registry
+def register_callback(cls: type, name: str | None = None) -> type:
+    """Make a custom :class:`CompressionCallback` usable in recipes under ``name`` (default: its class name).
+
+    Usable as a decorator. Its ``config()`` must return the constructor's keyword arguments.
+
+    >>> @register_callback
+    ... class Noop(CompressionCallback):
+    ...     def __init__(self, every: int = 1):
+    ...         super().__init__()
+    ...         self.every = every
+    ...     def config(self):
+    ...         return {"every": self.every}
+    >>> callbacks_from_recipe({"callbacks": {"Noop": {"every": 3}}})[0].every
+    3
+    """
+    if not (isinstance(cls, type) and issubclass(cls, CompressionCallback)):
+        raise TypeError(f"`cls` must be a CompressionCallback subclass, got {cls!r}")
+    _REGISTERED[name or cls.__name__] = cls
+    return cls
+
+
+def callback_class(name: str) -> type:
+    """The callback class a recipe calls ``name``."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN_CALLBACKS:
+        return getattr(importlib.import_module(_BUILTIN_CALLBACKS[name]), name)
+    known = sorted(set(_BUILTIN_CALLBACKS) | set(_REGISTERED))
+    raise ValueError(f"unknown callback {name!r}; known: {', '.join(known)} (add your own with register_callback)")
+
+
+# ------------------------------------------------------------------------------------ module types
+def type_to_string(cls: type) -> str:
+    """``nn.Linear`` -> ``"type:torch.nn.Linear"`` (the shortest already-imported path that resolves).
+
+    >>> type_to_string(nn.Conv2d)
+    'type:torch.nn.Conv2d'
+    """
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and _resolve_attr(module, cls.__qualname__) is cls:
+            return f"{TYPE_PREFIX}{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{TYPE_PREFIX}{cls.__module__}.{cls.__qualname__}"
+
+
+def string_to_type(text: str, *, path: str = "") -> type:
+    """``"type:torch.nn.Linear"`` -> ``nn.Linear`` (must name an ``nn.Module`` subclass).
+
+    >>> string_to_type("type:torch.nn.Linear") is nn.Linear
+    True
+    """
+    dotted = text[len(TYPE_PREFIX):]
+    parts = dotted.split(".")
+    found: Any = None
+    for i in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found = _resolve_attr(module, ".".join(parts[i:]))
+        break
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ValueError(f"{path}: {text!r} does not name an nn.Module subclass (write 'type:torch.nn.Linear')")
+    return found
+
+
+def _resolve_attr(obj: Any, qualname: str) -> Any:
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _decode_types(value: Any, path: str) -> Any:
+    if isinstance(value, str) and value.startswith(TYPE_PREFIX):
+        return string_to_type(value, path=path)
+    if isinstance(value, list):
+        return [_decode_types(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _encode_types(value: Any) -> Any:
+    if isinstance(value, type):
+        return type_to_string(value)
+    if isinstance(value, (list, tuple)):
+        return [_encode_types(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------ type checks
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (YAML data, module types decoded) fits the type hint ``hint``."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if hint is type or origin is type:
+        return isinstance(value, type)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(hint)
+        return f"list of ({_describe(args[0])})" if args else "list"
+    if hint is type or origin is type:
+        return "'type:...' module type"
+    if hint is None or hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+# ------------------------------------------------------------------------------------ reading
+def load_recipe(recipe: dict | str | Path) -> dict[str, Any]:
+    """A recipe as a dict, from a dict, YAML text or a path to a YAML file."""
+    import yaml
+
+    if isinstance(recipe, dict):
+        return recipe
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and os.path.isfile(recipe)):
+        with open(recipe, encoding="utf-8") as handle:
+            text = handle.read()
+    elif isinstance(recipe, str):
+        text = recipe
+    else:
+        raise TypeError(f"`recipe` must be a dict, YAML text or a path, got {type(recipe).__name__}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"`recipe` is not valid YAML: {err}") from None
+    if isinstance(data, str) or data is None:
+        raise FileNotFoundError(f"`recipe`: {recipe!r} is neither an existing file nor YAML recipe text")
+    if not isinstance(data, dict):
+        raise TypeError(f"recipe: the top level must be a mapping with key 'callbacks', got {type(data).__name__}")
+    return data
+
+
+def _entries(callbacks: Any) -> list[tuple[str, str, Any]]:
+    """``(path, class name, kwargs)`` for each callback of the ``callbacks`` section."""
+    if isinstance(callbacks, dict):
+        return [(f"callbacks.{name}", name, kwargs) for name, kwargs in callbacks.items()]
+    if isinstance(callbacks, list):
+        out = []
+        for i, item in enumerate(callbacks):
+            if not (isinstance(item, dict) and len(item) == 1):
+                raise TypeError(f"callbacks[{i}]: expected a one-key mapping `ClassName: {{kwargs}}`, got {item!r}")
+            ((name, kwargs),) = item.items()
+            out.append((f"callbacks[{i}].{name}", name, kwargs))
+        return out
+    raise TypeError(f"callbacks: expected a mapping (or a list of one-key mappings), got {type(callbacks).__name__}")
+
+
+def _build(path: str, name: str, kwargs: Any) -> CompressionCallback:
+    if not isinstance(name, str):
+        raise TypeError(f"{path}: callback names must be strings, got {name!r}")
+    try:
+        cls = callback_class(name)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{path}: expected a mapping of keyword arguments, got {type(kwargs).__name__}")
+    signature = inspect.signature(cls.__init__)
+    parameters = {
+        n: p for n, p in list(signature.parameters.items())[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    hints = typing.get_type_hints(cls.__init__)
+    decoded = {}
+    for key, value in kwargs.items():
+        if key not in parameters:
+            raise ValueError(f"{path}.{key}: unknown key; {name} accepts {', '.join(parameters)}")
+        value = _decode_types(value, f"{path}.{key}")
+        hint = hints.get(key, Any)
+        if not _conforms(value, hint):
+            raise TypeError(f"{path}.{key}: expected {_describe(hint)}, got {type(value).__name__} {value!r}")
+        decoded[key] = value
+    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in decoded]
+    if missing:
+        raise ValueError(f"{path}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**decoded)
+    except (ValueError, TypeError) as err:
+        named = [n for n in re.findall(r"`(\w+)`", str(err)) if n in parameters]
+        where = f"{path}.{named[0]}" if named else path  # the first argument a message names is the culprit
+        raise type(err)(f"{where}: {err}") from None
+
+
+def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionCallback]:
+    """Build the callbacks a recipe (dict, YAML text or path) describes, in order.
+
+    Everything is checked before any callback is returned; errors name the key's path.
+    """
+    data = load_recipe(recipe)
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise ValueError(f"{key}: unknown top-level key; a recipe has {', '.join(TOP_LEVEL_KEYS)}")
+    version = data.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise ValueError(f"version: this package reads recipe version {RECIPE_VERSION}, got {version!r}")
+    if "callbacks" not in data:
+        raise ValueError("callbacks: missing; a recipe lists its callbacks under `callbacks:`")
+    return [_build(path, name, kwargs) for path, name, kwargs in _entries(data["callbacks"])]
+
+
+# ------------------------------------------------------------------------------------ writing
+def callbacks_to_recipe(callbacks: list[CompressionCallback]) -> dict[str, Any]:
+    """The recipe dict that rebuilds ``callbacks`` (mapping form; list form when a class repeats)."""
+    entries = []
+    for cb in callbacks:
+        name = next((n for n, c in _REGISTERED.items() if type(cb) is c), type(cb).__name__)
+        try:
+            known = callback_class(name)
+        except ValueError:
+            known = None
+        if known is not type(cb):
+            raise ValueError(f"{type(cb).__name__} is not a recipe callback; register it with register_callback")
+        entries.append((name, {key: _encode_types(value) for key, value in cb.config().items()}))
+    names = [name for name, _ in entries]
+    if len(set(names)) == len(names):
+        section: Any = dict(entries)
+    else:
+        section = [{name: kwargs} for name, kwargs in entries]
+    return {"version": RECIPE_VERSION, "callbacks": section}
