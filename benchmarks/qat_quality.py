@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--no-int8", action="store_true", help="skip the ONNX Runtime int8 evaluation")
     args = parser.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
-    fp32_epochs = args.fp32_epochs or (10 if args.quick else 30)
-    qat_epochs = args.qat_epochs or (5 if args.quick else 20)
+    fp32_epochs = args.fp32_epochs or (8 if args.quick else 30)
+    qat_epochs = args.qat_epochs or (4 if args.quick else 20)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 

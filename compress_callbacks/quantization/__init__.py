@@ -1,5 +1,10 @@
-"""Quantization-aware training: fake-quant math (``fake_quant``), the callback (``qat``) and the
-side-attribute contract with ``export`` (``spec``)."""
+"""Quantization-aware training: fake-quant math (``fake_quant``), the callback (``qat``), post-training
+calibration (``ptq``) and the side-attribute contract with ``export`` (``spec``).
+
+>>> from compress_callbacks.quantization import QuantizationAwareTraining
+>>> QuantizationAwareTraining(start_step=800, weight_bits=4)
+QuantizationAwareTraining(start_step=800, weight_bits=4, activation_bits=8, freeze_observers_step=None, freeze_bn_step=None, modules=None, exclude=None)
+"""
 
 from .qat import QuantizationAwareTraining
 
