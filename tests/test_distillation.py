@@ -222,6 +222,7 @@ def test_chunked_token_kd_equals_unchunked_value_and_gradient(dtype):
         soft, hard = token_kd_losses(student, teacher, 2.5, targets=targets, mask=mask, chunk_size=chunk)
         (0.8 * soft + 0.2 * hard).backward()
         results.append((soft.detach(), hard.detach(), student.grad))
+    assert results[0][2].dtype == dtype
     for soft, hard, grad in results[1:]:
         torch.testing.assert_close(soft, results[0][0])
         torch.testing.assert_close(hard, results[0][1])
@@ -340,7 +341,7 @@ def test_feature_distillation_learns_a_projection(loss):
         with torch.no_grad():
             teacher(x)
         value = features()
-        losses.append(float(value))
+        losses.append(float(value.detach()))
         value.backward()
         optimizer.step()
         optimizer.zero_grad()
