@@ -364,7 +364,7 @@ def test_feature_distillation_with_distillation_loss_and_errors():
     logits = student(x)
     loss = distill(logits, torch.zeros(5, dtype=torch.long), inputs=x) + same()
     loss.backward()
-    torch.testing.assert_close(same.log_values()["feature/total"], float(((logits - teacher(x)) ** 2).mean()))
+    torch.testing.assert_close(same.log_values()["feature/total"], float(((logits - teacher(x)) ** 2).mean().detach()))
     with pytest.raises(ValueError, match="layers"):
         FeatureDistillation(student, teacher, layers={"nope": "0"})
     with pytest.raises(ValueError, match="loss"):
