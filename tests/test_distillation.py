@@ -222,6 +222,7 @@ def test_chunked_token_kd_equals_unchunked_value_and_gradient(dtype):
         soft, hard = token_kd_losses(student, teacher, 2.5, targets=targets, mask=mask, chunk_size=chunk)
         (0.8 * soft + 0.2 * hard).backward()
         results.append((soft.detach(), hard.detach(), student.grad))
+    assert results[0][2].dtype == dtype
     for soft, hard, grad in results[1:]:
         torch.testing.assert_close(soft, results[0][0])
         torch.testing.assert_close(hard, results[0][1])
@@ -245,7 +246,7 @@ def test_chunked_soft_only_and_all_positions_ignored():
     none_valid = torch.full((4, 6), -100)
     soft, hard = token_kd_losses(student, teacher, 2.0, targets=none_valid, chunk_size=5)
     (soft + hard).backward()
-    assert float(soft) == 0.0 and float(hard) == 0.0 and float(student.grad.abs().sum()) == 0.0
+    assert float(soft.detach()) == 0.0 and float(hard.detach()) == 0.0 and float(student.grad.abs().sum()) == 0.0
 
 
 def test_transformers_causal_lm_shift_labels_matches_the_models_own_loss():
@@ -340,7 +341,7 @@ def test_feature_distillation_learns_a_projection(loss):
         with torch.no_grad():
             teacher(x)
         value = features()
-        losses.append(float(value))
+        losses.append(float(value.detach()))
         value.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -363,7 +364,7 @@ def test_feature_distillation_with_distillation_loss_and_errors():
     logits = student(x)
     loss = distill(logits, torch.zeros(5, dtype=torch.long), inputs=x) + same()
     loss.backward()
-    torch.testing.assert_close(same.log_values()["feature/total"], float(((logits - teacher(x)) ** 2).mean()))
+    torch.testing.assert_close(same.log_values()["feature/total"], float(((logits - teacher(x)) ** 2).mean().detach()))
     with pytest.raises(ValueError, match="layers"):
         FeatureDistillation(student, teacher, layers={"nope": "0"})
     with pytest.raises(ValueError, match="loss"):

@@ -70,6 +70,9 @@ def position_weights(
     >>> w.tolist(), int(n)
     ([0.25, 0.0, 0.25, 0.25, 0.25, 0.0], 4)
     """
+    if targets is None and mask is None:  # every position counts: no masking kernels at all
+        count = leading_shape.numel()
+        return torch.full((count,), 1.0 / max(count, 1), device=device), torch.tensor(count, device=device)
     valid = torch.ones(leading_shape, dtype=torch.bool, device=device)
     if targets is not None:
         if targets.shape != leading_shape:
@@ -132,9 +135,6 @@ def token_kd_losses(
     rows = max(1, DEFAULT_CHUNK_ELEMENTS // vocab) if chunk_size is None else int(chunk_size)
     if rows < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size!r}")
-    if student.shape[0] <= rows:
-        soft, hard = _rows_losses(student, teacher, flat_targets, weights, temperature)
-        return soft * temperature**2, hard
     soft, hard = _ChunkedTokenKD.apply(student, teacher, flat_targets, weights, temperature, rows)
     return soft, (hard if flat_targets is not None else None)
 
@@ -145,57 +145,74 @@ def _rows_losses(
     targets: torch.Tensor | None,
     weights: torch.Tensor,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weighted sums of KL (without ``T^2``) and CE over rows of ``[N, V]`` logits, in float32."""
+    need_grads: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Over rows of ``[N, V]`` logits, in float32: the weighted sums ``T^2 * KL`` and CE, and their gradients.
+
+    ``d/ds T^2 KL(p_t || softmax(s/T)) = T * (softmax(s/T) - p_t)``; ``d/ds CE = softmax(s) - onehot``.
+    """
     student = student.float()
+    w = weights[:, None]
     log_p_student = F.log_softmax(student / temperature if temperature != 1.0 else student, dim=-1)
     log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
-    kl_rows = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    soft = (kl_rows * weights).sum()
+    p_teacher = log_p_teacher.exp()
+    soft = ((p_teacher * (log_p_teacher - log_p_student)).sum(-1) * weights).sum() * temperature**2
+    grad_soft = log_p_student.exp().sub_(p_teacher).mul_(w * temperature) if need_grads else None
     if targets is None:
-        return soft, None
+        return soft, torch.zeros_like(soft), grad_soft, None
     log_p = log_p_student if temperature == 1.0 else F.log_softmax(student, dim=-1)
-    nll_rows = -log_p.gather(1, targets[:, None]).squeeze(1)
-    return soft, (nll_rows * weights).sum()
+    hard = -(log_p.gather(1, targets[:, None]).squeeze(1) * weights).sum()
+    if not need_grads:
+        return soft, hard, None, None
+    grad_hard = log_p.exp()
+    grad_hard.scatter_add_(1, targets[:, None], torch.full_like(grad_hard[:, :1], -1.0))
+    return soft, hard, grad_soft, grad_hard.mul_(w)
 
 
 class _ChunkedTokenKD(torch.autograd.Function):
-    """Chunked soft KD + CE; the backward recomputes each chunk's softmaxes instead of storing them."""
+    """Soft KD + CE with analytic gradients.
+
+    One chunk: the gradients are computed with the loss and kept (their size is one chunk).
+    More chunks: nothing of size ``N x V`` is kept; the backward recomputes chunk by chunk.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, targets, weights, temperature, rows):
+        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, student.dtype
+        if student.shape[0] <= rows:
+            soft, hard, grad_soft, grad_hard = _rows_losses(student, teacher, targets, weights, temperature)
+            ctx.save_for_backward(grad_soft, grad_hard)
+            ctx.single_chunk = True
+            return soft, hard
         soft = torch.zeros((), dtype=torch.float32, device=student.device)
         hard = torch.zeros((), dtype=torch.float32, device=student.device)
-        with torch.no_grad():
-            for start in range(0, student.shape[0], rows):
-                chunk = slice(start, start + rows)
-                chunk_targets = None if targets is None else targets[chunk]
-                s, h = _rows_losses(student[chunk], teacher[chunk], chunk_targets, weights[chunk], temperature)
-                soft += s
-                if h is not None:
-                    hard += h
-        ctx.save_for_backward(student, teacher, targets, weights)
-        ctx.temperature, ctx.rows = temperature, rows
-        return soft * temperature**2, hard
-
-    @staticmethod
-    def backward(ctx, grad_soft, grad_hard):
-        student, teacher, targets, weights = ctx.saved_tensors
-        temperature, rows = ctx.temperature, ctx.rows
-        grad = torch.empty_like(student)
         for start in range(0, student.shape[0], rows):
             chunk = slice(start, start + rows)
-            s = student[chunk].float()
-            w = weights[chunk][:, None]
-            # d/ds T^2 KL(p_t || softmax(s/T)) = T * (softmax(s/T) - p_t)
-            p_student = torch.softmax(s / temperature, dim=-1)
-            p_student -= torch.softmax(teacher[chunk].float() / temperature, dim=-1)
-            g = p_student.mul_(w * (grad_soft * temperature))
-            if targets is not None:
-                # d/ds CE = softmax(s) - onehot(target)
-                p1 = torch.softmax(s, dim=-1)
-                p1.scatter_add_(1, targets[chunk][:, None], torch.full_like(p1[:, :1], -1.0))
-                g += p1.mul_(w * grad_hard)
+            chunk_targets = None if targets is None else targets[chunk]
+            s, h, _, _ = _rows_losses(student[chunk], teacher[chunk], chunk_targets, weights[chunk], temperature, False)
+            soft += s
+            hard += h
+        ctx.save_for_backward(student, teacher, targets, weights)
+        ctx.single_chunk = False
+        return soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_soft_out, grad_hard_out):
+        if ctx.single_chunk:
+            grad_soft, grad_hard = ctx.saved_tensors
+            grad = grad_soft * grad_soft_out
+            if grad_hard is not None:
+                grad += grad_hard * grad_hard_out
+            return grad.to(ctx.dtype), None, None, None, None, None
+        student, teacher, targets, weights = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        for start in range(0, student.shape[0], ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            chunk_targets = None if targets is None else targets[chunk]
+            _, _, grad_soft, grad_hard = _rows_losses(student[chunk], teacher[chunk], chunk_targets, weights[chunk], ctx.temperature)
+            g = grad_soft.mul_(grad_soft_out)
+            if grad_hard is not None:
+                g += grad_hard.mul_(grad_hard_out)
             grad[chunk] = g
         return grad, None, None, None, None, None
 
