@@ -22,13 +22,7 @@ from compress_callbacks.integrations.transformers import STATE_FILE, Compression
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is many times faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(cls=BertForSequenceClassification, seed=0, hidden=32, num_labels=2):
