@@ -21,6 +21,8 @@ _PUBLIC = {
     "QuantizationAwareTraining": ".quantization",
     "DistillationLoss": ".distillation",
     "FeatureDistillation": ".distillation",
+    "TeacherStudentAgreement": ".metrics",
+    "Sparsity": ".metrics",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -70,6 +70,9 @@ def position_weights(
     >>> w.tolist(), int(n)
     ([0.25, 0.0, 0.25, 0.25, 0.25, 0.0], 4)
     """
+    if targets is None and mask is None:  # every position counts: no masking kernels at all
+        count = leading_shape.numel()
+        return torch.full((count,), 1.0 / max(count, 1), device=device), torch.tensor(count, device=device)
     valid = torch.ones(leading_shape, dtype=torch.bool, device=device)
     if targets is not None:
         if targets.shape != leading_shape:
