@@ -13,13 +13,7 @@ from compress_callbacks import CompressionManager, DistillationLoss, GradualMagn
 from compress_callbacks.integrations.lightning import CompressionCallback
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is many times faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed=0, hidden=32):

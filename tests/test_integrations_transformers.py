@@ -22,13 +22,7 @@ from compress_callbacks.integrations.transformers import STATE_FILE, Compression
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is many times faster than several fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(cls=BertForSequenceClassification, seed=0, hidden=32, num_labels=2):
@@ -208,3 +202,32 @@ def test_token_level_loss_under_gradient_accumulation_equals_the_full_batch_loss
 def test_distillation_trainer_rejects_a_loss_without_teacher(tmp_path):
     with pytest.raises(TypeError, match="`distillation`"):
         DistillationTrainer(model=tiny_bert(), args=arguments(tmp_path), distillation=torch.nn.CrossEntropyLoss())
+
+
+def test_updates_the_grad_scaler_skips_are_not_counted(tmp_path):
+    """AMP: the Trainer's global_step (and on_optimizer_step) count skipped updates; the manager does not."""
+    from transformers import TrainerCallback
+
+    skipped_at = {2, 3}
+
+    class OverflowAt(TrainerCallback):  # a CPU GradScaler whose scale is inf on chosen steps
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
+            trainer.accelerator.scaler = optimizer.scaler = self.scaler  # what accelerate sets up for fp16
+            from accelerate.optimizer import patch_optimizer_step
+
+            optimizer._accelerate_step_called = False
+            optimizer._optimizer_original_step_method = optimizer.optimizer.step
+            optimizer._optimizer_patched_step_method = patch_optimizer_step(optimizer, optimizer.optimizer.step)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.scaler._scale is not None:
+                self.scaler._scale.fill_(float("inf") if state.global_step in skipped_at else 1.0)
+
+    manager = CompressionManager(gmp(start_step=0, end_step=2, update_every=1))
+    trainer = Trainer(model=tiny_bert(), args=arguments(tmp_path, max_steps=6, max_grad_norm=0.0),
+                      train_dataset=classification_data(), callbacks=[CompressionCallback(manager), OverflowAt()])
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert manager.step == 6 - len(skipped_at)
+    assert manager.callbacks[0].overall_sparsity() == pytest.approx(0.75)
