@@ -360,7 +360,7 @@ def test_attach_errors_touch_nothing():
         CompressionManager("gmp")
 
 
-def _ddp_worker():
+def _ddp_worker(path):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -384,9 +384,13 @@ def _ddp_worker():
     assert torch.equal(gathered[0], gathered[1]), "ranks disagree on masks"
     assert manager.step == 4
     assert abs(gmp.overall_sparsity() - 0.6) < 1e-3
+    with open(f"{path}/rank{accelerator.process_index}.txt", "w") as f:
+        f.write(str(int(masks.sum())))
 
 
-def test_ddp_ranks_hold_identical_masks():
-    from accelerate import debug_launcher
+def test_ddp_ranks_hold_identical_masks(tmp_path):
+    from tests.test_distillation import launch_two_processes
 
-    debug_launcher(_ddp_worker, num_processes=2)
+    launch_two_processes("tests.test_pruning", "_ddp_worker", tmp_path)
+    counts = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert counts[0] == counts[1]
