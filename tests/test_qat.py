@@ -450,3 +450,13 @@ def test_finalized_specs_reproduce_the_fake_quant_model_for_export():
         with fake_quantized(model):  # export's reference: the specs applied to the float model
             reference = model(x)
     assert torch.allclose(trained, reference, atol=1e-4), (trained - reference).abs().max()
+
+
+def test_pruned_all_zero_channel_gets_unit_scale():
+    from compress_callbacks.quantization.fake_quant import per_channel_weight_scale
+
+    w = torch.randn(3, 5)
+    w[1] = 0.0
+    scale = per_channel_weight_scale(w, 8)
+    assert scale[1] == 1.0
+    assert torch.allclose(scale[[0, 2]], w[[0, 2]].abs().amax(1) / 127)

@@ -60,7 +60,10 @@ def per_channel_weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     # two vectorized reductions beat abs().amax() (a temporary) and aminmax / vector_norm(inf) along
     # a dim (~10x slower on CPU, measured)
     amax = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_()).float()
-    return (amax / weight_qmax(bits)).clamp_min_(WEIGHT_SCALE_EPS)
+    # an all-zero (pruned) channel gets scale 1.0: any scale codes it as 0, and a denormal one makes
+    # int8 backends (ONNX Runtime) lose precision on the whole layer
+    scale = (amax / weight_qmax(bits)).clamp_min_(WEIGHT_SCALE_EPS)
+    return scale.masked_fill_(amax == 0, 1.0)
 
 
 @torch.no_grad()
