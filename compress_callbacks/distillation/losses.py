@@ -128,6 +128,11 @@ def token_kd_losses(
     if student_logits.dim() < 1:
         raise ValueError("`student_outputs` logits need a class dimension")
     vocab = student_logits.shape[-1]
+    small_classification = student_logits.dim() == 2 and mask is None and chunk_size is None
+    if small_classification and student_logits.numel() <= DEFAULT_CHUNK_ELEMENTS and (
+        targets is None or targets.shape == student_logits.shape[:-1]
+    ):
+        return _classification_kd_losses(student_logits, teacher_logits, temperature, targets, ignore_index, with_hard)
     weights, _ = position_weights(student_logits.shape[:-1], student_logits.device, targets, mask, ignore_index)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
@@ -137,6 +142,21 @@ def token_kd_losses(
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size!r}")
     soft, hard = _ChunkedTokenKD.apply(student, teacher, flat_targets, weights, temperature, rows)
     return soft, (hard if flat_targets is not None else None)
+
+
+def _classification_kd_losses(student, teacher, temperature, targets, ignore_index, with_hard):
+    """``[B, C]`` logits small enough to need no chunking: native kernels (fewer passes than the
+    chunked function for small C). Same values as the chunked path."""
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    kl_rows = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    if targets is None:
+        return kl_rows.mean() * temperature**2, None
+    valid = (targets != ignore_index).to(kl_rows.dtype)
+    count = valid.sum().clamp_min(1.0)
+    soft = (kl_rows * valid).sum() / count * temperature**2
+    hard = F.cross_entropy(student.float(), targets, ignore_index=ignore_index, reduction="sum") / count if with_hard else None
+    return soft, hard
 
 
 def _rows_losses(
