@@ -24,6 +24,7 @@ A callback is a thin stateful shell around pure tensor math. The manager drives 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -48,8 +49,12 @@ class CompressionCallback:
 
     # -- recipe -------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this callback (used by recipes)."""
-        return {}
+        """Keyword arguments that rebuild this callback (used by recipes).
+
+        Every constructor argument is read back from the attribute of the same name.
+        """
+        parameters = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in parameters if name != "self"}
 
     # -- lifecycle ----------------------------------------------------------------------
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:

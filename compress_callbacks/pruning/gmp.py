@@ -146,20 +146,6 @@ class GradualMagnitudePruning(CompressionCallback):
         self._final_rows: list[dict[str, Any]] = []
         self._loaded: dict[str, Any] | None = None
 
-    # ------------------------------------------------------------------ recipe
-    def config(self) -> dict[str, Any]:
-        return {
-            "target_sparsity": self.target_sparsity,
-            "start_step": self.start_step,
-            "end_step": self.end_step,
-            "update_every": self.update_every,
-            "initial_sparsity": self.initial_sparsity,
-            "granularity": self.granularity,
-            "scope": self.scope,
-            "modules": self.modules,
-            "exclude": self.exclude,
-        }
-
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
         return cubic_sparsity(

@@ -324,17 +324,6 @@ class QuantizationAwareTraining(CompressionCallback):
         self._loaded: dict[str, Any] | None = None
         self._final_rows: list[dict[str, Any]] = []
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "start_step": self.start_step,
-            "weight_bits": self.weight_bits,
-            "activation_bits": self.activation_bits,
-            "freeze_observers_step": self.freeze_observers_step,
-            "freeze_bn_step": self.freeze_bn_step,
-            "modules": self.modules,
-            "exclude": self.exclude,
-        }
-
     # ------------------------------------------------------------------ lifecycle
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
