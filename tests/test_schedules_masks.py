@@ -126,3 +126,24 @@ def test_keep_from_zeros_ignores_all_zero_layers():
     assert M.keep_from_zeros(torch.ones(3)) is None
     assert M.keep_from_zeros(torch.tensor([0.0, 2.0])).tolist() == [0, 1]
     assert math.isclose(M.sparsity(torch.tensor([0, 1, 1, 1], dtype=torch.uint8)), 0.25)
+
+
+def test_apply_keep_matches_mul_across_scratch_boundaries_and_fallbacks():
+    from compress_callbacks.pruning.masks import apply_keep_
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (3,), (11, 4), (2, 3, 2)]
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    tensors.append(torch.randn(6, 4, generator=g).t())  # non-contiguous: falls back to mul_
+    tensors.append(torch.randn(9, generator=g, dtype=torch.float64))  # other dtype: falls back
+    keeps = [(torch.rand(t.shape, generator=g) > 0.5).to(torch.uint8) for t in tensors]
+    expected = [t * k for t, k in zip(tensors, keeps)]
+    scratch = torch.full((13,), float("nan"))  # capacity smaller than most tensors, odd size
+    apply_keep_(tensors, keeps, scratch)
+    for t, e in zip(tensors, expected):
+        assert torch.equal(t, e)
+    with_foreach = [torch.randn(4, 4, generator=g) for _ in range(2)]
+    keeps = [(torch.rand(4, 4, generator=g) > 0.5).to(torch.uint8) for _ in range(2)]
+    expected = [t * k for t, k in zip(with_foreach, keeps)]
+    apply_keep_(with_foreach, keeps, None)
+    assert all(torch.equal(t, e) for t, e in zip(with_foreach, expected))

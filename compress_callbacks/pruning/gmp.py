@@ -145,6 +145,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self._mask_weights_after_update = False
         self._final_rows: list[dict[str, Any]] = []
         self._loaded: dict[str, Any] | None = None
+        self._scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -192,7 +193,7 @@ class GradualMagnitudePruning(CompressionCallback):
                 grads.append(p.grad)
                 keeps.append(keep)
         if grads:
-            torch._foreach_mul_(grads, keeps)
+            M.apply_keep_(grads, keeps, self._scratch(grads[0]))
 
     def on_update(self, step: int) -> None:
         if self._mask_weights_after_update:
@@ -205,6 +206,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self._final_rows = self.summary_rows()
         self._keeps = [None] * len(self._params)
         self._params, self._optimizer = [], None
+        self._scratch_buffers.clear()
 
     # ------------------------------------------------------------------ masks
     def _update_masks(self, step: int) -> None:
@@ -236,16 +238,26 @@ class GradualMagnitudePruning(CompressionCallback):
         pairs = [(p, k) for p, k in zip(self._params, self._keeps) if k is not None]
         if not pairs:
             return
-        torch._foreach_mul_([p.data for p, _ in pairs], [k for _, k in pairs])
-        if not include_state:
-            return
-        state = self._optimizer.state if self._optimizer is not None else {}
-        for p, keep in pairs:
-            if p.grad is not None:
-                p.grad.mul_(keep)
-            for value in state.get(p, {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    value.mul_(keep)
+        tensors = [p.data for p, _ in pairs]
+        keeps = [k for _, k in pairs]
+        if include_state:
+            state = self._optimizer.state if self._optimizer is not None else {}
+            for p, keep in pairs:
+                extra = [p.grad] if p.grad is not None else []
+                extra += [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+                tensors += extra
+                keeps += [keep] * len(extra)
+        M.apply_keep_(tensors, keeps, self._scratch(tensors[0]))
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Float buffer that uint8 masks are converted into on CPU (None elsewhere: GPUs cast on the fly)."""
+        if like.device.type != "cpu":
+            return None
+        key = (like.dtype, like.device)
+        if key not in self._scratch_buffers:
+            total = sum(p.numel() for p in self._params)
+            self._scratch_buffers[key] = torch.empty(min(M.MASK_SCRATCH_ELEMENTS, total), dtype=like.dtype)
+        return self._scratch_buffers[key]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -35,11 +35,16 @@ __all__ = [
     "parse_nm",
     "keep_from_zeros",
     "sparsity",
+    "MASK_SCRATCH_ELEMENTS",
+    "apply_keep_",
 ]
 
 #: key given to weights that are already pruned: larger than any float32 bit pattern, never selected again.
 PRUNED_KEY = torch.iinfo(torch.int32).max
 _CHUNK = 1 << 18  # elements per histogram chunk (bounds temporaries)
+
+#: elements of the float scratch buffer ``apply_keep_`` converts uint8 masks into (2 MiB in float32).
+MASK_SCRATCH_ELEMENTS = 1 << 19
 
 
 def count_to_prune(numel: int, target: float) -> int:
@@ -291,3 +296,49 @@ def keep_from_zeros(weight: torch.Tensor) -> torch.Tensor | None:
     if count == weight.numel() or count == 0:
         return None
     return nonzero.to(torch.uint8)
+
+
+@torch.no_grad()
+def apply_keep_(tensors: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], scratch: torch.Tensor | None = None) -> None:
+    """In place ``t *= keep`` for each pair, without a full-size float copy of any mask.
+
+    On CPU, ``t.mul_(uint8_keep)`` first materialises a float copy of the whole mask (an allocation
+    and an extra pass each call). With ``scratch`` (a 1-D buffer of the tensors' dtype), the masks
+    are converted slice by slice into it and applied with two foreach calls per buffer-full, so the
+    cost is that of multiplying by a float mask while masks stay one byte per weight. Tensors that
+    are not contiguous, or of another dtype than ``scratch``, fall back to ``mul_``.
+
+    >>> t, keep = torch.arange(1.0, 7.0), torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.uint8)
+    >>> apply_keep_([t], [keep], scratch=torch.empty(4))
+    >>> t.tolist()
+    [1.0, 0.0, 3.0, 4.0, 0.0, 6.0]
+    """
+    if scratch is None:
+        if tensors:
+            torch._foreach_mul_(list(tensors), list(keeps))
+        return
+    capacity = scratch.numel()
+    outs: list[torch.Tensor] = []
+    ins: list[torch.Tensor] = []
+    slots: list[torch.Tensor] = []
+    used = 0
+    for tensor, keep in zip(tensors, keeps):
+        if tensor.dtype != scratch.dtype or not (tensor.is_contiguous() and keep.is_contiguous()):
+            tensor.mul_(keep)
+            continue
+        flat_t, flat_k = tensor.view(-1), keep.view(-1)
+        start, numel = 0, flat_t.numel()
+        while start < numel:
+            take = min(numel - start, capacity - used)
+            outs.append(flat_t[start:start + take])
+            ins.append(flat_k[start:start + take])
+            slots.append(scratch[used:used + take])
+            used += take
+            start += take
+            if used == capacity:
+                torch._foreach_copy_(slots, ins)
+                torch._foreach_mul_(outs, slots)
+                outs, ins, slots, used = [], [], [], 0
+    if outs:
+        torch._foreach_copy_(slots, ins)
+        torch._foreach_mul_(outs, slots)
