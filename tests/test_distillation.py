@@ -428,3 +428,28 @@ def test_feature_projection_stays_identical_across_two_ddp_ranks(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["identical"] for r in results)
     assert results[0]["weight"] == results[1]["weight"]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 2.5, 3.0, 4.0])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_fused_token_kd_loss_matches_autograd_of_the_formula(temperature, chunk):
+    from compress_callbacks.distillation import token_kd_loss
+
+    torch.manual_seed(0)
+    base = torch.randn(3, 7, 11) * 4  # wide logits: the integer-T power path must stay accurate
+    teacher = torch.randn(3, 7, 11) * 4
+    targets = torch.randint(0, 11, (3, 7))
+    targets[1, 2:5] = -100
+    keep = targets != -100
+    student = base.clone().requires_grad_(True)
+    total, soft, hard = token_kd_loss(student, teacher, temperature, 0.7, targets=targets, chunk_size=chunk)
+    total.backward()
+    assert not soft.requires_grad and not hard.requires_grad
+    reference = base.clone().requires_grad_(True)
+    ref_soft = reference_soft(reference[keep], teacher[keep], temperature)
+    ref_hard = F.cross_entropy(reference[keep], targets[keep])
+    (0.7 * ref_soft + 0.3 * ref_hard).backward()
+    torch.testing.assert_close(soft, ref_soft.detach())
+    torch.testing.assert_close(hard, ref_hard.detach())
+    torch.testing.assert_close(total.detach(), (0.7 * ref_soft + 0.3 * ref_hard).detach())
+    torch.testing.assert_close(student.grad, reference.grad)

@@ -7,7 +7,7 @@
 
 from .features import FeatureDistillation
 from .loss import DistillationLoss
-from .losses import cosine_feature_loss, mse_feature_loss, soft_kd_loss, token_kd_losses
+from .losses import cosine_feature_loss, mse_feature_loss, soft_kd_loss, token_kd_loss, token_kd_losses
 
 __all__ = [
     "DistillationLoss",
@@ -15,5 +15,6 @@ __all__ = [
     "cosine_feature_loss",
     "mse_feature_loss",
     "soft_kd_loss",
+    "token_kd_loss",
     "token_kd_losses",
 ]

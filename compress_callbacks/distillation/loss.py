@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .losses import check_temperature, token_kd_losses
+from .losses import KDWorkspace, check_temperature, token_kd_loss
 
 __all__ = ["DistillationLoss", "extract_logits", "extract_loss"]
 
@@ -129,6 +129,7 @@ class DistillationLoss(nn.Module):
         self.chunk_size = chunk_size
         self.use_output_loss = bool(use_output_loss)
         self._last: dict[str, torch.Tensor] = {}
+        self._workspace = KDWorkspace()
 
     @property
     def teacher(self) -> Any:
@@ -190,25 +191,19 @@ class DistillationLoss(nn.Module):
             targets = None if targets is None else targets[:, 1:]
             attention_mask = None if attention_mask is None else attention_mask[:, 1:]
 
-        soft, hard = token_kd_losses(
-            student_logits,
-            teacher_logits,
-            self.temperature,
-            targets=targets,
-            mask=attention_mask,
-            ignore_index=self.ignore_index,
-            chunk_size=self.chunk_size,
-            with_hard=self.base_loss is None,
+        fused_hard = self.base_loss is None and targets is not None  # default cross-entropy: one fused pass for both terms
+        total, soft, hard = token_kd_loss(
+            student_logits, teacher_logits, self.temperature, self.alpha if fused_hard else 1.0,
+            targets=targets, mask=attention_mask, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+            with_hard=fused_hard, workspace=self._workspace,
         )
-        if targets is not None and self.base_loss is not None:
-            hard = self.base_loss(student_logits, targets)
-        elif targets is None and self.use_output_loss:
-            hard = extract_loss(student_outputs)
-
-        if hard is None:
-            total = soft
-        else:
-            total = self.alpha * soft + (1.0 - self.alpha) * hard
+        if not fused_hard:
+            if targets is not None:
+                hard = self.base_loss(student_logits, targets)
+            elif self.use_output_loss:
+                hard = extract_loss(student_outputs)
+            if hard is not None:
+                total = self.alpha * total + (1.0 - self.alpha) * hard
         self._last = {"soft": soft.detach(), "total": total.detach()}
         if hard is not None:
             self._last["hard"] = hard.detach()
