@@ -147,3 +147,31 @@ def test_apply_keep_matches_mul_across_scratch_boundaries_and_fallbacks():
     expected = [t * k for t, k in zip(with_foreach, keeps)]
     apply_keep_(with_foreach, keeps, None)
     assert all(torch.equal(t, e) for t, e in zip(with_foreach, expected))
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4"])
+def test_global_selection_holds_one_layers_keys_at_a_time(monkeypatch, kind):
+    """scope='global' never materialises all layers' keys: extra peak memory stays about one layer."""
+    import weakref
+
+    alive, peak = [0], [0]
+    builder = "magnitude_keys" if kind == "unstructured" else "_nm_keys"  # what builds one layer's keys
+    original = getattr(M, builder)
+
+    def counting(*args, **kwargs):
+        keys = original(*args, **kwargs)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(keys, lambda: alive.__setitem__(0, alive[0] - 1))
+        return keys
+
+    monkeypatch.setattr(M, builder, counting)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g), torch.randn(16, 32, generator=g)]
+    if kind == "unstructured":
+        keeps = M.unstructured_keep_masks(weights, 0.7, scope="global")
+        assert sum(int((k == 0).sum()) for k in keeps) == M.count_to_prune(sum(w.numel() for w in weights), 0.7)
+    else:
+        keeps = M.nm_keep_masks(weights, 0.5, 2, 4, scope="global")
+        assert all(int(M.nm_groups(k, 4).sum(1).max()) <= 2 for k in keeps)
+    assert peak[0] == 1, peak[0]

@@ -19,7 +19,8 @@ selection needs no concatenated copy of all weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -76,11 +77,38 @@ def magnitude_keys(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Ten
     return keys
 
 
-def _histogram(keys: Sequence[torch.Tensor], shift: int, bits: int, prefix: int | None, prefix_shift: int) -> torch.Tensor:
+Keys = Sequence[torch.Tensor | Callable[[], torch.Tensor]]
+
+
+def _materialize(keys: torch.Tensor | Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A layer's keys: the tensor itself, or built now by its callable (and dropped after use)."""
+    return keys() if callable(keys) else keys
+
+
+class _LazyKeys:
+    """A callable that builds one layer's keys from its weight when asked (``numel`` known up front)."""
+
+    def __init__(self, build: Callable[..., torch.Tensor], *args: Any) -> None:
+        self.build, self.args = build, args
+        self.numel = args[0].numel()
+
+    def __call__(self) -> torch.Tensor:
+        return self.build(*self.args)
+
+
+def _numel_of(keys: Callable[[], torch.Tensor]) -> int:
+    numel = getattr(keys, "numel", None)
+    return int(numel) if numel is not None else _materialize(keys).numel()
+
+
+def _histogram(keys: Keys, shift: int, bits: int, prefix: int | None, prefix_shift: int) -> torch.Tensor:
     """Histogram of ``(key >> shift) & (2**bits - 1)`` over keys whose ``key >> prefix_shift == prefix``."""
-    hist = torch.zeros(1 << bits, dtype=torch.int64, device=keys[0].device)
+    hist = None
     low = (1 << bits) - 1
-    for tensor in keys:
+    for layer_keys in keys:
+        tensor = _materialize(layer_keys)
+        if hist is None:
+            hist = torch.zeros(1 << bits, dtype=torch.int64, device=tensor.device)
         flat = tensor.reshape(-1)
         for chunk in flat.split(_CHUNK):
             if prefix is not None:
@@ -89,18 +117,20 @@ def _histogram(keys: Sequence[torch.Tensor], shift: int, bits: int, prefix: int 
                     continue
             digits = (chunk >> shift) & low
             hist += torch.bincount(digits, minlength=1 << bits)
+        tensor = flat = chunk = None  # drop this layer's keys before the next layer's are built
     return hist
 
 
-def kth_smallest_key(keys: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
+def kth_smallest_key(keys: Keys, k: int) -> tuple[int, int]:
     """The k-th smallest key (1-based) over all ``keys`` and how many keys are strictly smaller.
 
-    Three histogram passes over 11/10/10-bit digits of the (non-negative) int32 keys.
+    Three histogram passes over 11/10/10-bit digits of the (non-negative) int32 keys. Each layer's
+    keys may be given as a callable that builds them, so only one layer's keys exist at a time.
 
     >>> kth_smallest_key([torch.tensor([5, 1, 3]), torch.tensor([3, 9])], 3)
     (3, 1)
     """
-    total = sum(t.numel() for t in keys)
+    total = sum(_numel_of(t) if callable(t) else t.numel() for t in keys)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside [1, {total}]")
     prefix, prefix_shift, below = None, 31, 0
@@ -114,14 +144,15 @@ def kth_smallest_key(keys: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
     return prefix, below
 
 
-def select_smallest(keys: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
+def select_smallest(keys: Keys, k: int) -> list[torch.Tensor]:
     """Bool masks marking exactly the ``k`` smallest keys (ties by list order, then flat index)."""
     if k <= 0:
-        return [torch.zeros_like(t, dtype=torch.bool) for t in keys]
+        return [torch.zeros_like(_materialize(t), dtype=torch.bool) for t in keys]
     threshold, below = kth_smallest_key(keys, k)
     ties_left = k - below
     masks = []
-    for tensor in keys:
+    for layer_keys in keys:
+        tensor = _materialize(layer_keys)
         chosen = tensor < threshold
         equal = tensor == threshold
         n_equal = int(equal.sum())
@@ -133,6 +164,7 @@ def select_smallest(keys: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
             chosen |= equal & (order <= ties_left)
             ties_left = 0
         masks.append(chosen)
+        tensor = equal = None
     return masks
 
 
@@ -176,7 +208,8 @@ def unstructured_keep_masks(
         for w, keep in zip(weights, keeps):
             out += _prune_by_keys([w], [keep], [magnitude_keys(w, keep)], target, "layer")
         return out
-    keys = [magnitude_keys(w, keep) for w, keep in zip(weights, keeps)]
+    # built on demand, layer by layer, in every pass: extra peak memory stays about one layer
+    keys = [_LazyKeys(magnitude_keys, w, keep) for w, keep in zip(weights, keeps)]
     return _prune_by_keys(weights, keeps, keys, target, "global")
 
 
@@ -269,18 +302,21 @@ def nm_keep_masks(
     [[1, 0, 1, 0, 0, 0, 1, 1]]
     """
     keeps = list(keeps) if keeps is not None else [None] * len(weights)
-    keys_per_layer = []
-    for w, keep in zip(weights, keeps):
-        groups = nm_groups(w.detach(), m).to(torch.float32).abs()
-        if keep is not None:
-            groups = groups.masked_fill(nm_groups(keep, m) == 0, -1.0)  # pruned first among candidates
-        rank = groups.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-        keys = magnitude_keys(groups.clamp_min(0.0), None)
-        keys.masked_fill_(rank >= m - n, PRUNED_KEY)  # the N largest of each group are never candidates
-        if keep is not None:
-            keys.masked_fill_(nm_groups(keep, m) == 0, PRUNED_KEY)
-        keys_per_layer.append(keys.view(w.shape))
+    keys_per_layer = [_LazyKeys(_nm_keys, w, keep, n, m) for w, keep in zip(weights, keeps)]
     return _prune_by_keys(weights, keeps, keys_per_layer, target, scope)
+
+
+def _nm_keys(w: torch.Tensor, keep: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """One layer's N:M candidate keys: magnitudes, with each group's N largest (and the pruned) never selected."""
+    groups = nm_groups(w.detach(), m).to(torch.float32).abs()
+    if keep is not None:
+        groups = groups.masked_fill(nm_groups(keep, m) == 0, -1.0)  # pruned first among candidates
+    rank = groups.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    keys = magnitude_keys(groups.clamp_min(0.0), None)
+    keys.masked_fill_(rank >= m - n, PRUNED_KEY)  # the N largest of each group are never candidates
+    if keep is not None:
+        keys.masked_fill_(nm_groups(keep, m) == 0, PRUNED_KEY)
+    return keys.view(w.shape)
 
 
 def keep_from_zeros(weight: torch.Tensor) -> torch.Tensor | None:
