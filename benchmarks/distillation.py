@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> str:
         sizes = dict(batch=128, features=128, student_hidden=256, teacher_hidden=1024, classes=100, steps=2, rounds=8)
         rows, vocab = 512, 8000
     else:
-        sizes = dict(batch=256, features=512, student_hidden=1024, teacher_hidden=2048, classes=1000, steps=2, rounds=120)
+        sizes = dict(batch=256, features=512, student_hidden=1024, teacher_hidden=2048, classes=1000, steps=2, rounds=200)
         rows, vocab = 4096, 32000
     t = time_steps(**sizes)
     m = time_machinery(**{**sizes, "rounds": sizes["rounds"] * 25})
