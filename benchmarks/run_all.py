@@ -37,6 +37,7 @@ REPO = HERE.parent
 def _load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -74,9 +75,13 @@ def run_benchmarks(
     out(f"# compress_callbacks benchmarks{' (--quick)' if quick else ''}")
     out(machine_header())
     outcomes: list[tuple[str, str | None]] = []
+    import torch
+
+    threads = torch.get_num_threads()
     for name, path in discover(folder):
         if only and not any(o in name for o in only):
             continue
+        torch.set_num_threads(threads)  # a benchmark that sets its own thread count does not leak it
         out(f"\n## {name}")
         t0 = time.perf_counter()
         printed = io.StringIO()
