@@ -175,3 +175,62 @@ def test_global_selection_holds_one_layers_keys_at_a_time(monkeypatch, kind):
         keeps = M.nm_keep_masks(weights, 0.5, 2, 4, scope="global")
         assert all(int(M.nm_groups(k, 4).sum(1).max()) <= 2 for k in keeps)
     assert peak[0] == 1, peak[0]
+
+
+# ---------------------------------------------------------------------------- native mask kernel
+@pytest.fixture()
+def fresh_native(monkeypatch, tmp_path):
+    from compress_callbacks import _native
+
+    monkeypatch.setenv("COMPRESS_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    _native._load.cache_clear()
+    yield _native
+    _native._load.cache_clear()
+
+
+def test_native_kernel_builds_once_and_matches_mul(fresh_native, tmp_path):
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: the pure-PyTorch path is used (tested above)")
+    kernel = fresh_native.mask_multiply_kernel()
+    assert kernel is not None, "a C compiler is present, so the kernel must build"
+    assert len(list((tmp_path / "cache").glob("masks_*.so"))) == 1
+    fresh_native._load.cache_clear()
+    assert fresh_native.mask_multiply_kernel() is not None  # loads the cached library
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 65536, 200_003):  # serial and OpenMP-parallel sizes
+        t = torch.randn(n, generator=g)
+        keep = (torch.rand(n, generator=g) > 0.5).to(torch.uint8)
+        expected = t * keep
+        version = t._version
+        kernel(t, keep)
+        assert torch.equal(t, expected) and t._version > version
+    # apply_keep_ sends what the kernel cannot take (non-contiguous, float64) to the torch path
+    tensors = [torch.randn(6, 4, generator=g).t(), torch.randn(9, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g)]
+    keeps = [(torch.rand(t.shape, generator=g) > 0.5).to(torch.uint8) for t in tensors]
+    expected = [t * k for t, k in zip(tensors, keeps)]
+    M.apply_keep_(tensors, keeps, None, kernel)
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+
+
+def test_native_kernel_off_switch_and_broken_compiler_fall_back(fresh_native, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
+    assert fresh_native.mask_multiply_kernel() is None
+    monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "1")
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert fresh_native.mask_multiply_kernel() is None
+    # GMP still prunes exactly through the pure-PyTorch path
+    from compress_callbacks import CompressionManager, GradualMagnitudePruning
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gmp = GradualMagnitudePruning(0.75, start_step=0, end_step=2, update_every=1)
+    CompressionManager(gmp).attach(model, optimizer)
+    assert gmp._kernel is None
+    for _ in range(4):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert [round(s, 4) for s in gmp.layer_sparsities().values()] == [0.75, 0.75]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._native import mask_multiply_kernel
 from ..callback import CompressionCallback
 from ..schedules import cubic_sparsity, last_grid_point
 from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
@@ -146,6 +147,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self._final_rows: list[dict[str, Any]] = []
         self._loaded: dict[str, Any] | None = None
         self._scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._kernel = None
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -173,6 +175,8 @@ class GradualMagnitudePruning(CompressionCallback):
         self._names = [name for name, _ in selected]
         self._params = [module.weight for _, module in selected]
         self._optimizer = optimizer
+        # one-pass uint8-mask multiply on CPU (compiled once per machine; None: pure-PyTorch path)
+        self._kernel = mask_multiply_kernel() if any(p.device.type == "cpu" for p in self._params) else None
         self._mask_weights_after_update = not (
             self.manager is not None and self.manager.has_before_update_hook
             and isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)
@@ -193,7 +197,7 @@ class GradualMagnitudePruning(CompressionCallback):
                 grads.append(p.grad)
                 keeps.append(keep)
         if grads:
-            M.apply_keep_(grads, keeps, self._scratch(grads[0]))
+            M.apply_keep_(grads, keeps, None if self._kernel else self._scratch(grads[0]), self._kernel)
 
     def on_update(self, step: int) -> None:
         if self._mask_weights_after_update:
@@ -247,7 +251,7 @@ class GradualMagnitudePruning(CompressionCallback):
                 extra += [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
                 tensors += extra
                 keeps += [keep] * len(extra)
-        M.apply_keep_(tensors, keeps, self._scratch(tensors[0]))
+        M.apply_keep_(tensors, keeps, None if self._kernel else self._scratch(tensors[0]), self._kernel)
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor | None:
         """Float buffer that uint8 masks are converted into on CPU (None elsewhere: GPUs cast on the fly)."""

@@ -335,20 +335,39 @@ def keep_from_zeros(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def apply_keep_(tensors: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor], scratch: torch.Tensor | None = None) -> None:
+def apply_keep_(
+    tensors: Sequence[torch.Tensor],
+    keeps: Sequence[torch.Tensor],
+    scratch: torch.Tensor | None = None,
+    kernel: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> None:
     """In place ``t *= keep`` for each pair, without a full-size float copy of any mask.
 
     On CPU, ``t.mul_(uint8_keep)`` first materialises a float copy of the whole mask (an allocation
-    and an extra pass each call). With ``scratch`` (a 1-D buffer of the tensors' dtype), the masks
-    are converted slice by slice into it and applied with two foreach calls per buffer-full, so the
-    cost is that of multiplying by a float mask while masks stay one byte per weight. Tensors that
-    are not contiguous, or of another dtype than ``scratch``, fall back to ``mul_``.
+    and an extra pass each call). ``kernel`` (``compress_callbacks._native.mask_multiply_kernel()``)
+    does it in one pass for contiguous float32 CPU tensors. Otherwise, with ``scratch`` (a 1-D
+    buffer of the tensors' dtype), the masks are converted slice by slice into it and applied with
+    two foreach calls per buffer-full: the cost of multiplying by a float mask, with masks still one
+    byte per weight. Tensors that are not contiguous, or of another dtype than ``scratch``, fall back
+    to ``mul_``.
 
     >>> t, keep = torch.arange(1.0, 7.0), torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.uint8)
     >>> apply_keep_([t], [keep], scratch=torch.empty(4))
     >>> t.tolist()
     [1.0, 0.0, 3.0, 4.0, 0.0, 6.0]
     """
+    if kernel is not None:
+        rest = []
+        for tensor, keep in zip(tensors, keeps):
+            if (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and keep.dtype == torch.uint8
+                    and keep.device.type == "cpu" and tensor.numel() == keep.numel()
+                    and tensor.is_contiguous() and keep.is_contiguous()):
+                kernel(tensor, keep)
+            else:
+                rest.append((tensor, keep))
+        if not rest:
+            return
+        tensors, keeps = [t for t, _ in rest], [k for _, k in rest]
     if scratch is None:
         if tensors:
             torch._foreach_mul_(list(tensors), list(keeps))
