@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -65,8 +66,8 @@ def _cache_dir() -> Path:
     return Path(base) / "compress_callbacks"
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join((_SOURCE, compiler, *_FLAGS, platform.machine())).encode()).hexdigest()[:16]
+def _build(compiler: list[str]) -> Path:
+    key = hashlib.sha256("\0".join((_SOURCE, *compiler, *_FLAGS, platform.machine())).encode()).hexdigest()[:16]
     folder = _cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def _build(compiler: str) -> Path:
         source = Path(work) / "masks.c"
         source.write_text(_SOURCE)
         built = Path(work) / library.name
-        subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, timeout=120)
+        subprocess.run([*compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, timeout=120)
         os.replace(built, library)  # atomic: concurrent builders (DDP ranks) each write a whole file
     return library
 
@@ -89,7 +90,7 @@ def _build(compiler: str) -> Path:
 def _load() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
     if platform.system() == "Windows":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not compiler:
         logger.info("compress_callbacks: no C compiler found; masks use the pure-PyTorch path")
         return None
