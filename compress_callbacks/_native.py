@@ -1,10 +1,15 @@
 """Optional native CPU kernels: a few lines of C compiled on first use with the system C compiler.
 
-Eager PyTorch has no CPU kernel that multiplies float32 by a uint8 mask in place without first
-converting the mask to float32 (a temporary, or an extra pass through a buffer). The kernel here
-does ``t[i] *= keep[i]`` in one OpenMP-parallel pass (it reads 5 bytes and writes 4 per weight,
-where a float32 mask multiply reads 8), so GMP's per-step masking costs less than multiplying by
-a 4-byte float mask while its masks stay 1 byte per weight.
+Two per-step passes that eager PyTorch can only do in several:
+
+* ``t *= keep`` with a uint8 mask: PyTorch first converts the mask to float32 (a temporary, or an
+  extra pass through a buffer). Here it is one OpenMP-parallel pass reading 5 bytes and writing 4
+  per weight, where a float32 mask multiply reads 8: GMP's masking then costs less than a 4-byte
+  float mask while its masks stay 1 byte per weight.
+* the weight fake-quant ``round(w / s) * s`` per output channel: three passes
+  (``mul``, ``round_``, ``mul_``) become one, with bit-identical float32 results;
+* the activation fake-quant ``clamp(round(x / s), lo, hi) * s`` and its straight-through mask:
+  five passes and three temporaries become one pass (and one for the backward).
 
 Nothing here is required. The kernel is built with ``$CC`` (else ``cc`` or ``gcc``) and
 ``-O3 -fopenmp`` into ``~/.cache/compress_callbacks`` (``$COMPRESS_CALLBACKS_CACHE`` overrides),
@@ -38,16 +43,63 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["mask_multiply_kernel", "native_enabled"]
+__all__ = ["activation_kernels", "fake_quantize_rows_kernel", "mask_multiply_kernel", "native_enabled"]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* vectorised for AVX-512 and AVX2 too, picked at load time by the CPU (one portable library) */
+#define CC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CC_CLONES
+#endif
 /* t[i] *= keep[i] for keep in {0, 1}: one pass, OpenMP across `threads` threads. */
-void cc_mul_keep_f32(float *restrict t, const uint8_t *restrict keep, int64_t n, int threads) {
+CC_CLONES void cc_mul_keep_f32(float *restrict t, const uint8_t *restrict keep, int64_t n, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if(n > 65536 && threads > 1)
     for (int64_t i = 0; i < n; ++i) t[i] *= (float)keep[i];
+}
+/* out = round_half_even(w * (1 / s_row)) * s_row, row by row: what torch computes with
+   (w * s.reciprocal()).round_().mul_(s), in one pass. |w * (1 / s)| <= 2^22 (s comes from max |w|),
+   where (|y| + 1.5 * 2^23) - 1.5 * 2^23 is round-half-even in IEEE float (no -ffast-math here), and
+   copysignf keeps torch.round's sign of zero. */
+CC_CLONES void cc_fake_quant_rows_f32(const float *restrict w, float *restrict out, const float *restrict scale,
+                            int64_t rows, int64_t cols, int threads) {
+    const float magic = 12582912.0f;
+    #pragma omp parallel for num_threads(threads) schedule(static) if(rows * cols > 65536 && threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float s = scale[r], inv = 1.0f / s;
+        const float *src = w + r * cols;
+        float *dst = out + r * cols;
+        for (int64_t c = 0; c < cols; ++c) {
+            const float y = src[c] * inv;
+            dst[c] = copysignf((fabsf(y) + magic) - magic, y) * s;
+        }
+    }
+}
+/* Per-tensor activation fake-quant: r = round_half_even(x * inv), c = clamp(r, lo, hi),
+   out = c * scale, inside = (c == r) (where the straight-through gradient passes). Same values as
+   torch's (x * inv).round_(), clamp, mul_, also for NaN and inf (compares, not fminf/fmaxf). Past
+   2^22 the rounding trick is inexact, but such values are clamped either way. */
+CC_CLONES void cc_fake_quant_act_f32(const float *restrict x, float *restrict out, uint8_t *restrict inside,
+                                     int64_t n, float scale, float inv, float lo, float hi, int threads) {
+    const float magic = 12582912.0f;
+    #pragma omp parallel for num_threads(threads) schedule(static) if(n > 65536 && threads > 1)
+    for (int64_t i = 0; i < n; ++i) {
+        const float y = x[i] * inv;
+        const float r = copysignf((fabsf(y) + magic) - magic, y);
+        const float c = r < lo ? lo : (r > hi ? hi : r);
+        out[i] = c * scale;
+        inside[i] = (uint8_t)(c == r);
+    }
+}
+/* out = keep ? g : 0 (torch.where(keep, g, 0.0)), a new tensor. */
+CC_CLONES void cc_where_keep_f32(const float *restrict g, const uint8_t *restrict keep, float *restrict out,
+                                 int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if(n > 65536 && threads > 1)
+    for (int64_t i = 0; i < n; ++i) out[i] = keep[i] ? g[i] : 0.0f;
 }
 """
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -87,7 +139,7 @@ def _build(compiler: list[str]) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _load() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+def _load() -> _Kernels | None:
     if platform.system() == "Windows":
         return None
     compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
@@ -104,6 +156,16 @@ def _load() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
         return None
     function.restype = None
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    quantize = library.cc_fake_quant_rows_f32
+    quantize.restype = None
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    activation = library.cc_fake_quant_act_f32
+    activation.restype = None
+    activation.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                           ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    where_keep = library.cc_where_keep_f32
+    where_keep.restype = None
+    where_keep.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     bump = getattr(torch.autograd.graph, "increment_version", None)
 
     def multiply(tensor: torch.Tensor, keep: torch.Tensor) -> None:
@@ -111,7 +173,31 @@ def _load() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
         if bump is not None:
             bump(tensor)  # an in-place change, as far as autograd's version checks are concerned
 
-    return multiply
+    def fake_quantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        rows = weight.shape[0]
+        quantize(weight.data_ptr(), out.data_ptr(), scale.data_ptr(), rows, weight.numel() // max(rows, 1),
+                 torch.get_num_threads())
+        return out
+
+    def fake_quantize_activation(x: torch.Tensor, scale: float, inv: float, lo: float, hi: float):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        inside = torch.empty(x.shape, dtype=torch.uint8)
+        activation(x.data_ptr(), out.data_ptr(), inside.data_ptr(), x.numel(), scale, inv, lo, hi, torch.get_num_threads())
+        return out, inside
+
+    def masked_gradient(grad: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(grad.shape, dtype=torch.float32)
+        where_keep(grad.data_ptr(), inside.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
+        return out
+
+    return _Kernels(multiply, fake_quantize, fake_quantize_activation, masked_gradient)
+
+
+class _Kernels:
+    def __init__(self, multiply, fake_quantize, fake_quantize_activation, masked_gradient) -> None:
+        self.multiply, self.fake_quantize = multiply, fake_quantize
+        self.fake_quantize_activation, self.masked_gradient = fake_quantize_activation, masked_gradient
 
 
 def mask_multiply_kernel() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
@@ -122,4 +208,29 @@ def mask_multiply_kernel() -> Callable[[torch.Tensor, torch.Tensor], None] | Non
     """
     if not native_enabled():
         return None
-    return _load()
+    kernels = _load()
+    return kernels.multiply if kernels is not None else None
+
+
+def activation_kernels():
+    """``(fake_quantize(x, scale, inv, lo, hi) -> (out, inside), masked_gradient(grad, inside))`` or None.
+
+    The per-tensor activation fake-quant in one pass (values equal to the torch ops') and its
+    straight-through backward ``where(inside, grad, 0)``. Contiguous float32 CPU tensors only.
+    """
+    if not native_enabled():
+        return None
+    kernels = _load()
+    return (kernels.fake_quantize_activation, kernels.masked_gradient) if kernels is not None else None
+
+
+def fake_quantize_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``kernel(weight, scale) -> round(w / s) * s`` per row (output channel), or None.
+
+    Same float32 values as ``(w * s.reciprocal()).round_().mul_(s)``, in one pass. Only for a
+    contiguous float32 CPU ``weight`` and a contiguous float32 ``scale`` with one value per row.
+    """
+    if not native_enabled():
+        return None
+    kernels = _load()
+    return kernels.fake_quantize if kernels is not None else None

@@ -460,3 +460,55 @@ def test_pruned_all_zero_channel_gets_unit_scale():
     scale = per_channel_weight_scale(w, 8)
     assert scale[1] == 1.0
     assert torch.allclose(scale[[0, 2]], w[[0, 2]].abs().amax(1) / 127)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_native_weight_fake_quant_is_bit_identical_to_the_torch_ops(bits, monkeypatch):
+    import shutil
+
+    from compress_callbacks import _native
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: only the torch path exists")
+    kernel = _native.fake_quantize_rows_kernel()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(bits)
+    weight = torch.randn(33, 3, 5, 5, generator=g)
+    weight[0] = 0.0  # an all-zero (pruned) channel: scale 1.0
+    weight[1, :, 0, 0] = -0.0
+    qmax = 2 ** (bits - 1) - 1
+    weight[2] = torch.arange(75, dtype=torch.float32).reshape(3, 5, 5).sub(37).mul(0.5)  # exact .5 ties
+    weight[2, 0, 0, 0] = 37.0 / qmax * qmax  # max |w| sets the scale
+    scale = FQ.per_channel_weight_scale(weight, bits)
+    native = FQ.fake_quantize_weight_with_scale(weight, scale)
+    monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
+    reference = FQ.fake_quantize_weight_with_scale(weight, scale)
+    assert torch.equal(native, reference)
+    assert torch.equal(torch.signbit(native), torch.signbit(reference))  # torch.round keeps -0.0
+    assert native.shape == weight.shape and native.is_contiguous()
+
+
+def test_native_activation_fake_quant_matches_the_torch_ops_values_and_gradient(monkeypatch):
+    import shutil
+
+    from compress_callbacks import _native
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine: only the torch path exists")
+    assert _native.activation_kernels() is not None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70_001, generator=g) * 3  # above the OpenMP threshold
+    x[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, -0.0, 0.05, -0.05])
+    x[8:20] = torch.arange(12, dtype=torch.float32).sub(6).mul(0.05)  # ties of round-half-even at scale 0.1
+    scale, zero_point = torch.tensor(0.1), torch.tensor(40, dtype=torch.int32)
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", native)
+        leaf = x.clone().requires_grad_(True)
+        out = FQ.fake_quantize_activation(leaf, scale, zero_point)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(grad_out)
+        results.append((out.detach(), leaf.grad))
+    (native_out, native_grad), (torch_out, torch_grad) = results
+    assert torch.equal(native_out[1:], torch_out[1:]) and native_out[0].isnan() == torch_out[0].isnan()
+    assert torch.equal(native_grad, torch_grad)

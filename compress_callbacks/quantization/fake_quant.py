@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .._native import activation_kernels, fake_quantize_rows_kernel
 from .spec import weight_qmax
 
 __all__ = [
@@ -72,6 +73,10 @@ def fake_quantize_weight_with_scale(weight: torch.Tensor, scale: torch.Tensor) -
 
     Rounds half to even, like ``torch.round`` and the ATen fake-quant kernels.
     """
+    kernel = fake_quantize_rows_kernel() if weight.device.type == "cpu" else None
+    if (kernel is not None and weight.dtype == torch.float32 and scale.dtype == torch.float32 and weight.dim() >= 1
+            and weight.is_contiguous() and scale.is_contiguous() and scale.numel() == weight.shape[0]):
+        return kernel(weight, scale)  # the same values in one pass (compress_callbacks._native)
     scale = _channel_view(scale, weight.dim())
     return (weight * scale.reciprocal()).round_().mul_(scale).to(weight.dtype)
 
@@ -149,6 +154,15 @@ class _ActivationFakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, inv_scale, qlo, qhi):  # type: ignore[override]
+        per_tensor = all(torch.is_tensor(t) and t.numel() == 1 and t.device.type == "cpu" for t in (scale, inv_scale, qlo, qhi))
+        eligible = per_tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+        kernels = activation_kernels() if eligible else None
+        ctx.native = kernels
+        if kernels is not None:  # one pass, same values (compress_callbacks._native)
+            out, inside = kernels[0](x, float(scale), float(inv_scale), float(qlo), float(qhi))
+            if ctx.needs_input_grad[0]:
+                ctx.save_for_backward(inside)
+            return out
         rounded = (x * inv_scale).round_()
         clamped = torch.clamp(rounded, qlo, qhi)
         if ctx.needs_input_grad[0]:
@@ -158,7 +172,9 @@ class _ActivationFakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad_output, 0.0), None, None, None, None
+        if ctx.native is not None and grad_output.dtype == torch.float32 and grad_output.is_contiguous():
+            return ctx.native[1](grad_output, inside), None, None, None, None
+        return torch.where(inside.bool(), grad_output, 0.0), None, None, None, None
 
 
 def fake_quantize_activation_with_bounds(
