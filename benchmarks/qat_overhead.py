@@ -5,8 +5,9 @@ with BatchNorm (3 conv+BN+ReLU blocks, 32x32 inputs, batch 32). Optimizer: SGD w
 Variants: a plain step; ``QuantizationAwareTraining`` W8A8 and weight-only (W8); torchao's QAT
 (``torchao.quantization.qat``, Linear only: int8 per-token activations + int8 per-channel weights,
 and weight-only) and the deprecated ``torch.ao.quantization.prepare_qat`` (fbgemm W8A8) as named
-baselines. Every variant is timed in rounds, interleaved (order reversed every other round); the
-best round's per-step time of each variant is divided by the plain step's best round.
+baselines. Every variant is timed in rounds, in a freshly shuffled order each round; a variant's
+figure is the median over rounds of (its step time / the plain step's in the same round), with the
+quartiles: pairing within a round cancels slow drifts of a shared machine.
 
 Run: ``PYTHONPATH=. python benchmarks/qat_overhead.py`` (``--quick`` for a < 60 s smoke run).
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -100,7 +103,8 @@ def build_variants(kind: str, base: nn.Module) -> dict[str, tuple[nn.Module, tor
     return variants
 
 
-def time_variants(variants, x, y, steps: int, rounds: int) -> dict[str, float]:
+def time_variants(variants, x, y, steps: int, rounds: int, seed: int = 0) -> dict[str, tuple[float, float, float, float]]:
+    """Per variant: (median, q1, q3) of the per-round ratio to the plain step, and its median seconds per step."""
     loss_fn = nn.CrossEntropyLoss()
     names = list(variants)
 
@@ -114,14 +118,20 @@ def time_variants(variants, x, y, steps: int, rounds: int) -> dict[str, float]:
     for name in names:  # warm-up
         run(name, 2)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
+    order = list(names)
+    shuffle = random.Random(seed).shuffle
+    for _ in range(rounds):
+        shuffle(order)
         for name in order:
             start = time.perf_counter()
             run(name, steps)
             samples[name].append((time.perf_counter() - start) / steps)
-    # best round per variant: the machine's other load only ever adds time
-    return {n: min(s) for n, s in samples.items()}
+    out = {}
+    for name, times in samples.items():
+        ratios = [t / p for t, p in zip(times, samples["plain"])]
+        q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        out[name] = (median, q1, q3, statistics.median(times))
+    return out
 
 
 def format_table(title: str, results: dict[str, dict[str, float]]) -> str:
@@ -131,8 +141,8 @@ def format_table(title: str, results: dict[str, dict[str, float]]) -> str:
     for name in names:
         cells = []
         for col in columns:
-            t, base = results[col].get(name), results[col]["plain"]
-            cells.append("-" if t is None else f"{t / base:.2f}x ({t * 1e3:.1f} ms)")
+            r = results[col].get(name)
+            cells.append("-" if r is None else f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}] ({r[3] * 1e3:.1f} ms)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 30)
     steps = args.steps or (2 if args.quick else 5)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
