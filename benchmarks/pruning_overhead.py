@@ -165,16 +165,16 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--rounds", type=int, default=None, help="paired rounds per case (default 40, quick 4)")
+    parser.add_argument("--rounds", type=int, default=None, help="paired rounds per case (default 300, quick 6)")
     parser.add_argument("--update-every", type=int, default=100, help="for the amortised mask-update cost")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (4 if args.quick else 40)
-    steps = 3 if args.quick else 5
+    rounds = args.rounds or (6 if args.quick else 300)
+    steps = 1  # one step per variant per round: the tightest pairing
     variants = ["plain", "gmp", "gmp, pure-PyTorch path", "torch.nn.utils.prune", "torch.ao WeightNormSparsifier",
                 "float-mask multiply"]
     lines = [
         f"Pruning step overhead at {args.sparsity:.0%} sparsity, SGD momentum, torch threads {torch.get_num_threads()}: "
-        f"step time / plain step, median [quartiles] of {rounds} paired rounds of {steps} steps, shuffled order"
+        f"step time / plain step, median [quartiles] of {rounds} paired rounds of {steps} step{'s' if steps > 1 else ''} per variant, shuffled order"
     ]
     cases = [(lambda: mlp(args.quick), (64, 256 if args.quick else 1024), "MLP b64")]
     cases.append((lambda: mlp(args.quick), (256, 256 if args.quick else 1024), "MLP b256"))
