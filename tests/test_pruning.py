@@ -76,6 +76,34 @@ def test_schedule_is_followed_and_zeros_stay_exact(make_opt):
     assert gmp.overall_sparsity() == pytest.approx(0.8, abs=1e-3)
 
 
+def test_gradients_are_masked_before_clipping_and_replaced_gradients_still_are():
+    """Pruned gradients are zero right after backward (so clip_grad_norm_ sees only kept weights),
+    across accumulation micro-steps; a gradient replaced after backward is masked before the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gmp = GradualMagnitudePruning(0.75, start_step=0, end_step=2, update_every=1)
+    CompressionManager(gmp).attach(model, optimizer)
+    for _ in range(3):  # reach the final masks
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for micro in range(2):  # accumulation: two backwards, then one step
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        for param, keep in zip(gmp._params, gmp._keeps):
+            assert float(param.grad[keep == 0].abs().max()) == 0.0, micro
+    kept_norm = torch.cat([p.grad[k == 1] for p, k in zip(gmp._params, gmp._keeps)] +
+                          [m.bias.grad for m in model if isinstance(m, nn.Linear)]).norm()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+    torch.testing.assert_close(total, kept_norm)
+    model[0].weight.grad = torch.randn_like(model[0].weight)  # replaced after backward: not masked yet
+    optimizer.step()
+    for param, keep in zip(gmp._params, gmp._keeps):
+        assert float(param.detach()[keep == 0].abs().max()) == 0.0
+        assert not optimizer.state[param]["momentum_buffer"][keep == 0].any()
+    optimizer.zero_grad()
+
+
 def test_nothing_is_pruned_before_start_and_model_is_unchanged():
     model = make_model()
     reference = copy.deepcopy(model)
@@ -382,6 +410,16 @@ def _ddp_worker(path):
     masks = torch.cat([k.flatten().float() for k in gmp._keeps])
     gathered = accelerator.gather(masks.unsqueeze(0))
     assert torch.equal(gathered[0], gathered[1]), "ranks disagree on masks"
+    # gradients are masked as autograd accumulates them, before DDP's all-reduce reads them: after
+    # backward (before the step, where clipping would run) pruned gradients are exactly zero on both ranks
+    accelerator.backward(model(torch.randn(8, 16, generator=g)).pow(2).mean())
+    for param, keep in zip(gmp._params, gmp._keeps):
+        assert keep is not None and float(param.grad[keep == 0].abs().max()) == 0.0
+        assert float(param.grad[keep == 1].abs().max()) > 0.0
+    grads = torch.cat([p.grad.flatten() for p in gmp._params])
+    both = accelerator.gather(grads.unsqueeze(0))
+    assert torch.equal(both[0], both[1]), "the all-reduced gradients differ between ranks"
+    optimizer.zero_grad()
     assert manager.step == 4
     assert abs(gmp.overall_sparsity() - 0.6) < 1e-3
     with open(f"{path}/rank{accelerator.process_index}.txt", "w") as f:

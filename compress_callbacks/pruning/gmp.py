@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -70,9 +71,13 @@ class GradualMagnitudePruning(CompressionCallback):
             all targeted weights together).
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
 
-    Pruned weights get their gradients masked before each real update and their optimizer state
-    zeroed when the mask grows, so they stay exactly zero and their optimizer state does not grow.
-    Weights that are already zero at ``attach`` (a sparse checkpoint) stay zero.
+    Pruned weights get their gradients masked as soon as autograd accumulates them (a
+    post-accumulate-grad hook, before DDP's all-reduce reads them, so gradient clipping and gradient
+    logging see only kept weights), again before the update for any gradient that was replaced
+    after backward, and their optimizer state zeroed when the mask grows: they stay exactly zero and
+    their optimizer state does not grow. (A gradient changed *in place* between backward and the
+    step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
+    sparse checkpoint) stay zero.
 
     Example::
 
@@ -148,6 +153,8 @@ class GradualMagnitudePruning(CompressionCallback):
         self._loaded: dict[str, Any] | None = None
         self._scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._kernel = None
+        self._grad_hooks: list[Any] = []
+        self._masked_grads: list[Any] = []  # weakref to each grad tensor as masked during backward (None: not)
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -189,13 +196,45 @@ class GradualMagnitudePruning(CompressionCallback):
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
         self._update_masks(step)
+        self._install_grad_hooks()
+
+    # Gradients are masked as soon as autograd has accumulated them (a post-accumulate-grad hook, which
+    # runs before DDP's reducer reads the gradient), so gradient clipping, logging and the all-reduce
+    # see only the weights that are kept. Before each real update, any gradient that did not come
+    # through that hook (replaced by other code, or set without autograd) is masked too.
+    def _install_grad_hooks(self) -> None:
+        self._remove_grad_hooks()
+        self._masked_grads = [None] * len(self._params)
+        for index, param in enumerate(self._params):
+            self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._grad_hook(index)))
+
+    def _grad_hook(self, index: int):
+        def mask_accumulated_grad(param: torch.Tensor) -> None:
+            keep = self._keeps[index] if index < len(self._keeps) else None
+            if keep is None or param.grad is None:
+                return
+            grad = param.grad
+            M.apply_keep_([grad], [keep], None if self._kernel else self._scratch(grad), self._kernel)
+            self._masked_grads[index] = weakref.ref(grad)
+
+        return mask_accumulated_grad
+
+    def _remove_grad_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
 
     def on_before_update(self, step: int) -> None:
         grads, keeps = [], []
-        for p, keep in zip(self._params, self._keeps):
-            if keep is not None and p.grad is not None:
+        masked = self._masked_grads
+        for index, (p, keep) in enumerate(zip(self._params, self._keeps)):
+            if keep is None or p.grad is None:
+                continue
+            ref = masked[index] if index < len(masked) else None
+            if ref is None or ref() is not p.grad:  # not the tensor the backward hook masked: mask it now
                 grads.append(p.grad)
                 keeps.append(keep)
+        self._masked_grads = [None] * len(self._params)
         if grads:
             M.apply_keep_(grads, keeps, None if self._kernel else self._scratch(grads[0]), self._kernel)
 
@@ -206,6 +245,7 @@ class GradualMagnitudePruning(CompressionCallback):
             self._update_masks(step)
 
     def finalize(self, model: nn.Module) -> None:
+        self._remove_grad_hooks()
         self._enforce_masks(include_state=False)
         self._final_rows = self.summary_rows()
         self._keeps = [None] * len(self._params)
