@@ -211,10 +211,15 @@ class GradualMagnitudePruning(CompressionCallback):
     def _grad_hook(self, index: int):
         def mask_accumulated_grad(param: torch.Tensor) -> None:
             keep = self._keeps[index] if index < len(self._keeps) else None
-            if keep is None or param.grad is None:
-                return
             grad = param.grad
-            M.apply_keep_([grad], [keep], None if self._kernel else self._scratch(grad), self._kernel)
+            if keep is None or grad is None:
+                return
+            kernel = self._kernel
+            if (kernel is not None and grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.is_contiguous()
+                    and keep.is_contiguous()):
+                kernel(grad, keep)  # the common case, without apply_keep_'s generic checks (keep: uint8, same shape)
+            else:
+                M.apply_keep_([grad], [keep], None if kernel else self._scratch(grad), kernel)
             self._masked_grads[index] = weakref.ref(grad)
 
         return mask_accumulated_grad
