@@ -76,6 +76,26 @@ def test_schedule_is_followed_and_zeros_stay_exact(make_opt):
     assert gmp.overall_sparsity() == pytest.approx(0.8, abs=1e-3)
 
 
+def test_mask_gradients_step_defers_masking_to_the_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gmp = GradualMagnitudePruning(0.75, start_step=0, end_step=2, update_every=1, mask_gradients="step")
+    CompressionManager(gmp).attach(model, optimizer)
+    for _ in range(4):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        if gmp._keeps[0] is not None:  # not masked yet after backward (clipping would count them) ...
+            assert float(model[0].weight.grad[gmp._keeps[0] == 0].abs().max()) > 0.0
+        optimizer.step()
+        optimizer.zero_grad()
+    for param, keep in zip(gmp._params, gmp._keeps):  # ... but the update still keeps zeros exact
+        assert float(param.detach()[keep == 0].abs().max()) == 0.0
+        assert not optimizer.state[param]["momentum_buffer"][keep == 0].any()
+    assert gmp.config()["mask_gradients"] == "step"
+    with pytest.raises(ValueError, match="mask_gradients"):
+        GradualMagnitudePruning(0.5, start_step=0, end_step=2, mask_gradients="later")
+
+
 def test_gradients_are_masked_before_clipping_and_replaced_gradients_still_are():
     """Pruned gradients are zero right after backward (so clip_grad_norm_ sees only kept weights),
     across accumulation micro-steps; a gradient replaced after backward is masked before the step."""

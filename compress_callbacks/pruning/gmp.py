@@ -33,6 +33,7 @@ __all__ = ["GradualMagnitudePruning"]
 
 GRANULARITIES = ("unstructured", "channel")
 SCOPES = ("layer", "global")
+MASK_GRADIENTS = ("backward", "step")
 
 # Optimizers whose update of a parameter with zero gradient and zero state is exactly zero (also with
 # weight decay, momentum, Nesterov, AMSGrad, maximize). For these, masking gradients before each
@@ -70,11 +71,16 @@ class GradualMagnitudePruning(CompressionCallback):
         scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (the target holds over
             all targeted weights together).
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+        mask_gradients: ``"backward"`` (default): pruned gradients are zeroed as autograd
+            accumulates them, so gradient clipping, gradient logging and DDP's all-reduce see only
+            kept weights. ``"step"``: once, just before each real update: about 1% of a CPU step
+            cheaper, but ``clip_grad_norm_`` then counts the pruned weights' gradients.
 
     Pruned weights get their gradients masked as soon as autograd accumulates them (a
     post-accumulate-grad hook, before DDP's all-reduce reads them, so gradient clipping and gradient
-    logging see only kept weights), again before the update for any gradient that was replaced
-    after backward, and their optimizer state zeroed when the mask grows: they stay exactly zero and
+    logging see only kept weights; ``mask_gradients="step"`` defers this to the update), again
+    before the update for any gradient that was replaced after backward, and their optimizer state
+    zeroed when the mask grows: they stay exactly zero and
     their optimizer state does not grow. (A gradient changed *in place* between backward and the
     step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
     sparse checkpoint) stay zero.
@@ -99,8 +105,11 @@ class GradualMagnitudePruning(CompressionCallback):
         scope: str = "layer",
         modules: ModuleSpec = None,
         exclude: ModuleSpec = None,
+        mask_gradients: str = "backward",
     ) -> None:
         super().__init__()
+        if mask_gradients not in MASK_GRADIENTS:
+            raise ValueError(f"`mask_gradients` must be 'backward' or 'step', got {mask_gradients!r}")
         if not isinstance(granularity, str):
             raise TypeError(f"`granularity` must be a string, got {granularity!r}")
         nm = M.parse_nm(granularity)
@@ -140,6 +149,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self.scope = scope
         self.modules = modules
         self.exclude = exclude
+        self.mask_gradients = mask_gradients
         self._nm = nm
 
         self._names: list[str] = []
@@ -196,7 +206,8 @@ class GradualMagnitudePruning(CompressionCallback):
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
         self._update_masks(step)
-        self._install_grad_hooks()
+        if self.mask_gradients == "backward":
+            self._install_grad_hooks()
 
     # Gradients are masked as soon as autograd has accumulated them (a post-accumulate-grad hook, which
     # runs before DDP's reducer reads the gradient), so gradient clipping, logging and the all-reduce
