@@ -512,3 +512,18 @@ def test_native_activation_fake_quant_matches_the_torch_ops_values_and_gradient(
     (native_out, native_grad), (torch_out, torch_grad) = results
     assert torch.equal(native_out[1:], torch_out[1:]) and native_out[0].isnan() == torch_out[0].isnan()
     assert torch.equal(native_grad, torch_grad)
+
+
+@pytest.mark.slow
+def test_compiled_qat_model_matches_eager():
+    """Under torch.compile the fake-quant uses torch ops (the native kernels would break the graph)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    manager, qat, optimizer = attach(model, start_step=0)
+    train(model, optimizer, [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(3)])
+    model.eval()
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, eager)

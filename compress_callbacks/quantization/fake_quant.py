@@ -46,6 +46,12 @@ WEIGHT_SCALE_EPS = torch.finfo(torch.float32).tiny
 ACTIVATION_SCALE_EPS = torch.finfo(torch.float32).eps
 
 
+def _compiling() -> bool:
+    """Under ``torch.compile`` tracing the native (ctypes) kernels would break the graph: use torch ops."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _channel_view(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` (one value per output channel) shaped to broadcast against a ``dim``-dimensional weight."""
     return t.reshape((-1,) + (1,) * (dim - 1))
@@ -73,7 +79,7 @@ def fake_quantize_weight_with_scale(weight: torch.Tensor, scale: torch.Tensor) -
 
     Rounds half to even, like ``torch.round`` and the ATen fake-quant kernels.
     """
-    kernel = fake_quantize_rows_kernel() if weight.device.type == "cpu" else None
+    kernel = fake_quantize_rows_kernel() if weight.device.type == "cpu" and not _compiling() else None
     if (kernel is not None and weight.dtype == torch.float32 and scale.dtype == torch.float32 and weight.dim() >= 1
             and weight.is_contiguous() and scale.is_contiguous() and scale.numel() == weight.shape[0]):
         return kernel(weight, scale)  # the same values in one pass (compress_callbacks._native)
@@ -155,7 +161,7 @@ class _ActivationFakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, inv_scale, qlo, qhi):  # type: ignore[override]
         per_tensor = all(torch.is_tensor(t) and t.numel() == 1 and t.device.type == "cpu" for t in (scale, inv_scale, qlo, qhi))
-        eligible = per_tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+        eligible = per_tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not _compiling()
         kernels = activation_kernels() if eligible else None
         ctx.native = kernels
         if kernels is not None:  # one pass, same values (compress_callbacks._native)
