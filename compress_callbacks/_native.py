@@ -1,6 +1,6 @@
 """Optional native CPU kernels: a few lines of C compiled on first use with the system C compiler.
 
-Two per-step passes that eager PyTorch can only do in several:
+Per-step passes that eager PyTorch can only do in several:
 
 * ``t *= keep`` with a uint8 mask: PyTorch first converts the mask to float32 (a temporary, or an
   extra pass through a buffer). Here it is one OpenMP-parallel pass reading 5 bytes and writing 4
@@ -40,6 +40,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -194,10 +195,16 @@ def _load() -> _Kernels | None:
     return _Kernels(multiply, fake_quantize, fake_quantize_activation, masked_gradient)
 
 
-class _Kernels:
-    def __init__(self, multiply, fake_quantize, fake_quantize_activation, masked_gradient) -> None:
-        self.multiply, self.fake_quantize = multiply, fake_quantize
-        self.fake_quantize_activation, self.masked_gradient = fake_quantize_activation, masked_gradient
+class _Kernels(NamedTuple):
+    multiply: Callable
+    fake_quantize: Callable
+    fake_quantize_activation: Callable
+    masked_gradient: Callable
+
+
+def _kernels() -> _Kernels | None:
+    """The loaded kernels, or None when disabled (``COMPRESS_CALLBACKS_NATIVE=0``) or unavailable."""
+    return _load() if native_enabled() else None
 
 
 def mask_multiply_kernel() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
@@ -206,9 +213,7 @@ def mask_multiply_kernel() -> Callable[[torch.Tensor, torch.Tensor], None] | Non
     Only for contiguous float32 CPU ``t`` and a contiguous uint8 ``keep`` of 0/1 with as many
     elements; callers check that (see ``pruning.masks.apply_keep_``).
     """
-    if not native_enabled():
-        return None
-    kernels = _load()
+    kernels = _kernels()
     return kernels.multiply if kernels is not None else None
 
 
@@ -218,9 +223,7 @@ def activation_kernels():
     The per-tensor activation fake-quant in one pass (values equal to the torch ops') and its
     straight-through backward ``where(inside, grad, 0)``. Contiguous float32 CPU tensors only.
     """
-    if not native_enabled():
-        return None
-    kernels = _load()
+    kernels = _kernels()
     return (kernels.fake_quantize_activation, kernels.masked_gradient) if kernels is not None else None
 
 
@@ -230,7 +233,5 @@ def fake_quantize_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.
     Same float32 values as ``(w * s.reciprocal()).round_().mul_(s)``, in one pass. Only for a
     contiguous float32 CPU ``weight`` and a contiguous float32 ``scale`` with one value per row.
     """
-    if not native_enabled():
-        return None
-    kernels = _load()
+    kernels = _kernels()
     return kernels.fake_quantize if kernels is not None else None

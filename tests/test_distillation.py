@@ -250,7 +250,7 @@ def test_chunked_soft_only_and_all_positions_ignored():
 
 
 def test_transformers_causal_lm_shift_labels_matches_the_models_own_loss():
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject [test])
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     torch.manual_seed(0)
     student = transformers.GPT2LMHeadModel(config)

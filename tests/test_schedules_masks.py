@@ -189,12 +189,8 @@ def fresh_native(monkeypatch, tmp_path):
 
 
 def test_native_kernel_builds_once_and_matches_mul(fresh_native, tmp_path):
-    import shutil
-
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler on this machine: the pure-PyTorch path is used (tested above)")
     kernel = fresh_native.mask_multiply_kernel()
-    assert kernel is not None, "a C compiler is present, so the kernel must build"
+    assert kernel is not None, "the native kernel must build here (needs a C compiler with OpenMP, e.g. gcc)"
     assert len(list((tmp_path / "cache").glob("masks_*.so"))) == 1
     fresh_native._load.cache_clear()
     assert fresh_native.mask_multiply_kernel() is not None  # loads the cached library

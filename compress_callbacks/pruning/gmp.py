@@ -207,6 +207,7 @@ class GradualMagnitudePruning(CompressionCallback):
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
         self._update_masks(step)
+        self._masked_grads = [None] * len(self._params)
         if self.mask_gradients == "backward":
             self._install_grad_hooks()
 
@@ -216,22 +217,15 @@ class GradualMagnitudePruning(CompressionCallback):
     # through that hook (replaced by other code, or set without autograd) is masked too.
     def _install_grad_hooks(self) -> None:
         self._remove_grad_hooks()
-        self._masked_grads = [None] * len(self._params)
         for index, param in enumerate(self._params):
             self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._grad_hook(index)))
 
     def _grad_hook(self, index: int):
         def mask_accumulated_grad(param: torch.Tensor) -> None:
-            keep = self._keeps[index] if index < len(self._keeps) else None
-            grad = param.grad
+            keep, grad = self._keeps[index], param.grad
             if keep is None or grad is None:
                 return
-            kernel = self._kernel
-            if (kernel is not None and grad.dtype == torch.float32 and grad.device.type == "cpu" and grad.is_contiguous()
-                    and keep.is_contiguous()):
-                kernel(grad, keep)  # the common case, without apply_keep_'s generic checks (keep: uint8, same shape)
-            else:
-                M.apply_keep_([grad], [keep], None if kernel else self._scratch(grad), kernel)
+            self._mask_([grad], [keep])
             self._masked_grads[index] = weakref.ref(grad)
 
         return mask_accumulated_grad
@@ -243,17 +237,13 @@ class GradualMagnitudePruning(CompressionCallback):
 
     def on_before_update(self, step: int) -> None:
         grads, keeps = [], []
-        masked = self._masked_grads
-        for index, (p, keep) in enumerate(zip(self._params, self._keeps)):
-            if keep is None or p.grad is None:
-                continue
-            ref = masked[index] if index < len(masked) else None
-            if ref is None or ref() is not p.grad:  # not the tensor the backward hook masked: mask it now
-                grads.append(p.grad)
+        for p, keep, ref in zip(self._params, self._keeps, self._masked_grads):
+            if keep is not None and p.grad is not None and (ref is None or ref() is not p.grad):
+                grads.append(p.grad)  # not the tensor the backward hook masked: mask it now
                 keeps.append(keep)
         self._masked_grads = [None] * len(self._params)
         if grads:
-            M.apply_keep_(grads, keeps, None if self._kernel else self._scratch(grads[0]), self._kernel)
+            self._mask_(grads, keeps)
 
     def on_update(self, step: int) -> None:
         if self._mask_weights_after_update:
@@ -308,6 +298,10 @@ class GradualMagnitudePruning(CompressionCallback):
                 extra += [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
                 tensors += extra
                 keeps += [keep] * len(extra)
+        self._mask_(tensors, keeps)
+
+    def _mask_(self, tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
+        """``t *= keep`` for each pair: the native kernel where it applies, else the scratch path."""
         M.apply_keep_(tensors, keeps, None if self._kernel else self._scratch(tensors[0]), self._kernel)
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor | None:
