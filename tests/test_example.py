@@ -170,3 +170,29 @@ def test_runner_discovers_and_runs_every_benchmark(tmp_path):
     lines.clear()
     assert run_all.run_benchmarks(tmp_path, only=["good"], out=lines.append) == [("good", None)]
     assert "full table" in "\n".join(lines)
+
+
+pruning_overhead = _load(REPO / "benchmarks" / "pruning_overhead.py", "benchmarks_pruning_overhead")
+
+
+def test_interquartile_mean_drops_the_outer_quarters():
+    assert pruning_overhead.interquartile_mean([1.0, 2.0, 3.0, 4.0, 100.0, -50.0, 2.5, 3.5]) == 2.75
+    assert pruning_overhead.interquartile_mean([5.0]) == 5.0
+
+
+def test_pruning_overhead_subset_runs_adjacent_pairs_in_blocks(monkeypatch):
+    built = []
+    real_build = pruning_overhead.build
+
+    def counting_build(variant, make_model, sparsity):
+        built.append(variant)
+        return real_build(variant, make_model, sparsity)
+
+    monkeypatch.setattr(pruning_overhead, "build", counting_build)
+    result = pruning_overhead.time_variants(lambda: pruning_overhead.mlp(True), (8, 256), ["plain", "gmp"], 0.9,
+                                            rounds=4, steps=1, blocks=2)
+    assert sorted(built) == ["gmp", "gmp", "plain", "plain"]  # fresh models for each block
+    iqm, q1, q3 = result["gmp"]
+    assert 0 < q1 <= q3 and 0 < iqm and result["plain ms"] > 0
+    with pytest.raises(SystemExit):
+        pruning_overhead.main(["--quick", "--variants", "gmp,no such variant"])
