@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import types
 import warnings
 from typing import Any
 
@@ -382,11 +383,20 @@ class Int8Layer(nn.Module):
         return self.conv._conv_forward(x, weight, self.bias)
 
 
+def _call_module(module: nn.Module, *inputs):
+    return module(*inputs)
+
+
 class InductorInt8Module(nn.Module):
     """``torch.compile`` (Inductor, ``freezing=True``) of a model made of ``Int8Layer``; runs under ``no_grad``.
 
     Compiles on the first call for each new input shape (tens of seconds), so build it with
     ``to_int8(..., backend="inductor")``, which makes that first call on ``example_inputs``.
+
+    Each instance compiles its own copy of a small function. Compiling the module itself would file
+    every converted model under code that all compiled modules share, and after
+    ``torch._dynamo.config.recompile_limit`` (8) of them Dynamo silently runs the rest, and the
+    user's own compiled modules, in eager mode (several times slower than fp32 here).
 
     >>> InductorInt8Module(nn.Identity()).graph_model
     Identity()
@@ -395,13 +405,14 @@ class InductorInt8Module(nn.Module):
     def __init__(self, graph_model: nn.Module):
         super().__init__()
         self.graph_model = graph_model
-        self.compiled = torch.compile(graph_model)
+        code = _call_module.__code__.replace()  # a code object of this instance's own: its own Dynamo cache
+        self._forward = torch.compile(types.FunctionType(code, _call_module.__globals__, "int8_forward"))
 
     def forward(self, *inputs):
         import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.compiled(*inputs)
+            return self._forward(self.graph_model, *inputs)
 
 
 def _int8_layers_copy(model: nn.Module) -> nn.Module:

@@ -242,6 +242,27 @@ def test_to_int8_inductor_matches_fake_quant():
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
 
 
+def test_to_int8_inductor_models_do_not_share_one_dynamo_cache():
+    # Compiling each converted module directly filed them all under one shared code object: past
+    # Dynamo's recompile limit, later models (and the user's own compiled modules) silently ran eager.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(4)
+    x = torch.randn(4, 32)
+    first, second = (to_int8(calibrate(make_mlp().eval(), [x], weight_bits=7), example_inputs=x, backend="inductor")
+                     for _ in range(2))
+    assert first._forward is not second._forward
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 1}):
+        third = to_int8(calibrate(make_mlp().eval(), [x], weight_bits=7), example_inputs=x, backend="inductor")
+        compiled_before = counters["stats"]["unique_graphs"]
+        fourth = to_int8(calibrate(make_mlp().eval(), [x], weight_bits=7), example_inputs=x, backend="inductor")
+        assert counters["stats"]["unique_graphs"] == compiled_before + 1  # compiled, not left to eager
+    for model in (first, second, third, fourth):
+        assert model(x).shape == (4, 5)
+
+
 def test_export_rejects_models_without_specs_and_bad_arguments(tmp_path):
     plain = make_mlp().eval()
     x = torch.randn(2, 32)
