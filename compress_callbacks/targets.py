@@ -19,6 +19,7 @@ __all__ = [
     "ModuleSpec",
     "normalize_spec",
     "require_optimizer_owns_weights",
+    "require_unsharded",
     "select_modules",
     "unwrap_model",
 ]
@@ -124,6 +125,40 @@ def select_modules(
             f"by default every nn.Linear and nn.Conv1d/2d/3d is targeted"
         )
     return chosen
+
+
+def _sharding(model: nn.Module) -> tuple[str, str] | None:
+    """``(kind, where)`` if ``model`` holds weights sharded across ranks, else None."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return "FSDP", f"module {name or '<root>'!r}"
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()  # noqa: N806
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            return "DTensor: FSDP2 fully_shard or tensor parallel", f"parameter {name!r}"
+        if hasattr(param, "ds_id"):
+            return "DeepSpeed ZeRO-3", f"parameter {name!r}"
+    return None
+
+
+def require_unsharded(model: nn.Module) -> None:
+    """Raise ``NotImplementedError`` if ``model``'s weights are sharded across ranks.
+
+    Magnitude ranking, masks and observer ranges need each rank to hold whole weights; on shards they
+    would silently rank pieces of a layer (or fail deep inside a DTensor op).
+
+    >>> require_unsharded(nn.Linear(2, 2))  # plain and DDP models pass
+    """
+    found = _sharding(model)
+    if found is not None:
+        kind, where = found
+        raise NotImplementedError(
+            f"compress_callbacks needs every rank to hold whole weights, but this model is sharded ({kind}; {where}). "
+            "Use DDP (Accelerate's default multi-process mode), or train without sharding"
+        )
 
 
 def require_optimizer_owns_weights(selected: Sequence[tuple[str, nn.Module]], optimizer) -> None:

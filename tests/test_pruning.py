@@ -446,6 +446,38 @@ def _ddp_worker(path):
         f.write(str(int(masks.sum())))
 
 
+def test_sharded_models_are_refused_before_anything_is_touched():
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from compress_callbacks import QuantizationAwareTraining
+
+    # DeepSpeed ZeRO-3 marks its partitioned parameters with ds_id
+    model = make_cnn()
+    model[0].weight.ds_id = 0
+    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO-3.*0.weight"):
+        CompressionManager(GradualMagnitudePruning(0.5, 0, 10)).attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    # FSDP2: weights become DTensors; without the check GMP failed deep in a DTensor op after attaching
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        fully_shard(model[0])
+        fully_shard(model)
+        before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for callback in (GradualMagnitudePruning(0.5, 0, 2, update_every=1), QuantizationAwareTraining(start_step=0)):
+            manager = CompressionManager(callback)
+            with pytest.raises(NotImplementedError, match="sharded.*DTensor.*0.weight.*DDP"):
+                manager.attach(model, optimizer)
+            assert not manager.attached
+        assert all(torch.equal(v.full_tensor(), before[k]) for k, v in model.state_dict().items())
+        assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ddp_ranks_hold_identical_masks(tmp_path):
     from tests.test_distillation import launch_two_processes
 
