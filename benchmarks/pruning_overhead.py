@@ -196,13 +196,16 @@ def mask_update_times(quick: bool, repeats: int = 3):
     return out, sum(w.numel() for w in weights)
 
 
+VARIANT_KEYS = ("gmp", "gmp-step", "gmp-pytorch", "prune", "wns", "float")  # --variants names, in table order
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--rounds", type=int, default=None, help="paired rounds per case (default 300, quick 6)")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated subset of the variants to time (plain is always included)")
+                        help=f"comma-separated subset of {','.join(VARIANT_KEYS)} (plain is always timed)")
     parser.add_argument("--cases", default=None, help="comma-separated subset of: b64,b256,cnn")
     parser.add_argument("--update-every", type=int, default=100, help="for the amortised mask-update cost")
     args = parser.parse_args(argv)
@@ -211,11 +214,12 @@ def main(argv=None) -> str:
     variants = ["plain", "gmp", "gmp, mask_gradients='step'", "gmp, pure-PyTorch path", "torch.nn.utils.prune",
                 "torch.ao WeightNormSparsifier", "float-mask multiply"]
     if args.variants:
+        keys = dict(zip(VARIANT_KEYS, variants[1:]))
         chosen = [v.strip() for v in args.variants.split(",")]
-        unknown = [v for v in chosen if v not in variants]
+        unknown = [v for v in chosen if v not in keys]
         if unknown:
-            parser.error(f"--variants: unknown {unknown}; choose from {variants}")
-        variants = ["plain"] + [v for v in variants if v in chosen and v != "plain"]
+            parser.error(f"--variants: unknown {unknown}; choose from {list(keys)}")
+        variants = ["plain"] + [keys[k] for k in VARIANT_KEYS if k in chosen]
     lines = [
         f"Pruning step overhead at {args.sparsity:.0%} sparsity, SGD momentum, torch threads {torch.get_num_threads()}: "
         f"step time / an adjacent plain step: interquartile mean [quartiles] over {rounds} rounds in 5 blocks of "

@@ -124,6 +124,43 @@ def test_gradients_are_masked_before_clipping_and_replaced_gradients_still_are()
     optimizer.zero_grad()
 
 
+def test_a_backward_that_raises_does_not_stop_later_passes_from_masking():
+    class FailOnce(torch.autograd.Function):
+        armed = False
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            if FailOnce.armed:
+                FailOnce.armed = False
+                raise RuntimeError("boom")
+            return grad
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(16, 32), nn.Linear(32, 4)
+    optimizer = torch.optim.SGD([*first.parameters(), *second.parameters()], lr=0.05)
+    gmp = GradualMagnitudePruning(0.75, start_step=0, end_step=1, update_every=1)
+    model = nn.Sequential(first, second)
+    CompressionManager(gmp).attach(model, optimizer)
+
+    def loss():
+        return second(FailOnce.apply(torch.relu(first(torch.randn(8, 16))))).pow(2).mean()
+
+    loss().backward()
+    optimizer.step()  # final masks from here on
+    optimizer.zero_grad()
+    FailOnce.armed = True  # second's gradient accumulates (queuing the end-of-pass masking), then backward raises
+    with pytest.raises(RuntimeError, match="boom"):
+        loss().backward()
+    optimizer.zero_grad()
+    loss().backward()
+    for param, keep in zip(gmp._params, gmp._keeps):
+        assert float(param.grad[keep == 0].abs().max()) == 0.0
+
+
 def test_nothing_is_pruned_before_start_and_model_is_unchanged():
     model = make_model()
     reference = copy.deepcopy(model)
@@ -430,8 +467,9 @@ def _ddp_worker(path):
     masks = torch.cat([k.flatten().float() for k in gmp._keeps])
     gathered = accelerator.gather(masks.unsqueeze(0))
     assert torch.equal(gathered[0], gathered[1]), "ranks disagree on masks"
-    # gradients are masked as autograd accumulates them, before DDP's all-reduce reads them: after
-    # backward (before the step, where clipping would run) pruned gradients are exactly zero on both ranks
+    # gradients are masked at the end of backward, after DDP's reducer has written the all-reduced
+    # gradients (masking earlier would be overwritten): before the step, where clipping would run,
+    # pruned gradients are exactly zero on both ranks
     accelerator.backward(model(torch.randn(8, 16, generator=g)).pow(2).mean())
     for param, keep in zip(gmp._params, gmp._keeps):
         assert keep is not None and float(param.grad[keep == 0].abs().max()) == 0.0
