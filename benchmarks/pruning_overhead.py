@@ -178,6 +178,16 @@ def mask_update_times(quick: bool, repeats: int = 3):
     def ours_global():
         unstructured_keep_masks(weights, 0.9, scope="global")
 
+    def ours_torch_only():  # without the native kernels (no C compiler, or COMPRESS_CALLBACKS_NATIVE=0)
+        from compress_callbacks import _native
+
+        kernels = _native.magnitude_select_kernels
+        _native.magnitude_select_kernels = lambda: None
+        try:
+            unstructured_keep_masks(weights, 0.9)
+        finally:
+            _native.magnitude_select_kernels = kernels
+
     def kth():
         for w in weights:
             torch.kthvalue(w.abs().flatten(), int(0.9 * w.numel()))
@@ -185,6 +195,7 @@ def mask_update_times(quick: bool, repeats: int = 3):
     sparsifier = weight_norm_sparsifier(mlp(quick), 0.9)
 
     fns = [("per-layer torch.kthvalue", kth), ("GMP mask update (layer)", ours), ("GMP mask update (global)", ours_global),
+           ("GMP mask update, pure PyTorch", ours_torch_only),
            ("WeightNormSparsifier.step()", sparsifier.step)]
     out = {}
     for name, fn in fns:

@@ -44,12 +44,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["activation_kernels", "fake_quantize_rows_kernel", "mask_multiply_kernel", "native_enabled"]
+__all__ = ["activation_kernels", "fake_quantize_rows_kernel", "magnitude_select_kernels", "mask_multiply_kernel",
+           "native_enabled"]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 /* vectorised for AVX-512 and AVX2 too, picked at load time by the CPU (one portable library) */
@@ -101,6 +103,69 @@ CC_CLONES void cc_where_keep_f32(const float *restrict g, const uint8_t *restric
                                  int64_t n, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static) if(n > 65536 && threads > 1)
     for (int64_t i = 0; i < n; ++i) out[i] = keep[i] ? g[i] : 0.0f;
+}
+/* Magnitude keys without materialising them: key = bits(|w|) (0x7fffffff & bits, so -0.0 -> 0 and
+   NaN above inf, as torch's abs_().view(int32)), or INT32_MAX where keep == 0 (keep may be NULL).
+   hist[(key >> shift) & mask] += 1 over keys with key >> prefix_shift == prefix (prefix < 0: all). */
+static inline int32_t cc_key(const float *w, const uint8_t *keep, int64_t i) {
+    union { float f; int32_t b; } u;
+    u.f = w[i];
+    return (keep && !keep[i]) ? 0x7fffffff : (u.b & 0x7fffffff);
+}
+void cc_key_histogram_f32(const float *restrict w, const uint8_t *restrict keep, int64_t n, int shift, int bits,
+                          int64_t prefix, int prefix_shift, int64_t *restrict hist, int threads) {
+    const int32_t low = (int32_t)((1u << bits) - 1);
+    const int64_t size = (int64_t)1 << bits;
+    #pragma omp parallel num_threads(threads) if(n > 65536 && threads > 1)
+    {
+        /* four interleaved copies: runs of equal digits (common: similar magnitudes) do not serialise
+           on one counter */
+        int64_t local[4][1 << 11]; /* bits <= 11 */
+        for (int c = 0; c < 4; ++c)
+            for (int64_t b = 0; b < size; ++b) local[c][b] = 0;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+            int32_t key = cc_key(w, keep, i);
+            if (prefix < 0 || (int64_t)(key >> prefix_shift) == prefix) local[i & 3][(key >> shift) & low] += 1;
+        }
+        #pragma omp critical
+        for (int64_t b = 0; b < size; ++b) hist[b] += local[0][b] + local[1][b] + local[2][b] + local[3][b];
+    }
+}
+/* The keep mask after pruning every key below `threshold` and the first `ties` keys equal to it in
+   index order: out[i] = 0 there, else keep[i] (1 where keep is NULL). Returns the ties taken.
+   Parallel: each thread marks its range (equal keys as 2), counts its equal keys, then after a
+   barrier resolves them knowing how many equal keys come before its range. */
+int64_t cc_prune_below_f32(const float *restrict w, const uint8_t *restrict keep, int64_t n, int32_t threshold,
+                           int64_t ties, uint8_t *restrict out, int threads) {
+    if (threads < 1 || n <= 65536) threads = 1;
+    int64_t equal[threads > 0 ? threads : 1];
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), team = omp_get_num_threads();
+        int64_t lo = n * t / team, hi = n * (t + 1) / team, count = 0;
+        for (int64_t i = lo; i < hi; ++i) {
+            int32_t key = cc_key(w, keep, i);
+            uint8_t kept = keep ? keep[i] : 1;
+            out[i] = key < threshold ? 0 : (key == threshold ? 2 : kept);
+            count += key == threshold;
+        }
+        equal[t] = count;
+        #pragma omp barrier
+        int64_t before = 0;
+        for (int u = 0; u < t; ++u) before += equal[u];
+        int64_t left = ties - before; /* equal keys of this range still to prune, in index order */
+        if (count > 0) {
+            for (int64_t i = lo; i < hi; ++i) {
+                if (out[i] != 2) continue;
+                if (left > 0) { out[i] = 0; --left; }
+                else out[i] = keep ? keep[i] : 1; /* kept: equal keys are never already-pruned ones */
+            }
+        }
+    }
+    int64_t total = 0;
+    for (int u = 0; u < threads; ++u) total += equal[u];
+    return total < ties ? total : ties;
 }
 """
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -167,6 +232,14 @@ def _load() -> _Kernels | None:
     where_keep = library.cc_where_keep_f32
     where_keep.restype = None
     where_keep.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    histogram = library.cc_key_histogram_f32
+    histogram.restype = None
+    histogram.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    prune_below = library.cc_prune_below_f32
+    prune_below.restype = ctypes.c_int64
+    prune_below.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64,
+                            ctypes.c_void_p, ctypes.c_int]
     bump = getattr(torch.autograd.graph, "increment_version", None)
 
     def multiply(tensor: torch.Tensor, keep: torch.Tensor) -> None:
@@ -192,7 +265,19 @@ def _load() -> _Kernels | None:
         where_keep(grad.data_ptr(), inside.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
         return out
 
-    return _Kernels(multiply, fake_quantize, fake_quantize_activation, masked_gradient)
+    def key_histogram(weight, keep, shift: int, bits: int, prefix: int | None, prefix_shift: int, hist) -> None:
+        if not 1 <= bits <= 11 or hist.numel() != 1 << bits or hist.dtype != torch.int64:
+            raise ValueError(f"key_histogram: bits must be 1..11 with an int64 hist of 2**bits bins, got {bits}")
+        histogram(weight.data_ptr(), keep.data_ptr() if keep is not None else None, weight.numel(), shift, bits,
+                  -1 if prefix is None else prefix, prefix_shift, hist.data_ptr(), torch.get_num_threads())
+
+    def prune_below_key(weight, keep, threshold: int, ties: int):
+        out = torch.empty(weight.shape, dtype=torch.uint8)
+        taken = prune_below(weight.data_ptr(), keep.data_ptr() if keep is not None else None, weight.numel(),
+                            threshold, ties, out.data_ptr(), torch.get_num_threads())
+        return out, int(taken)
+
+    return _Kernels(multiply, fake_quantize, fake_quantize_activation, masked_gradient, key_histogram, prune_below_key)
 
 
 class _Kernels(NamedTuple):
@@ -200,6 +285,8 @@ class _Kernels(NamedTuple):
     fake_quantize: Callable
     fake_quantize_activation: Callable
     masked_gradient: Callable
+    key_histogram: Callable
+    prune_below_key: Callable
 
 
 def _kernels() -> _Kernels | None:
@@ -215,6 +302,19 @@ def mask_multiply_kernel() -> Callable[[torch.Tensor, torch.Tensor], None] | Non
     """
     kernels = _kernels()
     return kernels.multiply if kernels is not None else None
+
+
+def magnitude_select_kernels():
+    """``(key_histogram, prune_below_key)`` for radix selection on ``|w|`` without building keys, or None.
+
+    ``key_histogram(w, keep, shift, bits, prefix, prefix_shift, hist)`` adds the digit histogram of the
+    magnitude keys (see ``pruning.masks.magnitude_keys``) into the int64 ``hist``;
+    ``prune_below_key(w, keep, threshold, ties) -> (new_keep, taken)`` returns the uint8 keep mask with
+    every key below ``threshold`` and the first ``ties`` keys equal to it (index order) pruned.
+    Contiguous float32 CPU ``w``, contiguous uint8 ``keep`` or None.
+    """
+    kernels = _kernels()
+    return (kernels.key_histogram, kernels.prune_below_key) if kernels is not None else None
 
 
 def activation_kernels():

@@ -149,10 +149,20 @@ def test_apply_keep_matches_mul_across_scratch_boundaries_and_fallbacks():
     assert all(torch.equal(t, e) for t, e in zip(with_foreach, expected))
 
 
-@pytest.mark.parametrize("kind", ["unstructured", "2:4"])
+@pytest.mark.parametrize("kind", ["unstructured", "unstructured, native", "2:4"])
 def test_global_selection_holds_one_layers_keys_at_a_time(monkeypatch, kind):
-    """scope='global' never materialises all layers' keys: extra peak memory stays about one layer."""
+    """scope='global' never materialises all layers' keys: extra peak memory stays about one layer
+    (and with the native kernels, unstructured selection builds no keys at all)."""
     import weakref
+
+    from compress_callbacks import _native
+
+    native = kind == "unstructured, native"
+    kind = kind.split(",")[0]
+    if not native:
+        monkeypatch.setattr(_native, "magnitude_select_kernels", lambda: None)
+    else:
+        assert _native.magnitude_select_kernels() is not None, "the native kernels must build on this machine"
 
     alive, peak = [0], [0]
     builder = "magnitude_keys" if kind == "unstructured" else "_nm_keys"  # what builds one layer's keys
@@ -174,7 +184,29 @@ def test_global_selection_holds_one_layers_keys_at_a_time(monkeypatch, kind):
     else:
         keeps = M.nm_keep_masks(weights, 0.5, 2, 4, scope="global")
         assert all(int(M.nm_groups(k, 4).sum(1).max()) <= 2 for k in keeps)
-    assert peak[0] == 1, peak[0]
+    assert peak[0] == (0 if native else 1), peak[0]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_native_magnitude_selection_equals_the_torch_path(monkeypatch, scope):
+    """Same keep masks, bit for bit: heavy ties straddling the threads' ranges, NaN, -0.0, prior masks."""
+    from compress_callbacks import _native
+
+    assert _native.magnitude_select_kernels() is not None
+    g = torch.Generator().manual_seed(1)
+    weights = [
+        torch.randint(-3, 4, (300, 700), generator=g).float() / 4,  # 210k entries of 7 values: ties everywhere
+        torch.randn(257, 129, generator=g),
+        torch.tensor([0.0, -0.0, float("nan"), 1.0, -1.0, float("inf"), 2.0, -0.0]),
+    ]
+    priors = [None, (torch.rand(257, 129, generator=g) > 0.3).to(torch.uint8), None]
+    for target in (0.1, 0.45, 0.8, 0.95):
+        native = M.unstructured_keep_masks(weights, target, keeps=priors, scope=scope)
+        with monkeypatch.context() as patch:
+            patch.setattr(_native, "magnitude_select_kernels", lambda: None)
+            reference = M.unstructured_keep_masks(weights, target, keeps=priors, scope=scope)
+        for a, b in zip(native, reference):
+            assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b), target
 
 
 # ---------------------------------------------------------------------------- native mask kernel

@@ -96,6 +96,33 @@ class _LazyKeys:
         return self.build(*self.args)
 
 
+class _NativeMagnitudeKeys:
+    """One layer's magnitude keys, never built: native kernels read ``|w|`` and ``keep`` directly."""
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor | None, kernels) -> None:
+        self.weight, self.keep = weight.detach(), keep
+        self.histogram, self.prune_below = kernels
+        self.numel = weight.numel()
+
+    @staticmethod
+    def usable(weight: torch.Tensor, keep: torch.Tensor | None) -> bool:
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+                and (keep is None or (keep.dtype == torch.uint8 and keep.is_contiguous() and keep.device.type == "cpu")))
+
+    def __call__(self) -> torch.Tensor:  # the generic path, should anything ask for the tensor
+        return magnitude_keys(self.weight, self.keep)
+
+
+def magnitude_key_source(weight: torch.Tensor, keep: torch.Tensor | None, lazy: bool = True):
+    """Native key source for ``weight`` where the kernels apply, else its keys (``lazy``: built when asked)."""
+    from .._native import magnitude_select_kernels
+
+    kernels = magnitude_select_kernels() if _NativeMagnitudeKeys.usable(weight, keep) else None
+    if kernels is not None:
+        return _NativeMagnitudeKeys(weight, keep, kernels)
+    return _LazyKeys(magnitude_keys, weight, keep) if lazy else magnitude_keys(weight, keep)
+
+
 def _numel_of(keys: Callable[[], torch.Tensor]) -> int:
     numel = getattr(keys, "numel", None)
     return int(numel) if numel is not None else _materialize(keys).numel()
@@ -106,6 +133,11 @@ def _histogram(keys: Keys, shift: int, bits: int, prefix: int | None, prefix_shi
     hist = None
     low = (1 << bits) - 1
     for layer_keys in keys:
+        if isinstance(layer_keys, _NativeMagnitudeKeys):
+            if hist is None:
+                hist = torch.zeros(1 << bits, dtype=torch.int64)
+            layer_keys.histogram(layer_keys.weight, layer_keys.keep, shift, bits, prefix, prefix_shift, hist)
+            continue
         tensor = _materialize(layer_keys)
         if hist is None:
             hist = torch.zeros(1 << bits, dtype=torch.int64, device=tensor.device)
@@ -177,9 +209,27 @@ def _apply_selection(keeps: Sequence[torch.Tensor | None], shapes, newly: Sequen
     return out
 
 
+def _prune_natively(keys: Sequence[_NativeMagnitudeKeys], k: int) -> list[torch.Tensor]:
+    """New keep masks pruning the ``k`` smallest magnitude keys more, ties by layer then index order."""
+    if k <= 0:
+        return [torch.ones(t.weight.shape, dtype=torch.uint8) if t.keep is None else t.keep.clone() for t in keys]
+    threshold, below = kth_smallest_key(keys, k)
+    ties, out = k - below, []
+    for source in keys:
+        new_keep, taken = source.prune_below(source.weight, source.keep, threshold, max(ties, 0))
+        ties -= taken
+        out.append(new_keep)
+    return out
+
+
 def _prune_by_keys(weights, keeps, keys_per_layer, target: float, scope: str) -> list[torch.Tensor]:
     numels = [w.numel() for w in weights]
     pruned_now = [n - (int(k.sum(dtype=torch.int64)) if k is not None else n) for k, n in zip(keeps, numels)]
+    if all(isinstance(keys, _NativeMagnitudeKeys) for keys in keys_per_layer):
+        if scope == "global":
+            return _prune_natively(keys_per_layer, count_to_prune(sum(numels), target) - sum(pruned_now))
+        return [_prune_natively([keys], count_to_prune(n, target) - done)[0]
+                for keys, n, done in zip(keys_per_layer, numels, pruned_now)]
     if scope == "global":
         k_new = count_to_prune(sum(numels), target) - sum(pruned_now)
         newly = select_smallest(keys_per_layer, k_new)
@@ -206,10 +256,11 @@ def unstructured_keep_masks(
     if scope == "layer":
         out = []
         for w, keep in zip(weights, keeps):
-            out += _prune_by_keys([w], [keep], [magnitude_keys(w, keep)], target, "layer")
+            out += _prune_by_keys([w], [keep], [magnitude_key_source(w, keep, lazy=False)], target, "layer")
         return out
-    # built on demand, layer by layer, in every pass: extra peak memory stays about one layer
-    keys = [_LazyKeys(magnitude_keys, w, keep) for w, keep in zip(weights, keeps)]
+    # read in place by the native kernels, or built on demand layer by layer in every pass: extra peak
+    # memory stays about one layer
+    keys = [magnitude_key_source(w, keep) for w, keep in zip(weights, keeps)]
     return _prune_by_keys(weights, keeps, keys, target, "global")
 
 
