@@ -165,7 +165,13 @@ def build_paths(
 
 
 def time_interleaved(paths: dict[str, Callable], x: torch.Tensor, rounds: int, min_seconds: float) -> dict[str, float]:
-    """Median seconds per call of each path; paths alternate within every round."""
+    """Median seconds per call of each path; paths alternate within every round.
+
+    Before each path's block the process sleeps 50 ms and makes one untimed call: thread pools of the
+    path that ran before (ONNX Runtime's spin after a run, and so do OpenMP's) must not compete with the
+    path being timed. Without the pause, whatever ran after an ONNX Runtime session was slowed down,
+    fp32 eager included (which flattered every ratio) and Inductor at batch 1 most of all (6x).
+    """
     samples: dict[str, list[float]] = {name: [] for name in paths}
     with torch.no_grad():
         iterations = {}
@@ -176,6 +182,8 @@ def time_interleaved(paths: dict[str, Callable], x: torch.Tensor, rounds: int, m
             iterations[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
         for _ in range(rounds):
             for name, fn in paths.items():
+                time.sleep(0.05)
+                fn(x)
                 start = time.perf_counter()
                 for _ in range(iterations[name]):
                     fn(x)

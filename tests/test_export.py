@@ -233,6 +233,21 @@ def test_to_int8_onnxruntime_weight_dtype_override(weight_dtype):
     assert {w.dtype for w in weights} == {np.dtype(weight_dtype)}
 
 
+@pytest.mark.parametrize("weight_dtype", ["int8", "uint8"])
+def test_classifier_head_runs_as_integer_matmul(weight_dtype):
+    """A Gemm whose output is the model's output is not fused by ONNX Runtime (it would run in fp32
+    on weights dequantized at every call): it is exported as MatMulInteger -> Cast -> Mul -> Add."""
+    torch.manual_seed(8)
+    batches = [torch.randn(16, 32) for _ in range(2)]
+    model = calibrate(make_mlp().eval(), batches, weight_bits=7)
+    int8_model = to_int8(model, example_inputs=batches[0], weight_dtype=weight_dtype)
+    ops = [node.op_type for node in onnx.load_from_string(int8_model.onnx_model).graph.node]
+    assert ops.count("Gemm") == 2 and ops[-4:] == ["MatMulInteger", "Cast", "Mul", "Add"], ops
+    assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
+    single = batches[1][:1]
+    assert_int8_close(int8_model(single), reference(model, single))
+
+
 def test_to_int8_inductor_matches_fake_quant():
     torch.manual_seed(3)
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
