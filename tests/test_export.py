@@ -248,6 +248,28 @@ def test_classifier_head_runs_as_integer_matmul(weight_dtype):
     assert_int8_close(int8_model(single), reference(model, single))
 
 
+def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(monkeypatch):
+    """The last conv feeds a float global pooling, so ONNX Runtime cannot fuse it into QLinearConv:
+    its weight is dequantized once at conversion (ORT then prepacks it) instead of at every call."""
+    import compress_callbacks.export as export
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    model = calibrate(model.eval(), batches, weight_bits=7)
+    int8_model = to_int8(model, example_inputs=batches[0])
+    graph = onnx.load_from_string(int8_model.onnx_model).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    weight_kinds = [inits[c.input[1]].dtype if c.input[1] in inits else "from DequantizeLinear" for c in convs]
+    assert weight_kinds == ["from DequantizeLinear", np.float32], weight_kinds  # the first fuses; the last cannot
+    monkeypatch.setattr(export, "_constant_weights_where_ort_computes_float", lambda data: data)
+    unchanged = to_int8(model, example_inputs=batches[0])
+    assert torch.equal(int8_model(batches[1]), unchanged(batches[1]))
+    assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
+
+
 def test_to_int8_inductor_matches_fake_quant():
     torch.manual_seed(3)
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
