@@ -301,13 +301,18 @@ def _constant_weights_where_ort_computes_float(data: bytes) -> bytes:
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        options.log_severity_level = 3  # its warning about hardware-specific optimized files
-        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            options.log_severity_level = 3  # its warning about hardware-specific optimized files
+            ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(options.optimized_model_filepath)
+    except Exception as error:  # an optimisation only: the model runs as it is without it
+        warnings.warn(f"to_int8: could not inspect ONNX Runtime's optimized graph ({type(error).__name__}: {error}); "
+                      "layers it computes in float keep dequantizing their weights at every call", stacklevel=3)
+        return data
     float_layers = {node.name for node in optimized.graph.node if node.op_type in FLOAT_COMPUTE_OPS and node.name}
     model = onnx.load_from_string(data)
     graph = model.graph

@@ -270,6 +270,25 @@ def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
 
 
+def test_to_int8_still_converts_when_ort_graph_cannot_be_inspected(monkeypatch):
+    import onnxruntime
+
+    torch.manual_seed(10)
+    batches = [torch.randn(8, 32) for _ in range(2)]
+    model = calibrate(make_mlp().eval(), batches, weight_bits=7)
+    real_session = onnxruntime.InferenceSession
+
+    def refuse_to_write(model_bytes, options=None, *args, **kwargs):
+        if options is not None and options.optimized_model_filepath:
+            raise RuntimeError("read-only temp dir")
+        return real_session(model_bytes, options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse_to_write)
+    with pytest.warns(UserWarning, match="could not inspect ONNX Runtime's optimized graph"):
+        int8_model = to_int8(model, example_inputs=batches[0])
+    assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
+
+
 def test_to_int8_inductor_matches_fake_quant():
     torch.manual_seed(3)
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
