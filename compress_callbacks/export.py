@@ -228,8 +228,9 @@ def _integer_heads(onnx_model) -> None:
     ONNX Runtime fuses ``DQ -> Gemm (-> Relu) -> Q`` into QGemm, but a Gemm whose output stays float
     ran in fp32 on weights dequantized at every call. As ``MatMulInteger`` (uint8 activations,
     integer weights, int32 sums) ``-> Cast -> Mul(input scale * weight scale per column) -> Add(bias)``
-    it computes the fake-quant model's result with exact integer sums. (Convolutions are left alone:
-    ONNX Runtime's ``ConvInteger`` was 3-17x slower than fp32 on the benchmark CNN.)
+    it computes the fake-quant model's result with exact integer sums. (Not for convolutions: on the
+    benchmark CNN, ONNX Runtime's ``ConvInteger`` took 7.4 ms for the last conv where fp32 took 2.7
+    and QLinearConv 0.35.)
     """
     import numpy as np
     from onnx import helper, numpy_helper
