@@ -293,7 +293,8 @@ def _constant_weights_where_ort_computes_float(data: bytes) -> bytes:
     float, dequantizing the weight at every call, and cannot prepack it (for the benchmark CNN's
     last conv, 3.5 of its 5 ms). Which layers those are is asked of ONNX Runtime itself (the names of
     float convolutions / GEMMs in its optimized graph); their ``DequantizeLinear(weight codes)``
-    becomes the float initializer it computes, bit for bit, so outputs do not change.
+    becomes the float initializer it computes, bit for bit, so outputs do not change. Layers with
+    float inputs (weight-only quantization, chosen to keep weights small in memory) are left as they are.
     """
     import tempfile
 
@@ -323,9 +324,11 @@ def _constant_weights_where_ort_computes_float(data: bytes) -> bytes:
     for node in graph.node:
         if node.name not in float_layers or node.op_type not in FLOAT_COMPUTE_OPS or len(node.input) < 2:
             continue
-        dq = producer.get(node.input[1])
+        dq, dq_input = producer.get(node.input[1]), producer.get(node.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
             continue
+        if dq_input is None or dq_input.op_type != "DequantizeLinear":
+            continue  # weight-only layers keep int8 weights in memory: that is what they are for
         codes, scale, zero = value(dq.input[0]), value(dq.input[1]), value(dq.input[2])
         if codes is None or scale is None or zero is None:
             continue

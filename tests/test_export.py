@@ -268,6 +268,12 @@ def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(
     unchanged = to_int8(model, example_inputs=batches[0])
     assert torch.equal(int8_model(batches[1]), unchanged(batches[1]))
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
+    monkeypatch.undo()
+    # weight-only layers (float inputs) keep their int8 weights: memory is why one quantizes them
+    weight_only = calibrate(make_mlp().eval(), [torch.randn(8, 32)], activation_bits=None)
+    graph = onnx.load_from_string(to_int8(weight_only, example_inputs=torch.randn(8, 32)).onnx_model).graph
+    float_weights = [i.name for i in graph.initializer if numpy_helper.to_array(i).dtype == np.float32 and i.dims and len(i.dims) == 2]
+    assert float_weights == [], float_weights
 
 
 def test_to_int8_still_converts_when_ort_graph_cannot_be_inspected(monkeypatch):
