@@ -139,7 +139,7 @@ void cc_key_histogram_f32(const float *restrict w, const uint8_t *restrict keep,
 int64_t cc_prune_below_f32(const float *restrict w, const uint8_t *restrict keep, int64_t n, int32_t threshold,
                            int64_t ties, uint8_t *restrict out, int threads) {
     if (threads < 1 || n <= 65536) threads = 1;
-    int64_t equal[threads > 0 ? threads : 1];
+    int64_t equal[threads];
     #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), team = omp_get_num_threads();

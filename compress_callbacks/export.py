@@ -181,6 +181,14 @@ def _constant_values(graph):
     return value
 
 
+def _scale_shape(node, ndim: int, scale) -> list[int]:
+    """Shape that broadcasts a (De)QuantizeLinear ``scale`` over an ``ndim`` tensor (per ``axis`` if 1-D)."""
+    shape = [1] * ndim
+    if scale.ndim == 1:
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+    return shape
+
+
 def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
     """Replace ``QuantizeLinear(float initializer)`` by an integer initializer feeding its DequantizeLinear.
 
@@ -199,10 +207,7 @@ def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
         weight, scale, zero_point = value(node.input[0]), value(node.input[1]), value(node.input[2])
         if scale is None or zero_point is None:
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * weight.ndim
-        if scale.ndim == 1:
-            shape[axis] = -1
+        shape = _scale_shape(node, weight.ndim, scale)
         info = np.iinfo(zero_point.dtype)
         codes = np.clip(np.rint(weight / scale.reshape(shape)) + zero_point.reshape(shape), info.min, info.max)
         name = node.input[0] + "_quantized"
@@ -285,7 +290,7 @@ def _integer_heads(onnx_model) -> None:
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def _constant_weights_where_ort_computes_float(data: bytes) -> bytes:
+def _constant_weights_where_ort_computes_float(onnx_model) -> None:
     """Dequantize, once, the weights of the layers that ONNX Runtime leaves in float.
 
     A Q/DQ layer whose output is not quantized again (the last conv before a float global pooling,
@@ -309,18 +314,16 @@ def _constant_weights_where_ort_computes_float(data: bytes) -> bytes:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
             options.log_severity_level = 3  # its warning about hardware-specific optimized files
-            ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             optimized = onnx.load(options.optimized_model_filepath)
     except Exception as error:  # an optimisation only: the model runs as it is without it
         warnings.warn(f"to_int8: could not inspect ONNX Runtime's optimized graph ({type(error).__name__}: {error}); "
                       "layers it computes in float keep dequantizing their weights at every call", stacklevel=3)
-        return data
+        return
     float_layers = {node.name for node in optimized.graph.node if node.op_type in FLOAT_COMPUTE_OPS and node.name}
-    model = onnx.load_from_string(data)
-    graph = model.graph
+    graph = onnx_model.graph
     value = _constant_values(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    changed = False
     for node in graph.node:
         if node.name not in float_layers or node.op_type not in FLOAT_COMPUTE_OPS or len(node.input) < 2:
             continue
@@ -332,19 +335,12 @@ def _constant_weights_where_ort_computes_float(data: bytes) -> bytes:
         codes, scale, zero = value(dq.input[0]), value(dq.input[1]), value(dq.input[2])
         if codes is None or scale is None or zero is None:
             continue
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * codes.ndim
-        if scale.ndim == 1:
-            shape[axis] = -1
+        shape = _scale_shape(dq, codes.ndim, scale)
         weight = (codes.astype(np.float32) - zero.astype(np.float32).reshape(shape)) * scale.astype(np.float32).reshape(shape)
         name = f"{dq.output[0]}_dequantized"
         graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
         node.input[1] = name
-        changed = True
-    if not changed:
-        return data
     _drop_unused(graph)
-    return model.SerializeToString()
 
 
 def _drop_unused(graph) -> None:
@@ -362,9 +358,8 @@ def _drop_unused(graph) -> None:
             graph.initializer.remove(init)
 
 
-def _onnx_bytes(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8", integer_heads: bool = False) -> bytes:
-    """The Q/DQ ONNX model; ``integer_heads`` (for ONNX Runtime sessions only, not the portable file):
-    classifier heads as ``MatMulInteger`` (see ``_integer_heads``)."""
+def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8"):
+    """The portable Q/DQ ONNX model (a ``ModelProto``) of a model with specs."""
     import onnx
 
     inputs = _as_tuple(example_inputs)
@@ -390,9 +385,7 @@ def _onnx_bytes(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
         )
     onnx_model = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantizers(onnx_model, weight_dtype)
-    if integer_heads:
-        _integer_heads(onnx_model)
-    return onnx_model.SerializeToString()
+    return onnx_model
 
 
 def export_onnx(model: nn.Module, *, example_inputs: Any, path: str | os.PathLike, weight_dtype: str = "int8") -> str:
@@ -409,7 +402,7 @@ def export_onnx(model: nn.Module, *, example_inputs: Any, path: str | os.PathLik
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
     _require_qparams(model, "export_onnx")
-    data = _onnx_bytes(model, example_inputs, weight_dtype=weight_dtype)
+    data = _onnx_model(model, example_inputs, weight_dtype=weight_dtype).SerializeToString()
     path = os.fspath(path)
     with open(path, "wb") as f:
         f.write(data)
@@ -602,8 +595,10 @@ def to_int8(
     inputs = _as_tuple(example_inputs)
     if backend == "onnxruntime":
         weight_dtype = weight_dtype or ("int8" if cpu_has_vnni() else "uint8")
-        data = _onnx_bytes(model, inputs, weight_dtype=weight_dtype, integer_heads=True)
-        return OnnxRuntimeModule(_constant_weights_where_ort_computes_float(data)).eval()
+        onnx_model = _onnx_model(model, inputs, weight_dtype=weight_dtype)
+        _integer_heads(onnx_model)  # rewrites for the session only; export_onnx keeps portable Q/DQ
+        _constant_weights_where_ort_computes_float(onnx_model)
+        return OnnxRuntimeModule(onnx_model.SerializeToString()).eval()
     if not cpu_has_vnni() and any(spec.weight_bits == 8 for spec in qparams.values()):
         warnings.warn(
             "to_int8(backend='inductor'): this CPU has no VNNI, so oneDNN's u8 x s8 kernels may saturate with "

@@ -58,10 +58,8 @@ def _check_step(value: Any, argument: str, minimum: int) -> None:
         raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
 
 
-def _graph_task_id() -> int:
-    """Id of the running backward pass (0 where torch cannot tell: then every pass looks the same)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current() if current is not None else 0
+# Id of the running backward pass (0 where torch cannot tell: then every pass looks the same).
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
 
 def _queue_end_of_backward(callback) -> None:
@@ -244,15 +242,11 @@ class GradualMagnitudePruning(CompressionCallback):
 
     def _mask_grads_after_backward(self) -> None:
         self._queued_for = None
-        grads, keeps, indices = [], [], []
-        for index, (param, keep) in enumerate(zip(self._params, self._keeps)):
-            if keep is not None and param.grad is not None:
-                grads.append(param.grad)
-                keeps.append(keep)
-                indices.append(index)
-        if grads:
-            self._mask_(grads, keeps)
-        for index, grad in zip(indices, grads):
+        masked = [(i, p.grad, keep) for i, (p, keep) in enumerate(zip(self._params, self._keeps))
+                  if keep is not None and p.grad is not None]
+        if masked:
+            self._mask_([grad for _, grad, _ in masked], [keep for _, _, keep in masked])
+        for index, grad, _ in masked:
             self._masked_grads[index] = weakref.ref(grad)
 
     def _remove_grad_hooks(self) -> None:

@@ -96,6 +96,14 @@ class _LazyKeys:
         return self.build(*self.args)
 
 
+def native_layout(tensor: torch.Tensor, keep: torch.Tensor | None) -> bool:
+    """What the native kernels take: a contiguous float32 CPU ``tensor`` and a contiguous uint8 CPU
+    ``keep`` of as many elements (or None)."""
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
+            and (keep is None or (keep.dtype == torch.uint8 and keep.device.type == "cpu" and keep.is_contiguous()
+                                  and keep.numel() == tensor.numel())))
+
+
 class _NativeMagnitudeKeys:
     """One layer's magnitude keys, never built: native kernels read ``|w|`` and ``keep`` directly."""
 
@@ -103,11 +111,6 @@ class _NativeMagnitudeKeys:
         self.weight, self.keep = weight.detach(), keep
         self.histogram, self.prune_below = kernels
         self.numel = weight.numel()
-
-    @staticmethod
-    def usable(weight: torch.Tensor, keep: torch.Tensor | None) -> bool:
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
-                and (keep is None or (keep.dtype == torch.uint8 and keep.is_contiguous() and keep.device.type == "cpu")))
 
     def __call__(self) -> torch.Tensor:  # the generic path, should anything ask for the tensor
         return magnitude_keys(self.weight, self.keep)
@@ -117,7 +120,7 @@ def magnitude_key_source(weight: torch.Tensor, keep: torch.Tensor | None, lazy: 
     """Native key source for ``weight`` where the kernels apply, else its keys (``lazy``: built when asked)."""
     from .._native import magnitude_select_kernels
 
-    kernels = magnitude_select_kernels() if _NativeMagnitudeKeys.usable(weight, keep) else None
+    kernels = magnitude_select_kernels() if native_layout(weight, keep) else None
     if kernels is not None:
         return _NativeMagnitudeKeys(weight, keep, kernels)
     return _LazyKeys(magnitude_keys, weight, keep) if lazy else magnitude_keys(weight, keep)
@@ -410,9 +413,7 @@ def apply_keep_(
     if kernel is not None:
         rest = []
         for tensor, keep in zip(tensors, keeps):
-            if (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and keep.dtype == torch.uint8
-                    and keep.device.type == "cpu" and tensor.numel() == keep.numel()
-                    and tensor.is_contiguous() and keep.is_contiguous()):
+            if native_layout(tensor, keep):
                 kernel(tensor, keep)
             else:
                 rest.append((tensor, keep))
