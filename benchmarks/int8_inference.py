@@ -1,11 +1,14 @@
 """int8 CPU inference latency vs fp32 eager, and compressed file sizes vs the fp32 state_dict.
 
 Models (issue 4): an MLP 1024-4096-4096-10 at batch 64 and 1, and a small CNN with BatchNorm at
+batch 16; also a ResNet-style CNN (residual blocks, the common case where convs feed an Add) at
 batch 16. Each model is quantized post-training with ``calibrate`` (the specs a QAT run would
 leave), then every path below is timed, interleaved round by round in one process; the ratio is
 median latency / median fp32-eager latency (lower is faster).
 
-Shipped paths (``compress_callbacks.export.to_int8``): ``onnxruntime`` (default) and ``inductor``.
+Shipped paths (``compress_callbacks.export.to_int8``): ``onnxruntime`` (default), the same with
+``calibration=`` (the benchmark's calibration batches; CNNs only: it quantizes conv outputs that
+nothing else quantizes) and ``inductor``.
 Named alternatives: torchao int8 dynamic-activation (eager and ``torch.compile`` with freezing),
 ONNX Runtime dynamic int8 (``quantize_dynamic``), ONNX Runtime's own static QDQ quantizer
 (``quantize_static``, int8 weights) and ONNX Runtime fp32.
@@ -56,6 +59,27 @@ def make_cnn(width: int = 32) -> nn.Module:
         *block(3, width), *block(width, 2 * width), nn.MaxPool2d(2),
         *block(2 * width, 4 * width), nn.MaxPool2d(2), *block(4 * width, 4 * width),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
+    )
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def make_resnet(width: int = 64) -> nn.Module:
+    """A ResNet-style CNN (input 3x32x32, 10 classes): stem, two residual blocks, a strided-down
+    widening conv, two more blocks, global pooling, classifier."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        ResidualBlock(width), ResidualBlock(width), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        ResidualBlock(2 * width), ResidualBlock(2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
     )
 
 
@@ -151,6 +175,8 @@ def build_paths(
         "fp32 eager": fp32,
         "to_int8 onnxruntime [shipped]": to_int8(quantized, example_inputs=x),
     }
+    if x.ndim == 4:
+        paths["to_int8 onnxruntime calibration= [shipped]"] = to_int8(quantized, example_inputs=x, calibration=calibration)
     if not cpu_has_vnni():  # the exact default stores uint8 weights here; show what int8 would cost
         paths["to_int8 onnxruntime weight_dtype=int8"] = to_int8(quantized, example_inputs=x, weight_dtype="int8")
     if include_compiled:
@@ -242,6 +268,7 @@ def main(argv: list[str] | None = None) -> str:
     cases = [
         (f"MLP {'-'.join(map(str, mlp_sizes))}", make_mlp(mlp_sizes).eval(), [64] if quick else [64, 1], (mlp_sizes[0],)),
         (f"CNN+BN width {cnn_width}", _randomize_bn(make_cnn(cnn_width)).eval(), [16], (3, 32, 32)),
+        (f"ResNet-style width {2 * cnn_width}", _randomize_bn(make_resnet(2 * cnn_width)).eval(), [16], (3, 32, 32)),
     ]
     lines = [
         f"CPU VNNI: {cpu_has_vnni()}",

@@ -28,12 +28,13 @@ import io
 import os
 import types
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .quantization import fake_quant as FQ
 from .quantization.ptq import bn_fold_factor, dequantized_weight, folded_conv_bias
 from .quantization.spec import (
     QPARAMS_ATTR,
@@ -290,23 +291,12 @@ def _integer_heads(onnx_model) -> None:
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
-def _constant_weights_where_ort_computes_float(onnx_model) -> None:
-    """Dequantize, once, the weights of the layers that ONNX Runtime leaves in float.
-
-    A Q/DQ layer whose output is not quantized again (the last conv before a float global pooling,
-    a layer feeding a residual Add) is not fused into QLinearConv / QGemm: ONNX Runtime runs it in
-    float, dequantizing the weight at every call, and cannot prepack it (for the benchmark CNN's
-    last conv, 3.5 of its 5 ms). Which layers those are is asked of ONNX Runtime itself (the names of
-    float convolutions / GEMMs in its optimized graph); their ``DequantizeLinear(weight codes)``
-    becomes the float initializer it computes, bit for bit, so outputs do not change. Layers with
-    float inputs (weight-only quantization, chosen to keep weights small in memory) are left as they are.
-    """
+def _ort_optimized_graph(onnx_model):
+    """ONNX Runtime's optimized graph of ``onnx_model`` (a ``GraphProto``), or None if it cannot be had."""
     import tempfile
 
-    import numpy as np
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -315,23 +305,54 @@ def _constant_weights_where_ort_computes_float(onnx_model) -> None:
             options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
             options.log_severity_level = 3  # its warning about hardware-specific optimized files
             ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            optimized = onnx.load(options.optimized_model_filepath)
-    except Exception as error:  # an optimisation only: the model runs as it is without it
+            return onnx.load(options.optimized_model_filepath).graph
+    except Exception as error:  # callers only optimise: the model runs as it is without them
         warnings.warn(f"to_int8: could not inspect ONNX Runtime's optimized graph ({type(error).__name__}: {error}); "
-                      "layers it computes in float keep dequantizing their weights at every call", stacklevel=3)
-        return
-    float_layers = {node.name for node in optimized.graph.node if node.op_type in FLOAT_COMPUTE_OPS and node.name}
-    graph = onnx_model.graph
-    value = _constant_values(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    for node in graph.node:
-        if node.name not in float_layers or node.op_type not in FLOAT_COMPUTE_OPS or len(node.input) < 2:
+                      "the layers it computes in float are left as they are", stacklevel=4)
+        return None
+
+
+def _layers_ort_computes_float(onnx_model) -> list | None:
+    """The Q/DQ layers (quantized input and weight) that ONNX Runtime runs in float, as graph nodes.
+
+    A layer whose output is not quantized again (the last conv before a float global pooling, a conv
+    feeding a residual Add) is not fused into QLinearConv / QGemm. Which layers those are is asked of
+    ONNX Runtime itself: the names of the float convolutions / GEMMs in its optimized graph. Layers
+    with float inputs (weight-only quantization) are not listed. None if ONNX Runtime cannot say.
+    """
+    optimized = _ort_optimized_graph(onnx_model)
+    if optimized is None:
+        return None
+    float_names = {node.name for node in optimized.node if node.op_type in FLOAT_COMPUTE_OPS and node.name}
+    producer = {out: node for node in onnx_model.graph.node for out in node.output}
+    layers = []
+    for node in onnx_model.graph.node:
+        if node.name not in float_names or node.op_type not in FLOAT_COMPUTE_OPS or len(node.input) < 2:
             continue
-        dq, dq_input = producer.get(node.input[1]), producer.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        dq_weight, dq_input = producer.get(node.input[1]), producer.get(node.input[0])
+        if dq_weight is None or dq_weight.op_type != "DequantizeLinear" or len(dq_weight.input) < 3:
             continue
         if dq_input is None or dq_input.op_type != "DequantizeLinear":
             continue  # weight-only layers keep int8 weights in memory: that is what they are for
+        layers.append(node)
+    return layers
+
+
+def _constant_weights(onnx_model, layers) -> None:
+    """Dequantize, once, the weights of ``layers`` (which ONNX Runtime computes in float).
+
+    ONNX Runtime dequantizes a float layer's weight at every call and cannot prepack it (for the
+    benchmark CNN's last conv, 3.5 of its 5 ms). Its ``DequantizeLinear(weight codes)`` becomes the
+    float initializer it computes, bit for bit, so outputs do not change.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = onnx_model.graph
+    value = _constant_values(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in layers:
+        dq = producer[node.input[1]]
         codes, scale, zero = value(dq.input[0]), value(dq.input[1]), value(dq.input[2])
         if codes is None or scale is None or zero is None:
             continue
@@ -341,6 +362,145 @@ def _constant_weights_where_ort_computes_float(onnx_model) -> None:
         graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), name))
         node.input[1] = name
     _drop_unused(graph)
+
+
+def _output_points(graph, layers) -> dict[str, Any]:
+    """For each layer, the tensor to quantize its output at: after its Relu if that is the only reader.
+
+    Returns ``{tensor name: node producing it}``. Skipped: graph outputs, and tensors a learned
+    ``QuantizeLinear`` already reads (a residual block's input: its other reader, the skip ``Add``, is
+    what kept ONNX Runtime from fusing; ``_quantized_skip_inputs`` reroutes that reader instead).
+    """
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    points = {}
+    for node in layers:
+        point, producer = node.output[0], node
+        after = readers.get(point, [])
+        if len(after) == 1 and after[0].op_type == "Relu" and point not in outputs:
+            point, producer = after[0].output[0], after[0]
+        already_quantized = any(reader.op_type == "QuantizeLinear" for reader in readers.get(point, []))
+        if point not in outputs and readers.get(point) and not already_quantized:
+            points[point] = producer
+    return points
+
+
+def _calibrated_ranges(onnx_model, names: list[str], batches) -> dict[str, tuple[float, float]]:
+    """Min / max of the tensors ``names`` over ``batches``, run through ONNX Runtime (the Q/DQ graph)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(onnx_model)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_names = [meta.name for meta in session.get_inputs()]
+    ranges: dict[str, tuple[float, float]] = {}
+    count = 0
+    for batch in batches:
+        inputs = _as_calibration_batch(batch, len(input_names))
+        values = session.run(names, {n: t.detach().cpu().float().contiguous().numpy() for n, t in zip(input_names, inputs)})
+        for name, array in zip(names, values):
+            low, high = float(array.min()), float(array.max())
+            old = ranges.get(name, (low, high))
+            ranges[name] = (min(old[0], low), max(old[1], high))
+        count += 1
+    if count == 0:
+        raise ValueError("`calibration` must hold at least one batch of model inputs, got none")
+    return ranges
+
+
+def _check_calibration(calibration: Any) -> None:
+    if calibration is not None and (isinstance(calibration, (torch.Tensor, dict, str, bytes)) or not hasattr(calibration, "__iter__")):
+        raise TypeError(f"`calibration` must be an iterable of batches (e.g. a list of tensors), got a {type(calibration).__name__}")
+
+
+def _quantize_float_layer_outputs(onnx_model, calibration: Iterable[Any] | None) -> list | None:
+    """With ``calibration``, quantize the outputs of the layers ONNX Runtime would run in float.
+
+    Returns the layers that still run in float (None if ONNX Runtime cannot say).
+    """
+    float_layers = _layers_ort_computes_float(onnx_model)
+    if float_layers and calibration is not None:
+        _quantize_outputs(onnx_model, float_layers, calibration)
+        float_layers = _layers_ort_computes_float(onnx_model)
+    return float_layers
+
+
+def _as_calibration_batch(batch: Any, n_inputs: int) -> tuple:
+    try:
+        inputs = _as_tuple(batch)
+    except TypeError:
+        raise TypeError("`calibration` must be an iterable of model inputs (a tensor or a tuple of tensors per batch), "
+                        f"got a batch of type {type(batch).__name__}") from None
+    if len(inputs) != n_inputs:
+        raise ValueError(f"`calibration`: each batch must hold the model's {n_inputs} input(s), got {len(inputs)}")
+    return inputs
+
+
+def _quantize_outputs(onnx_model, layers, batches) -> int:
+    """Give the outputs of ``layers`` a calibrated uint8 Q/DQ pair, so ONNX Runtime runs them in int8.
+
+    This is what ONNX Runtime's ``quantize_static`` does for tensors training never observed: per
+    tensor, affine, over the min / max that ``batches`` produce (through the Q/DQ graph, i.e. the int8
+    model's own inputs). A layer followed by its only reader, a Relu, is quantized after the Relu
+    (range [0, max], zero point 0, which ONNX Runtime folds into QLinearConv / QGemm). Returns how
+    many outputs were quantized.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = onnx_model.graph
+    points = _output_points(graph, layers)
+    ranges = _calibrated_ranges(onnx_model, list(points), batches) if points else {}
+    for point, producer in points.items():
+        low, high = ranges[point]
+        scale, zero_point = FQ.activation_qparams(torch.tensor(low), torch.tensor(high))
+        q_name, dq_name = f"{point}_output_quantized", f"{point}_output_dequantized"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.asarray(float(scale), np.float32), f"{point}_output_scale"),
+            numpy_helper.from_array(np.asarray(int(zero_point), np.uint8), f"{point}_output_zero_point"),
+        ])
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == point:
+                    node.input[i] = dq_name
+        position = list(graph.node).index(producer) + 1
+        args = [f"{point}_output_scale", f"{point}_output_zero_point"]
+        graph.node.insert(position, helper.make_node("QuantizeLinear", [point, *args], [q_name], name=q_name))
+        graph.node.insert(position + 1, helper.make_node("DequantizeLinear", [q_name, *args], [dq_name], name=dq_name))
+    _quantized_skip_inputs(graph)
+    return len(points)
+
+
+def _quantized_skip_inputs(graph) -> None:
+    """Let an ``Add`` with one dequantized input read its float input's dequantized copy, where one exists.
+
+    In a residual block the skip tensor is also a quantized layer's input, so a ``Q -> DQ`` of it with
+    its learned range is already in the graph; reading that (the value the layer sees) lets ONNX
+    Runtime run the Add as ``QLinearAdd`` and fold the Relu before it into the next quantization.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    dequantized_copy = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            q = producer.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                dequantized_copy.setdefault(q.input[0], node.output[0])
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        kinds = [getattr(producer.get(name), "op_type", None) for name in node.input]
+        for i in (0, 1):
+            if kinds[i] != "DequantizeLinear" and kinds[1 - i] == "DequantizeLinear" and node.input[i] in dequantized_copy:
+                node.input[i] = dequantized_copy[node.input[i]]
 
 
 def _drop_unused(graph) -> None:
@@ -388,7 +548,14 @@ def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
     return onnx_model
 
 
-def export_onnx(model: nn.Module, *, example_inputs: Any, path: str | os.PathLike, weight_dtype: str = "int8") -> str:
+def export_onnx(
+    model: nn.Module,
+    *,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    weight_dtype: str = "int8",
+    calibration: Iterable[Any] | None = None,
+) -> str:
     """Write an ONNX file (opset 17) with QuantizeLinear/DequantizeLinear nodes and return its path.
 
     Weights are int8 initializers (per-channel scales) feeding DequantizeLinear; each quantized layer's
@@ -396,13 +563,19 @@ def export_onnx(model: nn.Module, *, example_inputs: Any, path: str | os.PathLik
     BatchNorm folded in training is folded into its conv. The batch dimension is dynamic. Uses the
     TorchScript exporter (``dynamo=False``): fast, and it maps the fake-quant ops to Q/DQ directly.
     ``weight_dtype="uint8"`` stores the same weight grid as uint8 codes + 128 (zero point 128), which
-    x86 CPUs without VNNI run without u8 x s8 saturation. Raises ``ValueError`` for a model without
+    x86 CPUs without VNNI run without u8 x s8 saturation. ``calibration`` (input batches; needs
+    onnxruntime) adds calibrated Q/DQ on the outputs of layers that nothing else quantizes, as in
+    ``to_int8``, so ONNX Runtime runs them in int8 too. Raises ``ValueError`` for a model without
     specs (quantize it with ``calibrate`` first).
     """
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
+    _check_calibration(calibration)
     _require_qparams(model, "export_onnx")
-    data = _onnx_model(model, example_inputs, weight_dtype=weight_dtype).SerializeToString()
+    onnx_model = _onnx_model(model, example_inputs, weight_dtype=weight_dtype)
+    if calibration is not None:
+        _quantize_float_layer_outputs(onnx_model, calibration)
+    data = onnx_model.SerializeToString()
     path = os.fspath(path)
     with open(path, "wb") as f:
         f.write(data)
@@ -565,7 +738,12 @@ BACKENDS = ("onnxruntime", "inductor")
 
 
 def to_int8(
-    model: nn.Module, *, example_inputs: Any, backend: str = "onnxruntime", weight_dtype: str | None = None
+    model: nn.Module,
+    *,
+    example_inputs: Any,
+    backend: str = "onnxruntime",
+    weight_dtype: str | None = None,
+    calibration: Iterable[Any] | None = None,
 ) -> nn.Module:
     """A real int8 model for CPU inference that computes with the learned scales (static quantization).
 
@@ -576,6 +754,13 @@ def to_int8(
     e.g. the last conv before a float global pooling) gets its weight dequantized once, not per call. Where the CPU lacks VNNI, weights are stored as uint8 (codes + 128, same grid) so the u8 x u8
     kernels cannot saturate; with VNNI they stay int8. ``weight_dtype="int8"`` / ``"uint8"`` overrides that
     choice (int8 is about 25% faster without VNNI, at the price of occasional saturation).
+
+    Layers whose output nothing quantizes again (a conv feeding a residual ``Add`` or a float global
+    pooling) have no int8 kernel in ONNX Runtime, which then runs them in float: a ResNet-style model
+    can lose most of its speed-up that way. ``calibration`` (an iterable of input batches, e.g. a few
+    hundred samples from the training data) gives those outputs a uint8 range observed on it, as ONNX
+    Runtime's ``quantize_static`` does, so they run in int8 too; it adds one quantization step per such
+    layer that training did not see. Without it ``to_int8`` warns, naming how many layers stay float.
 
     ``backend="inductor"``: the same quantize/dequantize pattern in PyTorch ops, compiled by Inductor
     with freezing into oneDNN ``qlinear``/``qconv`` (first call compiles: tens of seconds). Without VNNI,
@@ -591,13 +776,27 @@ def to_int8(
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if weight_dtype not in (None, "int8", "uint8") or (weight_dtype is not None and backend != "onnxruntime"):
         raise ValueError(f"`weight_dtype` must be None, 'int8' or 'uint8' (onnxruntime backend only), got {weight_dtype!r}")
+    if calibration is not None and backend != "onnxruntime":
+        raise ValueError(f"`calibration` is for backend='onnxruntime' only (Inductor computes those layers in int8 "
+                         f"with float outputs), got backend={backend!r}")
+    _check_calibration(calibration)
     qparams = _require_qparams(model, "to_int8")
     inputs = _as_tuple(example_inputs)
     if backend == "onnxruntime":
         weight_dtype = weight_dtype or ("int8" if cpu_has_vnni() else "uint8")
         onnx_model = _onnx_model(model, inputs, weight_dtype=weight_dtype)
         _integer_heads(onnx_model)  # rewrites for the session only; export_onnx keeps portable Q/DQ
-        _constant_weights_where_ort_computes_float(onnx_model)
+        float_layers = _quantize_float_layer_outputs(onnx_model, calibration)
+        if float_layers and calibration is None:
+            warnings.warn(
+                f"to_int8: ONNX Runtime runs {len(float_layers)} quantized layer(s) in float because nothing quantizes "
+                f"their outputs (e.g. a conv feeding a residual Add or a global pooling): "
+                f"{', '.join(node.name for node in float_layers[:4])}{', ...' if len(float_layers) > 4 else ''}. "
+                "Pass `calibration=` (a few input batches) to quantize those outputs too, or use backend='inductor'",
+                stacklevel=2,
+            )
+        if float_layers:
+            _constant_weights(onnx_model, float_layers)
         return OnnxRuntimeModule(onnx_model.SerializeToString()).eval()
     if not cpu_has_vnni() and any(spec.weight_bits == 8 for spec in qparams.values()):
         warnings.warn(

@@ -258,13 +258,14 @@ def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
     model = calibrate(model.eval(), batches, weight_bits=7)
-    int8_model = to_int8(model, example_inputs=batches[0])
+    with pytest.warns(UserWarning, match=r"runs 1 quantized layer\(s\) in float .*calibration="):
+        int8_model = to_int8(model, example_inputs=batches[0])
     graph = onnx.load_from_string(int8_model.onnx_model).graph
     inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     convs = [node for node in graph.node if node.op_type == "Conv"]
     weight_kinds = [inits[c.input[1]].dtype if c.input[1] in inits else "from DequantizeLinear" for c in convs]
     assert weight_kinds == ["from DequantizeLinear", np.float32], weight_kinds  # the first fuses; the last cannot
-    monkeypatch.setattr(export, "_constant_weights_where_ort_computes_float", lambda onnx_model: None)
+    monkeypatch.setattr(export, "_constant_weights", lambda onnx_model, layers: None)
     unchanged = to_int8(model, example_inputs=batches[0])
     assert torch.equal(int8_model(batches[1]), unchanged(batches[1]))
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
@@ -274,6 +275,114 @@ def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(
     graph = onnx.load_from_string(to_int8(weight_only, example_inputs=torch.randn(8, 32)).onnx_model).graph
     float_weights = [i.name for i in graph.initializer if numpy_helper.to_array(i).dtype == np.float32 and i.dims and len(i.dims) == 2]
     assert float_weights == [], float_weights
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_resnet() -> nn.Module:
+    """The benchmark's ResNet-style CNN at width 4: stem, two residual blocks, MaxPool, a widening
+    conv, two more blocks, global pooling, classifier (10 convs)."""
+    return _load_benchmark("int8_inference").make_resnet(width=4)
+
+
+def ort_optimized_ops(onnx_bytes: bytes, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_calibration_quantizes_the_outputs_ort_would_leave_float(tmp_path):
+    """In a residual CNN each block's second conv feeds an Add, and the stem's and the widening conv's
+    Relu outputs feed both a conv's quantizer and a skip Add: ONNX Runtime runs those six convs in float. ``calibration``
+    gives the conv outputs a uint8 range observed on it and lets the Adds read the skip tensor's
+    existing Q/DQ copy: every conv then runs as QLinearConv, the Adds as QLinearAdd, and the outputs
+    stay within tolerance."""
+    torch.manual_seed(11)
+    model = randomize_bn(make_resnet()).eval()
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    model = calibrate(model, batches, weight_bits=7)
+    x = torch.randn(8, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"runs 6 quantized layer\(s\) in float"):
+        plain = to_int8(model, example_inputs=x[:1])
+    assert ort_optimized_ops(plain.onnx_model, tmp_path).count("QLinearConv") == 4  # each block's first conv
+
+    calibrated = to_int8(model, example_inputs=x[:1], calibration=iter(batches))  # a one-pass iterable
+    ops = ort_optimized_ops(calibrated.onnx_model, tmp_path)
+    assert ops.count("QLinearConv") == 10 and "Conv" not in ops and "FusedConv" not in ops, ops
+    assert ops.count("QLinearAdd") >= 3, ops  # all but the last, whose output feeds the float pooling
+    assert_int8_close(calibrated(x), reference(model, x))
+    # export_onnx writes the same calibrated points into the file
+    path = export_onnx(model, example_inputs=x[:1], path=tmp_path / "calibrated.onnx", calibration=batches)
+    file_nodes = onnx.load(path).graph.node
+    assert len([n for n in file_nodes if n.op_type == "QuantizeLinear" and n.name.endswith("_output_quantized")]) == 4
+    assert "MatMulInteger" not in [n.op_type for n in file_nodes]  # the session-only head rewrite stays out
+    assert ort_optimized_ops(open(path, "rb").read(), tmp_path).count("QLinearConv") == 10
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert_int8_close(torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0]), calibrated(x))
+    # each point's range is what the calibration batches produced there (the fake-quant model)
+    graph = onnx.load_from_string(calibrated.onnx_model).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    points = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("_output_quantized")]
+    assert len(points) == 4  # the blocks' second convs; the skip rerouting fixes the stem and widening conv
+    first = min(points, key=lambda n: list(graph.node).index(n))  # the first block's second conv (+ its BN)
+    seen = []
+    hook = model[3].bn2.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad(), fake_quantized(model):
+        for b in batches:
+            model(b)
+    hook.remove()
+    low, high = min(float(t.min()) for t in seen), max(float(t.max()) for t in seen)
+    expected_scale = (max(high, 0.0) - min(low, 0.0)) / 255
+    assert float(inits[first.input[1]]) == pytest.approx(expected_scale, rel=0.01)
+    assert abs(int(inits[first.input[2]]) - round(-min(low, 0.0) / expected_scale)) <= 1
+
+
+def test_calibration_quantizes_after_the_relu_before_a_global_pooling(tmp_path):
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    model = calibrate(model.eval(), batches, weight_bits=7)
+    int8_model = to_int8(model, example_inputs=batches[0], calibration=batches)
+    ops = ort_optimized_ops(int8_model.onnx_model, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "FusedConv" not in ops, ops
+    graph = onnx.load_from_string(int8_model.onnx_model).graph
+    inits = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    (point,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.name.endswith("_output_quantized")]
+    assert int(inits[point.input[2]]) == 0  # after the Relu: [0, max]
+    with torch.no_grad(), fake_quantized(model):
+        high = max(float(model[:4](b).max()) for b in batches)
+    assert float(inits[point.input[1]]) * 255 == pytest.approx(high, rel=0.01)
+    x = torch.randn(4, 3, 8, 8)
+    assert_int8_close(int8_model(x), reference(model, x))
+
+
+def test_calibration_bad_input_fails_before_anything_is_built():
+    torch.manual_seed(12)
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    model = calibrate(randomize_bn(make_resnet()).eval(), batches, weight_bits=7)
+    x = batches[0][:1]
+    with pytest.raises(ValueError, match="`calibration` is for backend='onnxruntime'"):
+        to_int8(model, example_inputs=x, backend="inductor", calibration=batches)
+    with pytest.raises(TypeError, match="`calibration` must be an iterable of batches"):
+        to_int8(model, example_inputs=x, calibration=batches[0])
+    with pytest.raises(TypeError, match="`calibration` must be an iterable of batches"):
+        export_onnx(model, example_inputs=x, path="never_written.onnx", calibration=3)
+    assert not os.path.exists("never_written.onnx")
+    with pytest.raises(ValueError, match="at least one batch"):
+        to_int8(model, example_inputs=x, calibration=[])
+    with pytest.raises(ValueError, match="each batch must hold the model's 1 input"):  # a loader's (x, y) pairs
+        to_int8(model, example_inputs=x, calibration=[(b, torch.zeros(8)) for b in batches])
 
 
 def test_to_int8_still_converts_when_ort_graph_cannot_be_inspected(monkeypatch):
