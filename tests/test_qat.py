@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from compress_callbacks import CompressionManager, GradualMagnitudePruning, QuantizationAwareTraining
 from compress_callbacks.quantization import fake_quant as FQ
+from compress_callbacks.quantization.qat import STATE_ATTR
 from compress_callbacks.quantization.spec import get_qparams, quantize_weight, weight_qmax
 
 
@@ -96,6 +97,54 @@ def test_activation_qparams_represent_zero_exactly():
     assert zp.dtype == torch.int32 and zp.tolist()[:2] == [0, 255]
     zero = FQ.fake_quantize_activation(torch.zeros(3), scale, zp)
     assert zero.eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_shape", [(), (1,)])
+def test_activation_fake_quant_of_half_inputs_is_the_float32_grid_rounded_once(dtype, scale_shape):
+    torch.manual_seed(5)
+    x = (torch.randn(4096) * 3).to(dtype).requires_grad_()
+    scale, zero_point = torch.tensor(0.03).reshape(scale_shape), torch.tensor(128, dtype=torch.int32).reshape(scale_shape)
+    out = FQ.fake_quantize_activation(x, scale, zero_point)
+    reference = FQ.fake_quantize_activation(x.detach().float(), scale, zero_point).to(dtype)
+    assert out.dtype == dtype and torch.equal(out, reference)
+    out.sum().backward()
+    inside = (x.detach().float() / 0.03).round().add(128).clamp(0, 255).eq((x.detach().float() / 0.03).round().add(128))
+    assert torch.equal(x.grad, inside.to(dtype))
+
+
+def test_qat_and_pruning_under_cpu_autocast_bf16():
+    """Mixed precision: under ``torch.autocast("cpu", bfloat16)`` the layers compute in bf16 on the
+    fake-quant grid (weights and inputs quantized in float32, then cast), observers keep float32
+    ranges, pruned weights stay exactly zero, and the model in float32 afterwards computes what the
+    bf16 run computed, up to bf16 rounding."""
+    model = cnn(3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    manager = CompressionManager(QuantizationAwareTraining(start_step=2),
+                                 GradualMagnitudePruning(0.5, start_step=0, end_step=4, update_every=2))
+    manager.attach(model, optimizer)
+    data = batches(8, shape=(4, 3, 8, 8), classes=4)
+    for x, y in data:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        assert logits.dtype == torch.bfloat16
+        F.cross_entropy(logits.float(), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert manager.step == 8
+    convs_and_linears = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for layer in convs_and_linears:
+        assert layer.weight.dtype == torch.float32
+        assert (layer.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    states = [m.__dict__[STATE_ATTR] for m in convs_and_linears]
+    assert all(st.group.scale.dtype == torch.float32 and torch.isfinite(st.group.scale).all() for st in states)
+    model.eval()
+    x = data[0][0]
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(x).float()
+    assert (half - full).abs().max() <= 0.05 * full.abs().max()
 
 
 def test_bn_fold_math_matches_reference():

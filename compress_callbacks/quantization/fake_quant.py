@@ -169,7 +169,9 @@ class _ActivationFakeQuantSTE(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(inside)
             return out
-        rounded = (x * inv_scale).round_()
+        # in at least float32 whatever the qparams' shapes: a bf16 / fp16 input (autocast) is
+        # quantized on the exact grid and rounded to its dtype once, at the end
+        rounded = (x.to(torch.promote_types(x.dtype, torch.float32)) * inv_scale).round_()
         clamped = torch.clamp(rounded, qlo, qhi)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(clamped == rounded)
