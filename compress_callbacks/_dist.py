@@ -45,3 +45,61 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
     return _through_backend(tensor, lambda t: dist.all_reduce(t, op=ops[op]))
+
+
+# ------------------------------------------------------------------ FSDP2 (DTensor) weights
+# FSDP2 (``fully_shard``, also what Accelerate's FSDP plugin builds with ``fsdp_version=2``) turns
+# each parameter into a DTensor sharded along dim 0 over a 1-D device mesh: every rank holds a
+# contiguous block of rows. These helpers let per-weight state (masks) live on the local block.
+
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    _DTensor = ()
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 / tensor-parallel parameter, gradient or state)."""
+    return isinstance(tensor, _DTensor)
+
+
+def supported_sharding(param: torch.Tensor) -> bool:
+    """FSDP2's layout: a DTensor sharded along dim 0 over a 1-D mesh (plain ``fully_shard``)."""
+    from torch.distributed.tensor import Shard
+
+    return param.device_mesh.ndim == 1 and tuple(param.placements) == (Shard(0),)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a DTensor (sharing its storage), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def gather_like(local_block: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose blocks, laid out like ``param``'s, the ranks hold as ``local_block``."""
+    if not is_sharded(param):
+        return local_block
+    work = local_block.to(torch.uint8) if local_block.dtype == torch.bool else local_block
+    whole = _DTensor.from_local(work, param.device_mesh, param.placements, run_check=False,
+                               shape=param.shape, stride=param.stride()).full_tensor()
+    return whole.to(local_block.dtype)
+
+
+def local_block_of(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's block of ``whole`` (same on every rank), laid out like ``param``: a copy."""
+    if not is_sharded(param):
+        return whole
+    mesh = param.device_mesh
+    blocks = torch.chunk(whole, mesh.size(), dim=0)  # DTensor's Shard(0) layout
+    index = mesh.get_local_rank()
+    block = blocks[index] if index < len(blocks) else whole[:0]
+    return block.contiguous().clone()
+
+
+def sum_over_shards(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks that hold ``param``'s blocks (unchanged if not sharded)."""
+    if not is_sharded(param):
+        return values
+    group = param.device_mesh.get_group()
+    return _through_backend(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))

@@ -43,6 +43,7 @@ class CompressionCallback:
 
     #: Whether ``on_before_update`` must run (it costs a hook call per update when True).
     needs_before_update: bool = False
+    supports_sharded_weights: bool = False  # handles FSDP2 (DTensor) weights; see targets.require_unsharded
 
     def __init__(self) -> None:
         self.manager = None  # set by CompressionManager.attach

@@ -166,7 +166,7 @@ class CompressionManager:
             raise ValueError("`attach` was already called on this CompressionManager; call it once per run")
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        require_unsharded(model)
+        require_unsharded(model, self.callbacks)
         root = unwrap_model(model)
         real_optimizer = underlying_optimizer(optimizer) if optimizer is not None else None
         if real_optimizer is not None and not hasattr(real_optimizer, "param_groups"):

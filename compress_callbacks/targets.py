@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch.nn as nn
 
@@ -127,38 +127,51 @@ def select_modules(
     return chosen
 
 
-def _sharding(model: nn.Module) -> tuple[str, str] | None:
-    """``(kind, where)`` if ``model`` holds weights sharded across ranks, else None."""
+def _sharding(model: nn.Module) -> tuple[str, str, bool] | None:
+    """``(kind, where, FSDP2 layout)`` if ``model`` holds weights sharded across ranks, else None."""
+    from ._dist import supported_sharding
+
     for name, module in model.named_modules():
         if type(module).__name__ == "FullyShardedDataParallel":
-            return "FSDP", f"module {name or '<root>'!r}"
+            return "FSDP", f"module {name or '<root>'!r}", False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
         DTensor = ()  # noqa: N806
+    found = None
     for name, param in model.named_parameters():
-        if isinstance(param, DTensor):
-            return "DTensor: FSDP2 fully_shard or tensor parallel", f"parameter {name!r}"
         if hasattr(param, "ds_id"):
-            return "DeepSpeed ZeRO-3", f"parameter {name!r}"
-    return None
+            return "DeepSpeed ZeRO-3", f"parameter {name!r}", False
+        if isinstance(param, DTensor):
+            if not supported_sharding(param):
+                return "DTensor: tensor parallel or a multi-dimensional mesh", f"parameter {name!r}", False
+            found = found or ("DTensor: FSDP2 fully_shard", f"parameter {name!r}", True)
+    return found
 
 
-def require_unsharded(model: nn.Module) -> None:
-    """Raise ``NotImplementedError`` if ``model``'s weights are sharded across ranks.
+def require_unsharded(model: nn.Module, callbacks: Sequence[Any] = ()) -> None:
+    """Raise ``NotImplementedError`` if ``model``'s weights are sharded in a way ``callbacks`` cannot handle.
 
-    Magnitude ranking, masks and observer ranges need each rank to hold whole weights; on shards they
-    would silently rank pieces of a layer (or fail deep inside a DTensor op).
+    Callbacks with ``supports_sharded_weights = True`` (pruning) handle FSDP2's layout (``fully_shard``:
+    DTensor weights sharded along dim 0 over a 1-D mesh); anything else needs each rank to hold whole
+    weights, since on shards it would silently rank pieces of a layer (or fail deep inside a DTensor op).
 
     >>> require_unsharded(nn.Linear(2, 2))  # plain and DDP models pass
     """
     found = _sharding(model)
-    if found is not None:
-        kind, where = found
-        raise NotImplementedError(
-            f"compress_callbacks needs every rank to hold whole weights, but this model is sharded ({kind}; {where}). "
-            "Use DDP (Accelerate's default multi-process mode), or train without sharding"
-        )
+    if found is None:
+        return
+    kind, where, layout_supported = found
+    unable = [type(cb).__name__ for cb in callbacks if not getattr(cb, "supports_sharded_weights", False)]
+    if layout_supported and callbacks and not unable:
+        return
+    reason = (f"{', '.join(unable)} needs every rank to hold whole weights" if layout_supported and unable
+              else "compress_callbacks supports sharded weights only in FSDP2's layout (fully_shard: dim 0 over a 1-D mesh), "
+                   "for GradualMagnitudePruning")
+    raise NotImplementedError(
+        f"{reason}, but this model is sharded ({kind}; {where}). "
+        "Use DDP (Accelerate's default multi-process mode), or train without sharding"
+    )
 
 
 def require_optimizer_owns_weights(selected: Sequence[tuple[str, nn.Module]], optimizer) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import _dist as D
 from .._native import mask_multiply_kernel
 from ..callback import CompressionCallback
 from ..schedules import cubic_sparsity, last_grid_point
@@ -91,7 +92,8 @@ class GradualMagnitudePruning(CompressionCallback):
     backward, and their optimizer state zeroed when the mask grows: they stay exactly zero and
     their optimizer state does not grow. (A gradient changed *in place* between backward and the
     step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
-    sparse checkpoint) stay zero.
+    sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
+    (``fully_shard``) each rank holds its block of them, selected on whole weights.
 
     Example::
 
@@ -101,6 +103,7 @@ class GradualMagnitudePruning(CompressionCallback):
     """
 
     needs_before_update = True
+    supports_sharded_weights = True  # FSDP2: masks live on each rank's block of rows
 
     def __init__(
         self,
@@ -188,7 +191,7 @@ class GradualMagnitudePruning(CompressionCallback):
         if self._nm is not None:
             m = self._nm[1]
             for name, module in selected:
-                fan_in = module.weight[0].numel()
+                fan_in = math.prod(module.weight.shape[1:])
                 if fan_in % m:
                     raise ValueError(
                         f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
@@ -211,7 +214,7 @@ class GradualMagnitudePruning(CompressionCallback):
             self._restore(self._loaded)
             self._loaded = None
         else:
-            self._keeps = [M.keep_from_zeros(p) for p in self._params]
+            self._keeps = [M.keep_from_zeros(D.local(p.detach())) for p in self._params]
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
         self._update_masks(step)
@@ -286,22 +289,41 @@ class GradualMagnitudePruning(CompressionCallback):
             return
         if target == 0.0 or target <= self._applied_sparsity:
             return
-        weights = [p.detach() for p in self._params]
-        keeps = self._keeps
-        if self._nm is not None:
-            new = M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=self.scope)
-        elif self.granularity == "channel":
-            new = M.channel_keep_masks(weights, target, keeps=keeps, scope=self.scope)
-        else:
-            new = M.unstructured_keep_masks(weights, target, keeps=keeps, scope=self.scope)
-        from .._dist import broadcast_
-
-        self._keeps = [broadcast_(k) for k in new]
+        if any(D.is_sharded(p) for p in self._params):
+            self._keeps = self._select_sharded(target)
+        else:  # every rank computes the same masks; the broadcast guarantees it (ties, float noise)
+            self._keeps = [D.broadcast_(k) for k in self._select([p.detach() for p in self._params], self._keeps, target, self.scope)]
         self._applied_sparsity = target
         self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
         if self.manager is not None:
             self.manager.log({f"compress/{self.name}/{k}": v for k, v in self.log_values().items()}, step=step)
+
+    def _select(self, weights, keeps, target: float, scope: str) -> list[torch.Tensor]:
+        if self._nm is not None:
+            return M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=scope)
+        if self.granularity == "channel":
+            return M.channel_keep_masks(weights, target, keeps=keeps, scope=scope)
+        return M.unstructured_keep_masks(weights, target, keeps=keeps, scope=scope)
+
+    def _select_sharded(self, target: float) -> list[torch.Tensor]:
+        """Masks of FSDP2-sharded weights: each selection runs on whole weights, gathered from the
+        ranks' blocks, so every rank computes the masks a single process would (ties included),
+        then keeps its own block. Layer scope gathers one layer at a time; global scope gathers
+        every targeted weight at once (on the weights' device)."""
+        def whole(i: int) -> torch.Tensor:
+            weight = self._params[i].detach()
+            return weight.full_tensor() if D.is_sharded(weight) else weight
+
+        def whole_keep(i: int) -> torch.Tensor | None:
+            return None if self._keeps[i] is None else D.gather_like(self._keeps[i], self._params[i])
+
+        indices = range(len(self._params))
+        if self.scope == "layer":
+            new = [self._select([whole(i)], [whole_keep(i)], target, "layer")[0] for i in indices]
+        else:
+            new = self._select([whole(i) for i in indices], [whole_keep(i) for i in indices], target, "global")
+        return [D.local_block_of(keep, p) for keep, p in zip(new, self._params)]
 
     @torch.no_grad()
     def _enforce_masks(self, include_state: bool) -> None:
@@ -322,6 +344,7 @@ class GradualMagnitudePruning(CompressionCallback):
 
     def _mask_(self, tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
         """``t *= keep`` for each pair: the native kernel where it applies, else the scratch path."""
+        tensors = [D.local(t) for t in tensors]
         M.apply_keep_(tensors, keeps, None if self._kernel else self._scratch(tensors[0]), self._kernel)
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor | None:
@@ -339,7 +362,9 @@ class GradualMagnitudePruning(CompressionCallback):
         return {
             "applied_sparsity": self._applied_sparsity,
             "names": list(self._names),
-            "masks": [None if k is None else k.detach().to("cpu", torch.bool) for k in self._keeps],
+            # whole masks (gathered from the ranks' blocks under FSDP2: every rank must call this)
+            "masks": [None if k is None else D.gather_like(k.detach(), p).to("cpu", torch.bool)
+                      for k, p in zip(self._keeps, self._params)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -356,25 +381,30 @@ class GradualMagnitudePruning(CompressionCallback):
         for mask, p in zip(state["masks"], self._params):
             if mask is not None and tuple(mask.shape) != tuple(p.shape):
                 raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit weight {tuple(p.shape)}")
-            keeps.append(None if mask is None else mask.to(p.device, torch.uint8))
+            keeps.append(None if mask is None else D.local_block_of(mask.to(torch.uint8), p).to(D.local(p).device))
         self._keeps = keeps
         self._applied_sparsity = float(state["applied_sparsity"])
         self._mask_sparsity = self._count_mask_sparsity()
 
     # ------------------------------------------------------------------ reporting
+    def _zero_counts(self) -> list[int]:
+        """Exact zeros in each targeted weight (summed over the ranks' blocks under FSDP2)."""
+        return [int(D.sum_over_shards((D.local(p.detach()) == 0).sum(dtype=torch.int64).reshape(1), p))
+                for p in self._params]
+
     def layer_sparsities(self) -> dict[str, float]:
         """Measured fraction of exact zeros in each targeted weight."""
-        return {name: float((p.detach() == 0).float().mean()) for name, p in zip(self._names, self._params)}
+        return {name: zeros / p.numel() for name, p, zeros in zip(self._names, self._params, self._zero_counts())}
 
     def overall_sparsity(self) -> float:
         """Measured fraction of exact zeros over all targeted weights."""
         total = sum(p.numel() for p in self._params)
-        zeros = sum(int((p.detach() == 0).sum()) for p in self._params)
-        return zeros / total if total else 0.0
+        return sum(self._zero_counts()) / total if total else 0.0
 
     def _count_mask_sparsity(self) -> float:
         total = sum(p.numel() for p in self._params)
-        pruned = sum(p.numel() - int(k.sum(dtype=torch.int64)) for p, k in zip(self._params, self._keeps) if k is not None)
+        kept = [D.sum_over_shards(k.sum(dtype=torch.int64).reshape(1), p) for p, k in zip(self._params, self._keeps) if k is not None]
+        pruned = sum(p.numel() for p, k in zip(self._params, self._keeps) if k is not None) - sum(int(c) for c in kept)
         return pruned / total if total else 0.0
 
     def log_values(self) -> dict[str, float]:
