@@ -76,6 +76,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole on every rank (a collective), or the tensor itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
 def gather_like(local_block: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The whole tensor whose blocks, laid out like ``param``'s, the ranks hold as ``local_block``."""
     if not is_sharded(param):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from compress_callbacks import CompressionManager, GradualMagnitudePruning
+from compress_callbacks.callback import CompressionCallback
 from compress_callbacks.pruning.masks import count_to_prune
 
 
@@ -496,24 +497,41 @@ def test_sharded_models_are_refused_before_anything_is_touched():
     with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO-3.*0.weight"):
         CompressionManager(GradualMagnitudePruning(0.5, 0, 10)).attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
-    # FSDP2: weights become DTensors. Pruning handles them (see the two-process test); QAT does not
-    # yet, alone or beside pruning: without the check it failed deep in a DTensor op after attaching
+    # DTensor weights outside FSDP2's layout (here replicated, as tensor parallelism leaves some):
+    # refused before anything is touched (without the check GMP failed deep in a DTensor op)
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-        fully_shard(model[0])
-        fully_shard(model)
-        before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
-        hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        mesh = init_device_mesh("cpu", (1,))
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Replicate()]))
+        before = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for callbacks in ([QuantizationAwareTraining(start_step=0)],
                           [GradualMagnitudePruning(0.5, 0, 2, update_every=1), QuantizationAwareTraining(start_step=0)]):
             manager = CompressionManager(*callbacks)
-            with pytest.raises(NotImplementedError, match="QuantizationAwareTraining needs every rank.*DTensor.*0.weight.*DDP"):
+            with pytest.raises(NotImplementedError, match="only in FSDP2's layout.*tensor parallel.*0.weight.*DDP"):
                 manager.attach(model, optimizer)
             assert not manager.attached
-        assert all(torch.equal(v.full_tensor(), before[k]) for k, v in model.state_dict().items())
-        assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        after = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+        # FSDP2's own layout is accepted by the package's callbacks; a callback that does not declare
+        # `supports_sharded_weights` (a user's own) is refused by name
+        fsdp_model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        fully_shard(fsdp_model[0])
+        fully_shard(fsdp_model)
+
+        class CountUpdates(CompressionCallback):
+            pass
+
+        with pytest.raises(NotImplementedError, match="CountUpdates needs every rank to hold whole weights.*FSDP2"):
+            CompressionManager(GradualMagnitudePruning(0.5, 0, 2), CountUpdates()).attach(
+                fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
+        manager = CompressionManager(GradualMagnitudePruning(0.5, 0, 2, update_every=1), QuantizationAwareTraining(start_step=0))
+        manager.attach(fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
+        assert manager.attached
     finally:
         dist.destroy_process_group()
 

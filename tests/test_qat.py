@@ -485,6 +485,67 @@ def test_ddp_two_processes_agree_on_ranges():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _fsdp2_worker(path):
+    """Two ranks, FSDP2 (``fully_shard``, gloo), QAT + pruning on a conv + BN model, the same batches
+    on both ranks: training, finalize and the exported specs equal a single process's."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from compress_callbacks.quantization.spec import set_qparams
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    reference = cnn(4)
+    model = copy.deepcopy(reference)
+    for layer in model:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            fully_shard(layer)
+    fully_shard(model)
+
+    def callbacks():
+        return (QuantizationAwareTraining(start_step=1, freeze_bn_step=5),
+                GradualMagnitudePruning(0.5, start_step=0, end_step=4, update_every=2))
+
+    managers = []
+    for net in (model, reference):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        manager = CompressionManager(*callbacks())
+        manager.attach(net, optimizer)
+        managers.append((manager, optimizer))
+    for x, y in batches(7, shape=(4, 3, 8, 8), classes=4):
+        for net, (_, optimizer) in zip((model, reference), managers):
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    assert all(torch.allclose(whole[k], v, atol=1e-6) for k, v in reference.state_dict().items())
+    finalized, expected = managers[0][0].finalize(model), managers[1][0].finalize(reference)
+    whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in finalized.state_dict().items()}
+    assert all(torch.allclose(whole[k], v, atol=1e-6) for k, v in expected.state_dict().items())
+    specs, expected_specs = get_qparams(finalized), get_qparams(expected)
+    assert specs.keys() == expected_specs.keys()
+    for name, spec in specs.items():
+        assert torch.allclose(spec.weight_scale, expected_specs[name].weight_scale)
+        assert (spec.input_scale, spec.input_zero_point, spec.bn) == (
+            expected_specs[name].input_scale, expected_specs[name].input_zero_point, expected_specs[name].bn)
+    # a plain copy from the gathered state dict + the specs is the model to export
+    plain = cnn(4)
+    plain.load_state_dict(whole)
+    set_qparams(plain, specs)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), expected.eval()(x), atol=1e-5)
+    with open(f"{path}/rank{dist.get_rank()}.txt", "w") as f:
+        f.write("ok")
+
+
+def test_fsdp2_qat_and_pruning_match_a_single_process(tmp_path):
+    from tests.test_distillation import launch_two_processes
+
+    launch_two_processes("tests.test_qat", "_fsdp2_worker", tmp_path)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
+
+
 def test_finalized_specs_reproduce_the_fake_quant_model_for_export():
     from compress_callbacks.quantization.ptq import fake_quantized
 

@@ -70,19 +70,25 @@ class _LayerState:
 
     def bn_factor(self) -> torch.Tensor:
         bn = self.bn
-        return FQ.bn_scale_factor(bn.weight, bn.running_var, bn.eps)
+        return FQ.bn_scale_factor(_dist.whole(bn.weight), bn.running_var, bn.eps)
 
     def weight(self, module: nn.Module) -> torch.Tensor:
-        """The fake-quantized weight the layer computes with (BN-folded grid when paired)."""
+        """The fake-quantized weight the layer computes with (BN-folded grid when paired).
+
+        In the forward pass FSDP2 has put whole weights in place; outside it (``finalize``) a
+        sharded weight is gathered whole here.
+        """
+        weight = _dist.whole(module.weight)
         if self.bn is None:
-            return FQ.fake_quantize_weight(module.weight, self.bits)
-        return FQ.fold_bn_fake_quantize_weight(module.weight, self.bn_factor(), self.bits)
+            return FQ.fake_quantize_weight(weight, self.bits)
+        return FQ.fold_bn_fake_quantize_weight(weight, self.bn_factor(), self.bits)
 
     def grid_weight(self, module: nn.Module) -> torch.Tensor:
         """The weight whose per-channel grid is quantized: ``w``, or ``w * bn_factor`` when folded."""
+        weight = _dist.whole(module.weight)
         if self.bn is None:
-            return module.weight
-        return module.weight * self.bn_factor().reshape((-1,) + (1,) * (module.weight.dim() - 1))
+            return weight
+        return weight * self.bn_factor().reshape((-1,) + (1,) * (weight.dim() - 1))
 
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not self.quantize_input or x.numel() == 0:
@@ -275,6 +281,8 @@ class QuantizationAwareTraining(CompressionCallback):
 
     Modules are switched in place (their class becomes a subclass whose forward fake-quantizes); the
     ``Parameter`` objects, the optimizer and DDP are untouched, and ``state_dict`` keys never change.
+    Under FSDP2 (``fully_shard``) the forward sees the whole weights FSDP2 gathers for it, and
+    ``finalize`` gathers each weight, snaps it and writes each rank's block back.
 
     Example::
 
@@ -284,6 +292,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     #: weight of a new observation in the moving-average input range (torch.ao's default)
     averaging_constant: float = 0.01
+    supports_sharded_weights = True  # FSDP2: fake-quant runs on the whole weights of the forward
 
     def __init__(
         self,
@@ -367,7 +376,8 @@ class QuantizationAwareTraining(CompressionCallback):
             for st in self._layers:
                 module = st.module
                 scale = FQ.per_channel_weight_scale(st.grid_weight(module), st.bits)
-                module.weight.copy_(st.weight(module))  # exactly the weight the fake-quant forward used
+                snapped = st.weight(module)  # exactly the weight the fake-quant forward used
+                _dist.local(module.weight).copy_(_dist.local_block_of(snapped, module.weight))
                 quantized_input = st.quantize_input and st.initialized
                 if st.quantize_input and not st.initialized:
                     never_observed.append(st.name)
