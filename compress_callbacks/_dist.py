@@ -108,3 +108,11 @@ def sum_over_shards(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return values
     group = param.device_mesh.get_group()
     return _through_backend(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group))
+
+
+def gather_over_shards(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``values`` of every rank that holds a block of ``param``, stacked in block order."""
+    group = param.device_mesh.get_group()
+    parts = [torch.empty_like(values) for _ in range(param.device_mesh.size())]
+    dist.all_gather(parts, values, group=group)
+    return torch.stack(parts)

@@ -559,7 +559,8 @@ def _fsdp2_worker(path):
         fully_shard(model)
         assert all(D.is_sharded(p) for p in model.parameters())
         kwargs = dict(start_step=0, end_step=4, update_every=2, scope=scope, granularity=granularity,
-                      exclude=["2", "4"] if granularity == "2:4" else None)  # 2:4 needs fan-in % 4 == 0
+                      exclude=["2", "4"] if granularity == "2:4" else None,  # 2:4 needs fan-in % 4 == 0
+                      initial_sparsity=0.3 if granularity == "unstructured" else 0.0)  # selects at attach, on the ties
         sharded_gmp, reference_gmp = GradualMagnitudePruning(target, **kwargs), GradualMagnitudePruning(target, **kwargs)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
         reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01)

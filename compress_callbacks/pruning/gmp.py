@@ -307,10 +307,24 @@ class GradualMagnitudePruning(CompressionCallback):
         return M.unstructured_keep_masks(weights, target, keeps=keeps, scope=scope)
 
     def _select_sharded(self, target: float) -> list[torch.Tensor]:
-        """Masks of FSDP2-sharded weights: each selection runs on whole weights, gathered from the
-        ranks' blocks, so every rank computes the masks a single process would (ties included),
-        then keeps its own block. Layer scope gathers one layer at a time; global scope gathers
-        every targeted weight at once (on the weights' device)."""
+        """Masks of FSDP2-sharded weights: this rank's block of the masks a single process would
+        compute on the whole weights (ties included).
+
+        Unstructured: a radix select over the ranks' blocks with summed histograms (no weight
+        leaves its rank). Channel and N:M: the selection runs on whole weights gathered from the
+        blocks (one layer at a time for layer scope, all targeted weights for global scope), then
+        each rank keeps its block.
+        """
+        first = self._params[0]
+        same_mesh = all(D.is_sharded(p) and p.device_mesh == first.device_mesh for p in self._params)
+        if self._nm is None and self.granularity == "unstructured" and same_mesh:
+            return M.sharded_unstructured_keep_masks(
+                [D.local(p.detach()) for p in self._params], self._keeps, [p.numel() for p in self._params],
+                target, self.scope,
+                sum_over_ranks=lambda values: D.sum_over_shards(values, first),
+                gather_over_ranks=lambda values: D.gather_over_shards(values, first),
+                rank=first.device_mesh.get_local_rank(),
+            )
         def whole(i: int) -> torch.Tensor:
             weight = self._params[i].detach()
             return weight.full_tensor() if D.is_sharded(weight) else weight

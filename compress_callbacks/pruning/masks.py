@@ -31,6 +31,7 @@ __all__ = [
     "kth_smallest_key",
     "select_smallest",
     "unstructured_keep_masks",
+    "sharded_unstructured_keep_masks",
     "channel_keep_masks",
     "nm_keep_masks",
     "parse_nm",
@@ -153,24 +154,27 @@ def _histogram(keys: Keys, shift: int, bits: int, prefix: int | None, prefix_shi
             digits = (chunk >> shift) & low
             hist += torch.bincount(digits, minlength=1 << bits)
         tensor = flat = chunk = None  # drop this layer's keys before the next layer's are built
-    return hist
+    return hist if hist is not None else torch.zeros(1 << bits, dtype=torch.int64)
 
 
-def kth_smallest_key(keys: Keys, k: int) -> tuple[int, int]:
+def kth_smallest_key(keys: Keys, k: int, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[int, int]:
     """The k-th smallest key (1-based) over all ``keys`` and how many keys are strictly smaller.
 
     Three histogram passes over 11/10/10-bit digits of the (non-negative) int32 keys. Each layer's
     keys may be given as a callable that builds them, so only one layer's keys exist at a time.
+    ``sum_over_ranks`` (in place, e.g. an all-reduce): the keys are this rank's part of a selection
+    over all ranks' keys; only the histograms travel.
 
     >>> kth_smallest_key([torch.tensor([5, 1, 3]), torch.tensor([3, 9])], 3)
     (3, 1)
     """
-    total = sum(_numel_of(t) if callable(t) else t.numel() for t in keys)
+    reduce = sum_over_ranks or (lambda t: t)
+    total = int(reduce(torch.tensor([sum(_numel_of(t) if callable(t) else t.numel() for t in keys)], dtype=torch.int64)))
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside [1, {total}]")
     prefix, prefix_shift, below = None, 31, 0
     for shift, bits in ((20, 11), (10, 10), (0, 10)):
-        hist = _histogram(keys, shift, bits, prefix, prefix_shift)
+        hist = reduce(_histogram(keys, shift, bits, prefix, prefix_shift))
         cum = torch.cumsum(hist, 0)
         digit = int(torch.searchsorted(cum, torch.tensor(k - below, device=cum.device), right=False))
         below += int(cum[digit - 1]) if digit > 0 else 0
@@ -265,6 +269,69 @@ def unstructured_keep_masks(
     # memory stays about one layer
     keys = [magnitude_key_source(w, keep) for w, keep in zip(weights, keeps)]
     return _prune_by_keys(weights, keeps, keys, target, "global")
+
+
+def _take_below(keys: torch.Tensor, threshold: int, ties: int) -> torch.Tensor:
+    """Bool mask of the keys below ``threshold`` and the first ``ties`` equal to it (flat order)."""
+    chosen = keys < threshold
+    if ties > 0:
+        equal = keys == threshold
+        chosen |= equal & (equal.reshape(-1).cumsum(0).view(keys.shape) <= ties)
+    return chosen
+
+
+def sharded_unstructured_keep_masks(
+    blocks: Sequence[torch.Tensor],
+    keeps: Sequence[torch.Tensor | None],
+    numels: Sequence[int],
+    target: float,
+    scope: str,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+    gather_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+    rank: int,
+) -> list[torch.Tensor]:
+    """:func:`unstructured_keep_masks` for weights whose rows are split into blocks across ranks.
+
+    ``blocks`` / ``keeps``: this rank's block of each weight (blocks in rank order make up the
+    weight, as FSDP2's dim-0 sharding lays them out); ``numels``: the whole weights' sizes;
+    ``sum_over_ranks`` sums a tensor over ranks in place; ``gather_over_ranks`` stacks one tensor
+    per rank (rank order); ``rank``: this rank's index in that order. Only histograms and per-layer tie counts travel, never weights: the
+    radix select runs on each rank's blocks with summed histograms, and the ties at the threshold
+    go in layer order, then rank order, then flat index, which is the flat order of the whole
+    weights. The result is this rank's block of exactly the masks a single process computes on the
+    whole weights.
+    """
+    keeps = list(keeps)
+    groups = [list(range(len(blocks)))] if scope == "global" else [[i] for i in range(len(blocks))]
+    out: list[torch.Tensor | None] = [None] * len(blocks)
+    for group in groups:
+        kept = torch.tensor([int(keeps[i].sum(dtype=torch.int64)) if keeps[i] is not None else blocks[i].numel()
+                             for i in group], dtype=torch.int64)
+        pruned_now = sum(numels[i] for i in group) - int(sum_over_ranks(kept).sum())
+        k = count_to_prune(sum(numels[i] for i in group), target) - pruned_now
+        sources = [magnitude_key_source(blocks[i], keeps[i]) for i in group]
+        if k <= 0:
+            for i in group:
+                out[i] = torch.ones(blocks[i].shape, dtype=torch.uint8, device=blocks[i].device) if keeps[i] is None else keeps[i].clone()
+            continue
+        threshold, below = kth_smallest_key(sources, k, sum_over_ranks)
+        equal = torch.tensor([int((_materialize(src) == threshold).sum()) for src in sources], dtype=torch.int64)
+        table = gather_over_ranks(equal)  # [ranks, layers of the group]
+        ties_left = k - below
+        allowance = torch.zeros_like(table)
+        for layer in range(table.shape[1]):  # layer order, then rank order: the whole weights' flat order
+            for r in range(table.shape[0]):
+                take = min(ties_left, int(table[r, layer]))
+                allowance[r, layer] = take
+                ties_left -= take
+        for column, (i, src) in enumerate(zip(group, sources)):
+            ties = int(allowance[rank, column])
+            if isinstance(src, _NativeMagnitudeKeys):
+                out[i], _ = src.prune_below(src.weight, src.keep, threshold, ties)
+            else:
+                chosen = _take_below(_materialize(src), threshold, ties)
+                out[i] = _apply_selection([keeps[i]], [blocks[i].shape], [chosen])[0]
+    return out  # type: ignore[return-value]
 
 
 def channel_keep_masks(
