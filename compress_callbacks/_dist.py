@@ -113,6 +113,7 @@ def sum_over_shards(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def gather_over_shards(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``values`` of every rank that holds a block of ``param``, stacked in block order."""
     group = param.device_mesh.get_group()
-    parts = [torch.empty_like(values) for _ in range(param.device_mesh.size())]
-    dist.all_gather(parts, values, group=group)
-    return torch.stack(parts)
+    work = values.to(local(param).device)  # where this mesh's backend exchanges tensors (NCCL: the GPU)
+    parts = [torch.empty_like(work) for _ in range(param.device_mesh.size())]
+    dist.all_gather(parts, work, group=group)
+    return torch.stack(parts).to(values.device)

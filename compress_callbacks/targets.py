@@ -152,7 +152,7 @@ def _sharding(model: nn.Module) -> tuple[str, str, bool] | None:
 def require_unsharded(model: nn.Module, callbacks: Sequence[Any] = ()) -> None:
     """Raise ``NotImplementedError`` if ``model``'s weights are sharded in a way ``callbacks`` cannot handle.
 
-    Callbacks with ``supports_sharded_weights = True`` (pruning) handle FSDP2's layout (``fully_shard``:
+    Callbacks with ``supports_sharded_weights = True`` (pruning, QAT) handle FSDP2's layout (``fully_shard``:
     DTensor weights sharded along dim 0 over a 1-D mesh); anything else needs each rank to hold whole
     weights, since on shards it would silently rank pieces of a layer (or fail deep inside a DTensor op).
 
@@ -167,7 +167,7 @@ def require_unsharded(model: nn.Module, callbacks: Sequence[Any] = ()) -> None:
         return
     reason = (f"{', '.join(unable)} needs every rank to hold whole weights" if layout_supported and unable
               else "compress_callbacks supports sharded weights only in FSDP2's layout (fully_shard: dim 0 over a 1-D mesh), "
-                   "for GradualMagnitudePruning")
+                   "for GradualMagnitudePruning and QuantizationAwareTraining")
     raise NotImplementedError(
         f"{reason}, but this model is sharded ({kind}; {where}). "
         "Use DDP (Accelerate's default multi-process mode), or train without sharding"

@@ -93,7 +93,7 @@ class GradualMagnitudePruning(CompressionCallback):
     their optimizer state does not grow. (A gradient changed *in place* between backward and the
     step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
     sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
-    (``fully_shard``) each rank holds its block of them, selected on whole weights.
+    (``fully_shard``) each rank holds its block of the masks a single process would select.
 
     Example::
 
@@ -325,6 +325,7 @@ class GradualMagnitudePruning(CompressionCallback):
                 gather_over_ranks=lambda values: D.gather_over_shards(values, first),
                 rank=first.device_mesh.get_local_rank(),
             )
+
         def whole(i: int) -> torch.Tensor:
             weight = self._params[i].detach()
             return weight.full_tensor() if D.is_sharded(weight) else weight

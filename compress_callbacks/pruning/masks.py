@@ -295,10 +295,10 @@ def sharded_unstructured_keep_masks(
     ``blocks`` / ``keeps``: this rank's block of each weight (blocks in rank order make up the
     weight, as FSDP2's dim-0 sharding lays them out); ``numels``: the whole weights' sizes;
     ``sum_over_ranks`` sums a tensor over ranks in place; ``gather_over_ranks`` stacks one tensor
-    per rank (rank order); ``rank``: this rank's index in that order. Only histograms and per-layer tie counts travel, never weights: the
-    radix select runs on each rank's blocks with summed histograms, and the ties at the threshold
-    go in layer order, then rank order, then flat index, which is the flat order of the whole
-    weights. The result is this rank's block of exactly the masks a single process computes on the
+    per rank (rank order); ``rank``: this rank's index in that order. Only histograms and per-layer
+    tie counts travel, never weights: the radix select runs on each rank's blocks with summed
+    histograms, and the ties at the threshold go in layer order, then rank order, then flat index,
+    which is the flat order of the whole weights. The result is this rank's block of exactly the masks a single process computes on the
     whole weights.
     """
     keeps = list(keeps)
