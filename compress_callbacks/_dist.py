@@ -91,6 +91,16 @@ def gather_like(local_block: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return whole.to(local_block.dtype)
 
 
+def gather_rows(local_rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """One value per row of ``param``, whole, from each rank's values for its block of rows."""
+    if not is_sharded(param):
+        return local_rows
+    work = local_rows.to(torch.uint8) if local_rows.dtype == torch.bool else local_rows
+    whole = _DTensor.from_local(work, param.device_mesh, param.placements, run_check=False,
+                                shape=(param.shape[0],), stride=(1,)).full_tensor()
+    return whole.to(local_rows.dtype)
+
+
 def local_block_of(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's block of ``whole`` (same on every rank), laid out like ``param``: a copy."""
     if not is_sharded(param):

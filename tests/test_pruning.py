@@ -526,6 +526,11 @@ def test_sharded_models_are_refused_before_anything_is_touched():
         class CountUpdates(CompressionCallback):
             pass
 
+        partly = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        fully_shard(partly[0])  # the last layer's weight stays a plain tensor
+        with pytest.raises(NotImplementedError, match="every targeted weight sharded over one mesh"):
+            CompressionManager(GradualMagnitudePruning(0.5, 0, 2)).attach(partly, torch.optim.SGD(partly.parameters(), lr=0.1))
+        assert not any(hasattr(p, "_post_accumulate_grad_hooks") and p._post_accumulate_grad_hooks for p in partly.parameters())
         with pytest.raises(NotImplementedError, match="CountUpdates needs every rank to hold whole weights.*FSDP2"):
             CompressionManager(GradualMagnitudePruning(0.5, 0, 2), CountUpdates()).attach(
                 fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
@@ -560,7 +565,7 @@ def _fsdp2_worker(path):
         assert all(D.is_sharded(p) for p in model.parameters())
         kwargs = dict(start_step=0, end_step=4, update_every=2, scope=scope, granularity=granularity,
                       exclude=["2", "4"] if granularity == "2:4" else None,  # 2:4 needs fan-in % 4 == 0
-                      initial_sparsity=0.3 if granularity == "unstructured" else 0.0)  # selects at attach, on the ties
+                      initial_sparsity=0.3)  # the first selection runs at attach, on the tie-heavy weights
         sharded_gmp, reference_gmp = GradualMagnitudePruning(target, **kwargs), GradualMagnitudePruning(target, **kwargs)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
         reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01)

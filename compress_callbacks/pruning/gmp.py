@@ -197,6 +197,14 @@ class GradualMagnitudePruning(CompressionCallback):
                         f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
                         f"not a multiple of M={m}; exclude it with `exclude=[{name!r}]`"
                     )
+        weights = [module.weight for _, module in selected]
+        if any(D.is_sharded(w) for w in weights) and not all(
+            D.is_sharded(w) and w.device_mesh == weights[0].device_mesh for w in weights
+        ):
+            raise NotImplementedError(
+                "GradualMagnitudePruning on FSDP2 needs every targeted weight sharded over one mesh "
+                "(fully_shard the model's root too, or leave the others out with `exclude=`)"
+            )
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
@@ -308,37 +316,29 @@ class GradualMagnitudePruning(CompressionCallback):
 
     def _select_sharded(self, target: float) -> list[torch.Tensor]:
         """Masks of FSDP2-sharded weights: this rank's block of the masks a single process would
-        compute on the whole weights (ties included).
+        compute on the whole weights (ties included). No weight leaves its rank.
 
-        Unstructured: a radix select over the ranks' blocks with summed histograms (no weight
-        leaves its rank). Channel and N:M: the selection runs on whole weights gathered from the
-        blocks (one layer at a time for layer scope, all targeted weights for global scope), then
-        each rank keeps its block.
+        Unstructured and N:M: a radix select over the ranks' blocks with histograms summed over
+        ranks, ties allotted in the whole weights' order. Channel: the per-channel scores (one
+        number per row) are gathered and ranked whole.
         """
         first = self._params[0]
-        same_mesh = all(D.is_sharded(p) and p.device_mesh == first.device_mesh for p in self._params)
-        if self._nm is None and self.granularity == "unstructured" and same_mesh:
-            return M.sharded_unstructured_keep_masks(
-                [D.local(p.detach()) for p in self._params], self._keeps, [p.numel() for p in self._params],
-                target, self.scope,
-                sum_over_ranks=lambda values: D.sum_over_shards(values, first),
-                gather_over_ranks=lambda values: D.gather_over_shards(values, first),
-                rank=first.device_mesh.get_local_rank(),
-            )
-
-        def whole(i: int) -> torch.Tensor:
-            weight = self._params[i].detach()
-            return weight.full_tensor() if D.is_sharded(weight) else weight
-
-        def whole_keep(i: int) -> torch.Tensor | None:
-            return None if self._keeps[i] is None else D.gather_like(self._keeps[i], self._params[i])
-
-        indices = range(len(self._params))
-        if self.scope == "layer":
-            new = [self._select([whole(i)], [whole_keep(i)], target, "layer")[0] for i in indices]
-        else:
-            new = self._select([whole(i) for i in indices], [whole_keep(i) for i in indices], target, "global")
-        return [D.local_block_of(keep, p) for keep, p in zip(new, self._params)]
+        blocks = [D.local(p.detach()) for p in self._params]
+        if self.granularity == "channel":
+            scores, dead = M.channel_scores(blocks, self._keeps, self.scope)
+            scores = [D.gather_rows(x, p) for x, p in zip(scores, self._params)]
+            dead = [D.gather_rows(x, p) for x, p in zip(dead, self._params)]
+            fan_ins = [math.prod(p.shape[1:]) for p in self._params]
+            chosen = M.channels_to_prune(scores, dead, fan_ins, target, self.scope)
+            chosen = [D.local_block_of(rows, p) for rows, p in zip(chosen, self._params)]
+            return M.expand_channels(blocks, self._keeps, chosen)
+        return M.sharded_keep_masks(
+            blocks, self._keeps, [p.numel() for p in self._params], target, self.scope,
+            sum_over_ranks=lambda values: D.sum_over_shards(values, first),
+            gather_over_ranks=lambda values: D.gather_over_shards(values, first),
+            rank=first.device_mesh.get_local_rank(),
+            nm=self._nm,
+        )
 
     @torch.no_grad()
     def _enforce_masks(self, include_state: bool) -> None:

@@ -31,7 +31,7 @@ __all__ = [
     "kth_smallest_key",
     "select_smallest",
     "unstructured_keep_masks",
-    "sharded_unstructured_keep_masks",
+    "sharded_keep_masks",
     "channel_keep_masks",
     "nm_keep_masks",
     "parse_nm",
@@ -280,7 +280,7 @@ def _take_below(keys: torch.Tensor, threshold: int, ties: int) -> torch.Tensor:
     return chosen
 
 
-def sharded_unstructured_keep_masks(
+def sharded_keep_masks(
     blocks: Sequence[torch.Tensor],
     keeps: Sequence[torch.Tensor | None],
     numels: Sequence[int],
@@ -289,8 +289,10 @@ def sharded_unstructured_keep_masks(
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
     gather_over_ranks: Callable[[torch.Tensor], torch.Tensor],
     rank: int,
+    nm: tuple[int, int] | None = None,
 ) -> list[torch.Tensor]:
-    """:func:`unstructured_keep_masks` for weights whose rows are split into blocks across ranks.
+    """:func:`unstructured_keep_masks` (or, with ``nm``, :func:`nm_keep_masks`) for weights whose
+    rows are split into blocks across ranks.
 
     ``blocks`` / ``keeps``: this rank's block of each weight (blocks in rank order make up the
     weight, as FSDP2's dim-0 sharding lays them out); ``numels``: the whole weights' sizes;
@@ -309,7 +311,8 @@ def sharded_unstructured_keep_masks(
                              for i in group], dtype=torch.int64)
         pruned_now = sum(numels[i] for i in group) - int(sum_over_ranks(kept).sum())
         k = count_to_prune(sum(numels[i] for i in group), target) - pruned_now
-        sources = [magnitude_key_source(blocks[i], keeps[i]) for i in group]
+        sources = [magnitude_key_source(blocks[i], keeps[i]) if nm is None else _LazyKeys(_nm_keys, blocks[i], keeps[i], *nm)
+                   for i in group]
         if k <= 0:
             for i in group:
                 out[i] = torch.ones(blocks[i].shape, dtype=torch.uint8, device=blocks[i].device) if keeps[i] is None else keeps[i].clone()
@@ -352,32 +355,55 @@ def channel_keep_masks(
     [[1, 1], [0, 0], [1, 1]]
     """
     keeps = list(keeps) if keeps is not None else [None] * len(weights)
-    rows_scores, row_dead = [], []
+    scores, dead = channel_scores(weights, keeps, scope)
+    fan_ins = [math.prod(w.shape[1:]) for w in weights]
+    return expand_channels(weights, keeps, channels_to_prune(scores, dead, fan_ins, target, scope))
+
+
+def channel_scores(
+    weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None], scope: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per output channel of each weight: its score (L2 norm; RMS for global scope) and whether it
+    is already pruned (all-zero in ``keeps``)."""
+    scores, dead = [], []
     for w, keep in zip(weights, keeps):
         rows = w.detach().reshape(w.shape[0], -1).to(torch.float32)
         score = rows.norm(dim=1)
         if scope == "global":
-            score = score / math.sqrt(rows.shape[1])
-        dead = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) if keep is None else keep.reshape(w.shape[0], -1).amax(1) == 0
-        rows_scores.append(score)
-        row_dead.append(dead)
+            score = score / math.sqrt(max(rows.shape[1], 1))
+        scores.append(score)
+        dead.append(torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) if keep is None
+                    else keep.reshape(w.shape[0], -1).amax(1) == 0 if keep.numel() else torch.zeros(0, dtype=torch.bool, device=w.device))
+    return scores, dead
+
+
+def channels_to_prune(
+    scores: Sequence[torch.Tensor], dead: Sequence[torch.Tensor], fan_ins: Sequence[int], target: float, scope: str
+) -> list[torch.Tensor]:
+    """Bool per output channel: pruned after this update (see :func:`channel_keep_masks`)."""
     if scope == "layer":
         chosen = []
-        for score, dead in zip(rows_scores, row_dead):
-            keys = magnitude_keys(score, (~dead).to(torch.uint8))
-            k = count_to_prune(score.numel(), target) - int(dead.sum())
-            chosen.append(select_smallest([keys], k)[0] | dead)
-    else:
-        sizes = torch.cat([torch.full_like(s, w[0].numel(), dtype=torch.int64) for s, w in zip(rows_scores, weights)])
-        scores = torch.cat([s.masked_fill(d, -1.0) for s, d in zip(rows_scores, row_dead)])
-        budget = count_to_prune(sum(w.numel() for w in weights), target)
-        order = torch.sort(scores, stable=True).indices
-        cumulative = sizes[order].cumsum(0)
-        dead_all = torch.cat(row_dead)
-        take = (cumulative <= budget) | dead_all[order]
-        flat = torch.zeros_like(dead_all)
-        flat[order[take]] = True
-        chosen = list(flat.split([s.numel() for s in rows_scores]))
+        for score, gone in zip(scores, dead):
+            keys = magnitude_keys(score, (~gone).to(torch.uint8))
+            k = count_to_prune(score.numel(), target) - int(gone.sum())
+            chosen.append(select_smallest([keys], k)[0] | gone)
+        return chosen
+    sizes = torch.cat([torch.full_like(s, n, dtype=torch.int64) for s, n in zip(scores, fan_ins)])
+    flat_scores = torch.cat([s.masked_fill(d, -1.0) for s, d in zip(scores, dead)])
+    budget = count_to_prune(sum(s.numel() * n for s, n in zip(scores, fan_ins)), target)
+    order = torch.sort(flat_scores, stable=True).indices
+    cumulative = sizes[order].cumsum(0)
+    dead_all = torch.cat(list(dead))
+    take = (cumulative <= budget) | dead_all[order]
+    flat = torch.zeros_like(dead_all)
+    flat[order[take]] = True
+    return list(flat.split([s.numel() for s in scores]))
+
+
+def expand_channels(
+    weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None], chosen: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Keep masks with the ``chosen`` output channels (rows) pruned on top of ``keeps``."""
     out = []
     for w, keep, rows in zip(weights, keeps, chosen):
         base = torch.ones(w.shape, dtype=torch.uint8, device=w.device) if keep is None else keep.clone()
