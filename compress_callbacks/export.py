@@ -787,7 +787,14 @@ def to_int8(
         onnx_model = _onnx_model(model, inputs, weight_dtype=weight_dtype)
         _integer_heads(onnx_model)  # rewrites for the session only; export_onnx keeps portable Q/DQ
         float_layers = _quantize_float_layer_outputs(onnx_model, calibration)
-        if float_layers and calibration is None:
+        if float_layers and calibration is not None:
+            warnings.warn(
+                f"to_int8: after calibration ONNX Runtime still runs {len(float_layers)} quantized layer(s) in float "
+                f"(e.g. a layer whose output is the model's output): {', '.join(node.name for node in float_layers[:4])}"
+                f"{', ...' if len(float_layers) > 4 else ''}",
+                stacklevel=2,
+            )
+        elif float_layers:
             warnings.warn(
                 f"to_int8: ONNX Runtime runs {len(float_layers)} quantized layer(s) in float because nothing quantizes "
                 f"their outputs (e.g. a conv feeding a residual Add or a global pooling): "

@@ -365,6 +365,11 @@ def test_calibration_quantizes_after_the_relu_before_a_global_pooling(tmp_path):
     assert float(inits[point.input[1]]) * 255 == pytest.approx(high, rel=0.01)
     x = torch.randn(4, 3, 8, 8)
     assert_int8_close(int8_model(x), reference(model, x))
+    # a conv whose output is the model's output keeps float outputs: calibration leaves it, and says so
+    head_conv = calibrate(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), batches, weight_bits=7)
+    with pytest.warns(UserWarning, match=r"after calibration ONNX Runtime still runs 1 quantized layer"):
+        still_float = to_int8(head_conv, example_inputs=batches[0], calibration=batches)
+    assert_int8_close(still_float(x), reference(head_conv, x))
 
 
 def test_calibration_bad_input_fails_before_anything_is_built():
