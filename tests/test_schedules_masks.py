@@ -262,3 +262,69 @@ def test_native_kernel_off_switch_and_broken_compiler_fall_back(fresh_native, mo
         optimizer.step()
         optimizer.zero_grad()
     assert [round(s, 4) for s in gmp.layer_sparsities().values()] == [0.75, 0.75]
+
+
+class _ThreadRanks:
+    """Collectives for ``world`` threads standing in for ranks (sum and gather over a barrier)."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def _exchange(self, rank: int, values: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = values.clone()
+        self.barrier.wait()
+        everyone = list(self.slots)
+        self.barrier.wait()
+        return everyone
+
+    def sum(self, rank: int, values: torch.Tensor) -> torch.Tensor:
+        return values.copy_(torch.stack(self._exchange(rank, values)).sum(0))
+
+    def gather(self, rank: int, values: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self._exchange(rank, values))
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("native", [True, False])
+def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, native, monkeypatch):
+    """Rows split into torch.chunk blocks over ``world`` ranks (uneven; with 5 ranks a 4-row weight
+    leaves one rank an empty block): each rank's masks are its block of the single-process masks,
+    ties at the threshold spanning ranks and layers included, and with prior masks."""
+    import threading
+
+    if not native:
+        monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
+    g = torch.Generator().manual_seed(world)
+    weights = [torch.randint(-3, 4, shape, generator=g).float() / 4 for shape in ((12, 8), (4, 16), (7, 4))]
+    keeps = [None, (torch.rand(4, 16, generator=g) > 0.2).to(torch.uint8), None]
+    select = M.unstructured_keep_masks if nm is None else (lambda w, t, keeps, scope: M.nm_keep_masks(w, t, *nm, keeps=keeps, scope=scope))
+    target = 0.4
+    expected = select(weights, target, keeps=keeps, scope=scope)
+    ranks, results, errors = _ThreadRanks(world), [None] * world, []
+
+    def run(rank: int) -> None:
+        try:
+            blocks = [torch.chunk(w, world)[rank] if rank < len(torch.chunk(w, world)) else w[:0] for w in weights]
+            block_keeps = [None if k is None else (torch.chunk(k, world)[rank] if rank < len(torch.chunk(k, world)) else k[:0]).contiguous()
+                           for k in keeps]
+            results[rank] = M.sharded_keep_masks(
+                [b.contiguous() for b in blocks], block_keeps, [w.numel() for w in weights], target, scope,
+                sum_over_ranks=lambda t: ranks.sum(rank, t), gather_over_ranks=lambda t: ranks.gather(rank, t),
+                rank=rank, nm=nm)
+        except BaseException as error:  # noqa: BLE001  surfaced below; a dead thread would hang the others
+            errors.append(error)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    for layer, want in enumerate(expected):
+        got = torch.cat([results[r][layer].reshape(-1, *want.shape[1:]) for r in range(world)])
+        assert torch.equal(got, want), (world, scope, nm, layer)

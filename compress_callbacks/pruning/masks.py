@@ -367,13 +367,16 @@ def channel_scores(
     is already pruned (all-zero in ``keeps``)."""
     scores, dead = [], []
     for w, keep in zip(weights, keeps):
-        rows = w.detach().reshape(w.shape[0], -1).to(torch.float32)
+        shape = (w.shape[0], math.prod(w.shape[1:]))  # explicit: an empty block (0 rows) reshapes too
+        rows = w.detach().reshape(shape).to(torch.float32)
         score = rows.norm(dim=1)
         if scope == "global":
-            score = score / math.sqrt(max(rows.shape[1], 1))
+            score = score / math.sqrt(max(shape[1], 1))
         scores.append(score)
-        dead.append(torch.zeros(w.shape[0], dtype=torch.bool, device=w.device) if keep is None
-                    else keep.reshape(w.shape[0], -1).amax(1) == 0 if keep.numel() else torch.zeros(0, dtype=torch.bool, device=w.device))
+        if keep is None or keep.numel() == 0:
+            dead.append(torch.zeros(w.shape[0], dtype=torch.bool, device=w.device))
+        else:
+            dead.append(keep.reshape(shape).amax(1) == 0)
     return scores, dead
 
 
@@ -407,7 +410,7 @@ def expand_channels(
     out = []
     for w, keep, rows in zip(weights, keeps, chosen):
         base = torch.ones(w.shape, dtype=torch.uint8, device=w.device) if keep is None else keep.clone()
-        base.view(w.shape[0], -1).masked_fill_(rows.view(-1, 1), 0)
+        base.view(w.shape[0], math.prod(w.shape[1:])).masked_fill_(rows.view(-1, 1), 0)
         out.append(base)
     return out
 
@@ -428,7 +431,7 @@ def parse_nm(granularity: str) -> tuple[int, int] | None:
 
 def nm_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
     """View a weight as ``[-1, M]`` groups along the input dimension (last dim; Conv: in x kernel)."""
-    return weight.reshape(weight.shape[0], -1).reshape(-1, m)
+    return weight.reshape(weight.numel() // m, m)  # explicit sizes: an empty block (0 rows) reshapes too
 
 
 def nm_keep_masks(
