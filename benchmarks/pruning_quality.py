@@ -183,10 +183,13 @@ def main(argv=None) -> str:
     parser.add_argument("--quick", action="store_true", help="600 updates, one seed")
     parser.add_argument("--val", action="store_true", help="score on a validation split of the training split")
     parser.add_argument("--steps", type=int, default=None, help="override the number of updates")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1; another count changes float rounding, so each seed's run)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     recipe = Recipe()
-    seeds = [0, 1, 2]
+    seeds = list(range(args.seeds))
     if args.quick:
         recipe, seeds = replace(recipe, steps=600), [0]
     if args.steps:
