@@ -602,6 +602,35 @@ def _fsdp2_worker(path):
         finalized = resumed.finalize(model)
         for mask, (name, param) in zip(state["masks"], [(n, m.weight) for n, m in finalized.named_modules() if n in fresh._names]):
             assert torch.all(param.detach().full_tensor()[~mask] == 0), name
+    # gradient accumulation: FSDP2 reduces only on the last micro-batch; one real update each
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(16, 30), nn.ReLU(), nn.Linear(30, 5))
+    model = copy.deepcopy(reference)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    runs = []
+    for net in (model, reference):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        gmp = GradualMagnitudePruning(0.6, start_step=0, end_step=4, update_every=2, initial_sparsity=0.3)
+        manager = CompressionManager(gmp)
+        manager.attach(net, optimizer)
+        runs.append((gmp, optimizer, manager))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        micro_batches = [torch.randn(8, 16, generator=g) for _ in range(3)]
+        for i, x in enumerate(micro_batches):
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            model(x).pow(2).mean().backward()
+            reference(x).pow(2).mean().backward()
+        for _, optimizer, _ in runs:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert runs[0][2].step == runs[1][2].step == 5
+    for param, ref_param in zip(runs[0][0]._params, runs[1][0]._params):
+        assert torch.allclose(param.detach().full_tensor(), ref_param.detach(), atol=1e-6)
+    assert runs[0][0].layer_sparsities() == runs[1][0].layer_sparsities() == {"0": 0.6, "2": 0.6}
     with open(f"{path}/rank{dist.get_rank()}.txt", "w") as f:
         f.write("ok")
 
