@@ -65,10 +65,12 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def supported_sharding(param: torch.Tensor) -> bool:
-    """FSDP2's layout: a DTensor sharded along dim 0 over a 1-D mesh (plain ``fully_shard``)."""
+    """FSDP2's layout: a DTensor sharded along dim 0 over a 1-D mesh of all ranks (plain ``fully_shard``;
+    QAT's range reduction and DDP-style agreement run over all ranks)."""
     from torch.distributed.tensor import Shard
 
-    return param.device_mesh.ndim == 1 and tuple(param.placements) == (Shard(0),)
+    mesh = param.device_mesh
+    return mesh.ndim == 1 and mesh.size() == world_size() and tuple(param.placements) == (Shard(0),)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def _sharding(model: nn.Module) -> tuple[str, str, bool] | None:
             return "DeepSpeed ZeRO-3", f"parameter {name!r}", False
         if isinstance(param, DTensor):
             if not supported_sharding(param):
-                return "DTensor: tensor parallel or a multi-dimensional mesh", f"parameter {name!r}", False
+                return "DTensor: tensor parallel, a multi-dimensional mesh or a mesh of some ranks only", f"parameter {name!r}", False
             found = found or ("DTensor: FSDP2 fully_shard", f"parameter {name!r}", True)
     return found
 
