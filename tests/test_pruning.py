@@ -586,6 +586,9 @@ def _fsdp2_worker(path):
             assert torch.all(whole[~mask] == 0) and torch.allclose(whole, ref_param.detach(), atol=1e-6)
         assert sharded_gmp.layer_sparsities() == reference_gmp.layer_sparsities()
         assert sharded_gmp.log_values() == reference_gmp.log_values()
+        if dist.get_rank() == 0:  # reporting from one rank must not wait for the others
+            assert "sparsity" in manager.summary() and sharded_gmp.overall_sparsity() == reference_gmp.overall_sparsity()
+        dist.barrier()
         # gradients of pruned weights are zero on each rank's block when backward returns
         model(torch.randn(8, 16, generator=g)).pow(2).mean().backward()
         for param, keep in zip(sharded_gmp._params, sharded_gmp._keeps):

@@ -177,6 +177,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self._grad_hooks: list[Any] = []
         self._masked_grads: list[Any] = []  # weakref to each grad tensor as masked during backward (None: not)
         self._queued_for: int | None = None  # the backward pass (graph task) whose end-of-pass masking is queued
+        self._sharded_zeros: list[int] = []  # FSDP2: zeros per weight, counted over all ranks at each mask change
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -226,6 +227,7 @@ class GradualMagnitudePruning(CompressionCallback):
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
         self._update_masks(step)
+        self._count_sharded_zeros()
         self._masked_grads = [None] * len(self._params)
         if self.mask_gradients == "backward":
             self._install_grad_hooks()
@@ -285,6 +287,7 @@ class GradualMagnitudePruning(CompressionCallback):
     def finalize(self, model: nn.Module) -> None:
         self._remove_grad_hooks()
         self._enforce_masks(include_state=False)
+        self._count_sharded_zeros()
         self._final_rows = self.summary_rows()
         self._keeps = [None] * len(self._params)
         self._params, self._optimizer = [], None
@@ -304,6 +307,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self._applied_sparsity = target
         self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(include_state=True)
+        self._count_sharded_zeros()
         if self.manager is not None:
             self.manager.log({f"compress/{self.name}/{k}": v for k, v in self.log_values().items()}, step=step)
 
@@ -386,6 +390,7 @@ class GradualMagnitudePruning(CompressionCallback):
         if self._params:
             self._restore(state)
             self._enforce_masks(include_state=True)
+            self._count_sharded_zeros()
         else:
             self._loaded = state
 
@@ -402,10 +407,19 @@ class GradualMagnitudePruning(CompressionCallback):
         self._mask_sparsity = self._count_mask_sparsity()
 
     # ------------------------------------------------------------------ reporting
+    def _count_sharded_zeros(self) -> None:
+        """FSDP2: count each weight's zeros over all ranks now, while every rank runs this (attach,
+        mask updates, resume, finalize), so that reporting needs no collective later: rank 0 alone
+        may call ``summary()``."""
+        if any(D.is_sharded(p) for p in self._params):
+            counts = torch.stack([(D.local(p.detach()) == 0).sum(dtype=torch.int64) for p in self._params])
+            self._sharded_zeros = [int(c) for c in D.sum_over_shards(counts, self._params[0])]
+
     def _zero_counts(self) -> list[int]:
-        """Exact zeros in each targeted weight (summed over the ranks' blocks under FSDP2)."""
-        return [int(D.sum_over_shards((D.local(p.detach()) == 0).sum(dtype=torch.int64).reshape(1), p))
-                for p in self._params]
+        """Exact zeros in each targeted weight (under FSDP2: as counted at the last mask change)."""
+        if self._sharded_zeros and any(D.is_sharded(p) for p in self._params):
+            return list(self._sharded_zeros)
+        return [int((p.detach() == 0).sum()) for p in self._params]
 
     def layer_sparsities(self) -> dict[str, float]:
         """Measured fraction of exact zeros in each targeted weight."""
