@@ -307,7 +307,7 @@ def _ort_optimized_graph(onnx_model):
             ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             return onnx.load(options.optimized_model_filepath).graph
     except Exception as error:  # callers only optimise: the model runs as it is without them
-        warnings.warn(f"to_int8: could not inspect ONNX Runtime's optimized graph ({type(error).__name__}: {error}); "
+        warnings.warn(f"compress_callbacks.export: could not inspect ONNX Runtime's optimized graph ({type(error).__name__}: {error}); "
                       "the layers it computes in float are left as they are", stacklevel=4)
         return None
 
