@@ -328,3 +328,30 @@ def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, 
     for layer, want in enumerate(expected):
         got = torch.cat([results[r][layer].reshape(-1, *want.shape[1:]) for r in range(world)])
         assert torch.equal(got, want), (world, scope, nm, layer)
+
+
+@pytest.mark.parametrize("world", [2, 5])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(world, scope):
+    """What FSDP2 ranks do for channel pruning: score their blocks of rows (some empty with 5 ranks),
+    gather the scores whole, select, and expand on their blocks."""
+    g = torch.Generator().manual_seed(world)
+    weights = [torch.randint(-3, 4, shape, generator=g).float() / 4 for shape in ((12, 8), (4, 16), (3, 2, 2))]
+    keeps = [None, torch.ones(4, 16, dtype=torch.uint8), None]
+    keeps[1][2] = 0  # a channel already pruned
+    expected = M.channel_keep_masks(weights, 0.4, keeps=keeps, scope=scope)
+
+    def block(t, rank):
+        parts = torch.chunk(t, world)
+        return parts[rank].contiguous() if rank < len(parts) else t[:0]
+
+    per_rank = [M.channel_scores([block(w, r) for w in weights], [None if k is None else block(k, r) for k in keeps], scope)
+                for r in range(world)]
+    scores = [torch.cat([per_rank[r][0][i] for r in range(world)]) for i in range(len(weights))]
+    dead = [torch.cat([per_rank[r][1][i] for r in range(world)]) for i in range(len(weights))]
+    chosen = M.channels_to_prune(scores, dead, [math.prod(w.shape[1:]) for w in weights], 0.4, scope)
+    for r in range(world):
+        masks = M.expand_channels([block(w, r) for w in weights], [None if k is None else block(k, r) for k in keeps],
+                                  [block(rows, r) for rows in chosen])
+        for mask, want in zip(masks, expected):
+            assert torch.equal(mask, block(want, r))
