@@ -83,24 +83,17 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
-def gather_like(local_block: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor whose blocks, laid out like ``param``'s, the ranks hold as ``local_block``."""
+def gather_like(local_block: torch.Tensor, param: torch.Tensor, rows_only: bool = False) -> torch.Tensor:
+    """The whole tensor whose blocks, laid out like ``param``'s, the ranks hold as ``local_block``
+    (``rows_only``: one value per row of ``param``)."""
     if not is_sharded(param):
         return local_block
+    shape = (param.shape[0],) if rows_only else tuple(param.shape)
+    stride = torch.empty(shape, device="meta").stride()
     work = local_block.to(torch.uint8) if local_block.dtype == torch.bool else local_block
     whole = _DTensor.from_local(work, param.device_mesh, param.placements, run_check=False,
-                               shape=param.shape, stride=param.stride()).full_tensor()
+                                shape=shape, stride=stride).full_tensor()
     return whole.to(local_block.dtype)
-
-
-def gather_rows(local_rows: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """One value per row of ``param``, whole, from each rank's values for its block of rows."""
-    if not is_sharded(param):
-        return local_rows
-    work = local_rows.to(torch.uint8) if local_rows.dtype == torch.bool else local_rows
-    whole = _DTensor.from_local(work, param.device_mesh, param.placements, run_check=False,
-                                shape=(param.shape[0],), stride=(1,)).full_tensor()
-    return whole.to(local_rows.dtype)
 
 
 def local_block_of(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

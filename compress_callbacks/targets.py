@@ -129,20 +129,16 @@ def select_modules(
 
 def _sharding(model: nn.Module) -> tuple[str, str, bool] | None:
     """``(kind, where, FSDP2 layout)`` if ``model`` holds weights sharded across ranks, else None."""
-    from ._dist import supported_sharding
+    from ._dist import is_sharded, supported_sharding
 
     for name, module in model.named_modules():
         if type(module).__name__ == "FullyShardedDataParallel":
             return "FSDP", f"module {name or '<root>'!r}", False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # noqa: N806
     found = None
     for name, param in model.named_parameters():
         if hasattr(param, "ds_id"):
             return "DeepSpeed ZeRO-3", f"parameter {name!r}", False
-        if isinstance(param, DTensor):
+        if is_sharded(param):
             if not supported_sharding(param):
                 return "DTensor: tensor parallel, a multi-dimensional mesh or a mesh of some ranks only", f"parameter {name!r}", False
             found = found or ("DTensor: FSDP2 fully_shard", f"parameter {name!r}", True)

@@ -177,6 +177,7 @@ class GradualMagnitudePruning(CompressionCallback):
         self._grad_hooks: list[Any] = []
         self._masked_grads: list[Any] = []  # weakref to each grad tensor as masked during backward (None: not)
         self._queued_for: int | None = None  # the backward pass (graph task) whose end-of-pass masking is queued
+        self._sharded = False  # FSDP2: the targeted weights are DTensors (validate: all of them, one mesh)
         self._sharded_zeros: list[int] = []  # FSDP2: zeros per weight, counted over all ranks at each mask change
 
     def sparsity_at(self, step: int) -> float:
@@ -212,6 +213,7 @@ class GradualMagnitudePruning(CompressionCallback):
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
         self._names = [name for name, _ in selected]
         self._params = [module.weight for _, module in selected]
+        self._sharded = any(D.is_sharded(p) for p in self._params)
         self._optimizer = optimizer
         # one-pass uint8-mask multiply on CPU (compiled once per machine; None: pure-PyTorch path)
         self._kernel = mask_multiply_kernel() if any(p.device.type == "cpu" for p in self._params) else None
@@ -300,7 +302,7 @@ class GradualMagnitudePruning(CompressionCallback):
             return
         if target == 0.0 or target <= self._applied_sparsity:
             return
-        if any(D.is_sharded(p) for p in self._params):
+        if self._sharded:
             self._keeps = self._select_sharded(target)
         else:  # every rank computes the same masks; the broadcast guarantees it (ties, float noise)
             self._keeps = [D.broadcast_(k) for k in self._select([p.detach() for p in self._params], self._keeps, target, self.scope)]
@@ -330,8 +332,8 @@ class GradualMagnitudePruning(CompressionCallback):
         blocks = [D.local(p.detach()) for p in self._params]
         if self.granularity == "channel":
             scores, dead = M.channel_scores(blocks, self._keeps, self.scope)
-            scores = [D.gather_rows(x, p) for x, p in zip(scores, self._params)]
-            dead = [D.gather_rows(x, p) for x, p in zip(dead, self._params)]
+            scores = [D.gather_like(x, p, rows_only=True) for x, p in zip(scores, self._params)]
+            dead = [D.gather_like(x, p, rows_only=True) for x, p in zip(dead, self._params)]
             fan_ins = [math.prod(p.shape[1:]) for p in self._params]
             chosen = M.channels_to_prune(scores, dead, fan_ins, target, self.scope)
             chosen = [D.local_block_of(rows, p) for rows, p in zip(chosen, self._params)]
@@ -363,7 +365,8 @@ class GradualMagnitudePruning(CompressionCallback):
 
     def _mask_(self, tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
         """``t *= keep`` for each pair: the native kernel where it applies, else the scratch path."""
-        tensors = [D.local(t) for t in tensors]
+        if self._sharded:
+            tensors = [D.local(t) for t in tensors]
         M.apply_keep_(tensors, keeps, None if self._kernel else self._scratch(tensors[0]), self._kernel)
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor | None:
@@ -411,13 +414,13 @@ class GradualMagnitudePruning(CompressionCallback):
         """FSDP2: count each weight's zeros over all ranks now, while every rank runs this (attach,
         mask updates, resume, finalize), so that reporting needs no collective later: rank 0 alone
         may call ``summary()``."""
-        if any(D.is_sharded(p) for p in self._params):
+        if self._sharded:
             counts = torch.stack([(D.local(p.detach()) == 0).sum(dtype=torch.int64) for p in self._params])
             self._sharded_zeros = [int(c) for c in D.sum_over_shards(counts, self._params[0])]
 
     def _zero_counts(self) -> list[int]:
         """Exact zeros in each targeted weight (under FSDP2: as counted at the last mask change)."""
-        if self._sharded_zeros and any(D.is_sharded(p) for p in self._params):
+        if self._sharded:
             return list(self._sharded_zeros)
         return [int((p.detach() == 0).sum()) for p in self._params]
 

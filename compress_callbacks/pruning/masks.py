@@ -191,20 +191,23 @@ def select_smallest(keys: Keys, k: int) -> list[torch.Tensor]:
     ties_left = k - below
     masks = []
     for layer_keys in keys:
-        tensor = _materialize(layer_keys)
-        chosen = tensor < threshold
-        equal = tensor == threshold
-        n_equal = int(equal.sum())
-        if ties_left >= n_equal:
-            chosen |= equal
-            ties_left -= n_equal
-        elif ties_left > 0:
-            order = equal.reshape(-1).cumsum(0).view(tensor.shape)
-            chosen |= equal & (order <= ties_left)
-            ties_left = 0
+        chosen, n_equal = _take_below(_materialize(layer_keys), threshold, ties_left)
         masks.append(chosen)
-        tensor = equal = None
+        ties_left = max(ties_left - n_equal, 0)
     return masks
+
+
+def _take_below(keys: torch.Tensor, threshold: int, ties: int) -> tuple[torch.Tensor, int]:
+    """Bool mask of the keys below ``threshold`` and the first ``ties`` equal to it (flat order),
+    and how many keys equal it."""
+    chosen = keys < threshold
+    equal = keys == threshold
+    n_equal = int(equal.sum())
+    if ties >= n_equal:
+        chosen |= equal
+    elif ties > 0:
+        chosen |= equal & (equal.reshape(-1).cumsum(0).view(keys.shape) <= ties)
+    return chosen, n_equal
 
 
 def _apply_selection(keeps: Sequence[torch.Tensor | None], shapes, newly: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -271,15 +274,6 @@ def unstructured_keep_masks(
     return _prune_by_keys(weights, keeps, keys, target, "global")
 
 
-def _take_below(keys: torch.Tensor, threshold: int, ties: int) -> torch.Tensor:
-    """Bool mask of the keys below ``threshold`` and the first ``ties`` equal to it (flat order)."""
-    chosen = keys < threshold
-    if ties > 0:
-        equal = keys == threshold
-        chosen |= equal & (equal.reshape(-1).cumsum(0).view(keys.shape) <= ties)
-    return chosen
-
-
 def sharded_keep_masks(
     blocks: Sequence[torch.Tensor],
     keeps: Sequence[torch.Tensor | None],
@@ -300,8 +294,8 @@ def sharded_keep_masks(
     per rank (rank order); ``rank``: this rank's index in that order. Only histograms and per-layer
     tie counts travel, never weights: the radix select runs on each rank's blocks with summed
     histograms, and the ties at the threshold go in layer order, then rank order, then flat index,
-    which is the flat order of the whole weights. The result is this rank's block of exactly the masks a single process computes on the
-    whole weights.
+    which is the flat order of the whole weights. The result is this rank's block of exactly the
+    masks a single process computes on the whole weights.
     """
     keeps = list(keeps)
     groups = [list(range(len(blocks)))] if scope == "global" else [[i] for i in range(len(blocks))]
@@ -332,7 +326,7 @@ def sharded_keep_masks(
             if isinstance(src, _NativeMagnitudeKeys):
                 out[i], _ = src.prune_below(src.weight, src.keep, threshold, ties)
             else:
-                chosen = _take_below(_materialize(src), threshold, ties)
+                chosen, _ = _take_below(_materialize(src), threshold, ties)
                 out[i] = _apply_selection([keeps[i]], [blocks[i].shape], [chosen])[0]
     return out  # type: ignore[return-value]
 
