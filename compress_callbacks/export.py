@@ -445,14 +445,13 @@ def _as_calibration_batch(batch: Any, n_inputs: int) -> tuple:
     return inputs
 
 
-def _quantize_outputs(onnx_model, layers, batches) -> int:
+def _quantize_outputs(onnx_model, layers, batches) -> None:
     """Give the outputs of ``layers`` a calibrated uint8 Q/DQ pair, so ONNX Runtime runs them in int8.
 
     This is what ONNX Runtime's ``quantize_static`` does for tensors training never observed: per
     tensor, affine, over the min / max that ``batches`` produce (through the Q/DQ graph, i.e. the int8
     model's own inputs). A layer followed by its only reader, a Relu, is quantized after the Relu
-    (range [0, max], zero point 0, which ONNX Runtime folds into QLinearConv / QGemm). Returns how
-    many outputs were quantized.
+    (range [0, max], zero point 0, which ONNX Runtime folds into QLinearConv / QGemm).
     """
     import numpy as np
     from onnx import helper, numpy_helper
@@ -477,7 +476,6 @@ def _quantize_outputs(onnx_model, layers, batches) -> int:
         graph.node.insert(position, helper.make_node("QuantizeLinear", [point, *args], [q_name], name=q_name))
         graph.node.insert(position + 1, helper.make_node("DequantizeLinear", [q_name, *args], [dq_name], name=dq_name))
     _quantized_skip_inputs(graph)
-    return len(points)
 
 
 def _quantized_skip_inputs(graph) -> None:
@@ -573,8 +571,9 @@ def export_onnx(
     _check_calibration(calibration)
     _require_qparams(model, "export_onnx")
     onnx_model = _onnx_model(model, example_inputs, weight_dtype=weight_dtype)
-    if calibration is not None:
-        _quantize_float_layer_outputs(onnx_model, calibration)
+    float_layers = _layers_ort_computes_float(onnx_model) if calibration is not None else None
+    if float_layers:  # the file needs the calibrated points, not a second look at what stays float
+        _quantize_outputs(onnx_model, float_layers, calibration)
     data = onnx_model.SerializeToString()
     path = os.fspath(path)
     with open(path, "wb") as f:
