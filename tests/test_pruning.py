@@ -638,16 +638,12 @@ def _fsdp2_worker(path):
         f.write("ok")
 
 
-def test_fsdp2_sharded_masks_match_a_single_process(tmp_path):
-    from tests.test_distillation import launch_two_processes
-
-    launch_two_processes("tests.test_pruning", "_fsdp2_worker", tmp_path)
+def test_fsdp2_sharded_masks_match_a_single_process(tmp_path, launch_two_processes):
+    launch_two_processes(_fsdp2_worker, tmp_path)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
 
 
-def test_ddp_ranks_hold_identical_masks(tmp_path):
-    from tests.test_distillation import launch_two_processes
-
-    launch_two_processes("tests.test_pruning", "_ddp_worker", tmp_path)
+def test_ddp_ranks_hold_identical_masks(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_worker, tmp_path)
     counts = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert counts[0] == counts[1]

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import subprocess
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -465,24 +460,8 @@ def _ddp_worker():
     assert torch.equal(all_scales[0], all_scales[1])
 
 
-def _launch_ddp_worker():
-    from accelerate import debug_launcher
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        debug_launcher(_ddp_worker, num_processes=2)
-
-
-def test_ddp_two_processes_agree_on_ranges():
-    # debug_launcher forks: run it from a fresh interpreter (a parent that already used OpenMP threads
-    # can deadlock its forked children)
-    root = Path(__file__).resolve().parents[1]
-    code = "from tests.test_qat import _launch_ddp_worker; _launch_ddp_worker()"
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_ddp_two_processes_agree_on_ranges(launch_two_processes):
+    launch_two_processes(_ddp_worker, timeout=240)
 
 
 def _fsdp2_worker(path):
@@ -539,10 +518,8 @@ def _fsdp2_worker(path):
         f.write("ok")
 
 
-def test_fsdp2_qat_and_pruning_match_a_single_process(tmp_path):
-    from tests.test_distillation import launch_two_processes
-
-    launch_two_processes("tests.test_qat", "_fsdp2_worker", tmp_path)
+def test_fsdp2_qat_and_pruning_match_a_single_process(tmp_path, launch_two_processes):
+    launch_two_processes(_fsdp2_worker, tmp_path)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
 
 
