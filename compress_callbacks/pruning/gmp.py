@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -458,3 +460,28 @@ class GradualMagnitudePruning(CompressionCallback):
             }
             for name, p in zip(self._names, self._params)
         ]
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def weights(self) -> Mapping[str, nn.Parameter]:
+        """The targeted weights by module name, in selection order (a read-only mapping).
+
+        The live ``Parameter`` objects (under FSDP2 the sharded ones); empty before ``attach`` and
+        after ``finalize``.
+        """
+        return MappingProxyType(dict(zip(self._names, self._params)))
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """The keep masks by module name (a read-only mapping): bool tensors shaped like the weights,
+        ``True`` where a weight is kept.
+
+        Copies: changing one changes no pruning. A weight with nothing pruned yet is all ``True``.
+        Under FSDP2 each is this rank's block (the shape of the local shard; ``state_dict()`` holds
+        the whole masks). Empty before ``attach`` and after ``finalize``.
+        """
+        masks = {}
+        for name, param, keep in zip(self._names, self._params, self._keeps):
+            block = D.local(param.detach())
+            masks[name] = torch.ones(block.shape, dtype=torch.bool, device=block.device) if keep is None else keep.bool()
+        return MappingProxyType(masks)

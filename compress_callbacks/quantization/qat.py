@@ -23,6 +23,8 @@ True
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -545,3 +547,19 @@ class QuantizationAwareTraining(CompressionCallback):
                 }
             )
         return rows
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def ranges(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The learned input ranges by module name (a read-only mapping): ``(lo, hi)``, the float32
+        moving-average min/max from which each layer's input scale and zero point are computed.
+
+        Copies (0-dim tensors on the layer's device). Only layers whose input has been observed are
+        listed: none with ``activation_bits=None``, none before ``start_step``, none after
+        ``finalize`` (the ranges then live in the model's specs, ``get_qparams(model)``).
+        """
+        return MappingProxyType({
+            st.name: (st.group.running_min[st.slot].clone(), st.group.running_max[st.slot].clone())
+            for st in self._layers
+            if st.group is not None and st.initialized
+        })
