@@ -595,7 +595,6 @@ def test_native_activation_fake_quant_matches_the_torch_ops_values_and_gradient(
     assert torch.equal(native_grad, torch_grad)
 
 
-@pytest.mark.slow
 def test_compiled_qat_model_matches_eager():
     """Under torch.compile the fake-quant uses torch ops (the native kernels would break the graph)."""
     torch.manual_seed(0)
