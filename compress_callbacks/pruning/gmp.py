@@ -1,18 +1,4 @@
-"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates.
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
->>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
->>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
->>> manager = CompressionManager(gmp)
->>> manager.attach(model, optimizer)
->>> for _ in range(12):
-...     model(torch.randn(8, 16)).pow(2).mean().backward()
-...     optimizer.step(); optimizer.zero_grad()
->>> [round(s, 4) for s in gmp.layer_sparsities().values()]
-[0.75, 0.75]
-"""
+"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates."""
 
 from __future__ import annotations
 
@@ -73,6 +59,22 @@ def _queue_end_of_backward(callback) -> None:
 class GradualMagnitudePruning(CompressionCallback):
     """Raise sparsity along the cubic schedule while training; pruned weights stay exactly zero.
 
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import CompressionManager
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    >>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
+    >>> manager = CompressionManager(gmp)
+    >>> manager.attach(model, optimizer)
+    >>> for _ in range(12):
+    ...     model(torch.randn(8, 16)).pow(2).mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad()
+    >>> [round(s, 4) for s in gmp.layer_sparsities().values()]
+    [0.75, 0.75]
+    >>> keep = gmp.masks["0"]   # read-only views: gmp.masks, gmp.weights
+    >>> keep.dtype, bool((gmp.weights["0"][~keep] == 0).all())
+    (torch.bool, True)
+
     Args:
         target_sparsity: final fraction of zeros in [0, 1) (for ``"N:M"``: ``1 - N/M`` or None).
         start_step / end_step: real optimizer updates at which pruning starts / reaches the target.
@@ -97,11 +99,8 @@ class GradualMagnitudePruning(CompressionCallback):
     sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
     (``fully_shard``) each rank holds its block of the masks a single process would select.
 
-    Example::
-
-        gmp = GradualMagnitudePruning(target_sparsity=0.9, start_step=100, end_step=1000, update_every=50)
-        manager = CompressionManager(gmp, accelerator=accelerator)
-        manager.attach(model, optimizer)
+    Read-only views: ``weights`` (module name -> targeted weight) and ``masks`` (module name -> bool
+    keep mask, a copy) while attached.
     """
 
     needs_before_update = True
