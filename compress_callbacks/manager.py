@@ -1,21 +1,4 @@
-"""The event loop: counts real optimizer updates and drives every compression callback.
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
->>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
->>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
->>> manager.attach(model, optimizer)
->>> for _ in range(4):
-...     model(torch.randn(4, 8)).sum().backward()
-...     optimizer.step()
-...     optimizer.zero_grad()
->>> manager.step
-4
->>> compressed = manager.finalize(model)
->>> float((compressed[0].weight == 0).float().mean())
-0.5
-"""
+"""The event loop: counts real optimizer updates and drives every compression callback."""
 
 from __future__ import annotations
 
@@ -73,6 +56,22 @@ def update_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
 class CompressionManager:
     """Wires compression callbacks into an existing training loop.
 
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import GradualMagnitudePruning
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
+    >>> manager.attach(model, optimizer)   # the loop itself stays as it is
+    >>> for _ in range(4):
+    ...     model(torch.randn(4, 8)).sum().backward()
+    ...     optimizer.step()
+    ...     optimizer.zero_grad()
+    >>> manager.step
+    4
+    >>> compressed = manager.finalize(model)
+    >>> float((compressed[0].weight == 0).float().mean())
+    0.5
+
     Args:
         *callbacks: ``GradualMagnitudePruning``, ``QuantizationAwareTraining``, ... (any
             :class:`CompressionCallback`). They run in the order given.
@@ -84,14 +83,6 @@ class CompressionManager:
     micro-step, not an update the AMP grad scaler skipped) advances ``manager.step`` by one and
     runs the callbacks. Loops that cannot be hooked attach with ``hook=False`` and call
     ``manager.record_update()`` once after each real update.
-
-    Example::
-
-        manager = CompressionManager(GradualMagnitudePruning(0.9, start_step=100, end_step=1000),
-                                     accelerator=accelerator)
-        manager.attach(model, optimizer)
-        ...  # the loop stays as it is
-        compressed = manager.finalize(model)
     """
 
     def __init__(self, *callbacks: CompressionCallback, accelerator: Any = None, log_every: int = 50) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch.nn as nn
 import yaml
@@ -128,7 +125,7 @@ def test_unregistered_callback_cannot_be_written():
         callbacks_to_recipe([Custom()])
 
 
-def test_import_compress_callbacks_loads_no_framework():
+def test_import_compress_callbacks_loads_no_framework(run_python):
     code = (
         "import sys, compress_callbacks as cc;"
         "cc.CompressionManager.from_recipe({'callbacks': {'GradualMagnitudePruning': "
@@ -136,5 +133,5 @@ def test_import_compress_callbacks_loads_no_framework():
         "import compress_callbacks.integrations;"
         "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python("-c", code)
     assert out.stdout.strip() == "[]"

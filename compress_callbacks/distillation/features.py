@@ -9,20 +9,6 @@ and the teacher are referenced, not registered), so add ``features.parameters()`
 and, under DDP, pass ``features`` to ``accelerator.prepare`` and call the prepared object for the
 loss: DDP then broadcasts the projections' initial weights and averages their gradients like the
 model's, so every rank keeps identical projections.
-
->>> import torch, torch.nn as nn
->>> student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
->>> teacher = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
->>> features = FeatureDistillation(student, teacher, layers={"0": "0"})   # 16 -> 64: learned projection
->>> optimizer = torch.optim.SGD([*student.parameters(), *features.parameters()], lr=0.1)
->>> x = torch.randn(5, 8)
->>> logits = student(x)
->>> with torch.no_grad():
-...     _ = teacher(x)
->>> loss = features()
->>> loss.backward()
->>> features.projections["0"].weight.shape
-torch.Size([64, 16])
 """
 
 from __future__ import annotations
@@ -75,6 +61,20 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 class FeatureDistillation(nn.Module):
     """Match outputs of named student modules to named teacher modules (forward hooks).
+
+    >>> import torch, torch.nn as nn
+    >>> student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> teacher = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+    >>> features = FeatureDistillation(student, teacher, layers={"0": "0"})   # 16 -> 64: learned projection
+    >>> optimizer = torch.optim.SGD([*student.parameters(), *features.parameters()], lr=0.1)
+    >>> x = torch.randn(5, 8)
+    >>> logits = student(x)
+    >>> with torch.no_grad():
+    ...     _ = teacher(x)
+    >>> loss = features()   # after both models ran on the batch
+    >>> loss.backward()
+    >>> features.projections["0"].weight.shape
+    torch.Size([64, 16])
 
     Args:
         student: the student model (may be wrapped by DDP/``accelerator.prepare``; names are on the

@@ -11,21 +11,6 @@ Add compression to an existing ``Trainer`` run with one callback::
     compressed = manager.finalize(trainer.model)
 
 and distill by swapping ``Trainer`` for ``DistillationTrainer(..., distillation=DistillationLoss(teacher))``.
-
->>> import torch
->>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
->>> model = BertForSequenceClassification(config)
->>> data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.tensor(i % 2)} for i in range(16)]
->>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=1))
->>> args = TrainingArguments("/tmp/cc_doctest", max_steps=4, per_device_train_batch_size=4, report_to=[],
-...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
->>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CompressionCallback(manager)])
->>> _ = trainer.train()  # doctest: +ELLIPSIS
-{'train_runtime': ...}
->>> manager.step, round(manager.callbacks[0].overall_sparsity(), 2)
-(4, 0.5)
 """
 
 from __future__ import annotations
@@ -71,6 +56,21 @@ def _running_training_call() -> tuple[Trainer | None, str | None]:
 
 class CompressionCallback(TrainerCallback):
     """Drive a :class:`CompressionManager` from ``transformers.Trainer``.
+
+    >>> import tempfile, torch
+    >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+    >>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
+    >>> config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    >>> model = BertForSequenceClassification(config)
+    >>> data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.tensor(i % 2)} for i in range(16)]
+    >>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=1))
+    >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=4, per_device_train_batch_size=4, report_to=[],
+    ...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CompressionCallback(manager)])
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> manager.step, round(manager.callbacks[0].overall_sparsity(), 2)
+    (4, 0.5)
 
     * ``on_train_begin``: attaches the manager to the model and the Trainer's real optimizer (it
       exists by then). The manager hooks the underlying ``torch.optim.Optimizer``, so it counts only
@@ -160,6 +160,21 @@ def _real(optimizer: Any) -> Any:
 
 class DistillationTrainer(Trainer):
     """A ``Trainer`` whose training loss is a ``DistillationLoss`` (the teacher runs on the same batch).
+
+    >>> import tempfile, torch
+    >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+    >>> from compress_callbacks import DistillationLoss
+    >>> config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    >>> teacher, student = BertForSequenceClassification(config), BertForSequenceClassification(config)
+    >>> data = [{"input_ids": torch.randint(0, 50, (8,)), "labels": torch.tensor(i % 2)} for i in range(16)]
+    >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, report_to=[],
+    ...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
+    >>> trainer = DistillationTrainer(model=student, args=args, train_dataset=data,
+    ...                               distillation=DistillationLoss(teacher, temperature=2.0, alpha=0.5))
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> trainer.state.global_step, sorted(trainer.distillation.log_values())
+    (2, ['hard', 'soft', 'total'])
 
     Args:
         *args, **kwargs: everything ``Trainer`` takes.

@@ -1,23 +1,11 @@
-"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates.
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
->>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
->>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
->>> manager = CompressionManager(gmp)
->>> manager.attach(model, optimizer)
->>> for _ in range(12):
-...     model(torch.randn(8, 16)).pow(2).mean().backward()
-...     optimizer.step(); optimizer.zero_grad()
->>> [round(s, 4) for s in gmp.layer_sparsities().values()]
-[0.75, 0.75]
-"""
+"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates."""
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -71,6 +59,22 @@ def _queue_end_of_backward(callback) -> None:
 class GradualMagnitudePruning(CompressionCallback):
     """Raise sparsity along the cubic schedule while training; pruned weights stay exactly zero.
 
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import CompressionManager
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    >>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
+    >>> manager = CompressionManager(gmp)
+    >>> manager.attach(model, optimizer)
+    >>> for _ in range(12):
+    ...     model(torch.randn(8, 16)).pow(2).mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad()
+    >>> [round(s, 4) for s in gmp.layer_sparsities().values()]
+    [0.75, 0.75]
+    >>> keep = gmp.masks["0"]   # read-only views: gmp.masks, gmp.weights
+    >>> keep.dtype, bool((gmp.weights["0"][~keep] == 0).all())
+    (torch.bool, True)
+
     Args:
         target_sparsity: final fraction of zeros in [0, 1) (for ``"N:M"``: ``1 - N/M`` or None).
         start_step / end_step: real optimizer updates at which pruning starts / reaches the target.
@@ -95,11 +99,8 @@ class GradualMagnitudePruning(CompressionCallback):
     sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
     (``fully_shard``) each rank holds its block of the masks a single process would select.
 
-    Example::
-
-        gmp = GradualMagnitudePruning(target_sparsity=0.9, start_step=100, end_step=1000, update_every=50)
-        manager = CompressionManager(gmp, accelerator=accelerator)
-        manager.attach(model, optimizer)
+    Read-only views: ``weights`` (module name -> targeted weight) and ``masks`` (module name -> bool
+    keep mask, a copy) while attached.
     """
 
     needs_before_update = True
@@ -458,3 +459,28 @@ class GradualMagnitudePruning(CompressionCallback):
             }
             for name, p in zip(self._names, self._params)
         ]
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def weights(self) -> Mapping[str, nn.Parameter]:
+        """The targeted weights by module name, in selection order (a read-only mapping).
+
+        The live ``Parameter`` objects (under FSDP2 the sharded ones); empty before ``attach`` and
+        after ``finalize``.
+        """
+        return MappingProxyType(dict(zip(self._names, self._params)))
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """The keep masks by module name (a read-only mapping): bool tensors shaped like the weights,
+        ``True`` where a weight is kept.
+
+        Copies: changing one changes no pruning. A weight with nothing pruned yet is all ``True``.
+        Under FSDP2 each is this rank's block (the shape of the local shard; ``state_dict()`` holds
+        the whole masks). Empty before ``attach`` and after ``finalize``.
+        """
+        masks = {}
+        for name, param, keep in zip(self._names, self._params, self._keeps):
+            block = D.local(param.detach())
+            masks[name] = torch.ones(block.shape, dtype=torch.bool, device=block.device) if keep is None else keep.bool()
+        return MappingProxyType(masks)

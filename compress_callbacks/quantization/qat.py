@@ -1,28 +1,10 @@
-"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor).
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, QuantizationAwareTraining
->>> from compress_callbacks.quantization.spec import get_qparams
->>> torch.manual_seed(0) and None
->>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
->>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
->>> qat = QuantizationAwareTraining(start_step=2, weight_bits=4)
->>> manager = CompressionManager(qat)
->>> manager.attach(model, optimizer)
->>> for _ in range(5):
-...     model(torch.randn(4, 8)).pow(2).mean().backward()
-...     optimizer.step(); optimizer.zero_grad()
->>> compressed = manager.finalize(model)
->>> type(compressed[0]).__name__, sorted(get_qparams(compressed))
-('Linear', ['0', '2'])
->>> spec = get_qparams(compressed)["0"]
->>> bool((compressed[0].weight / spec.weight_scale[:, None]).round().abs().max() <= 7)   # 4-bit grid
-True
-"""
+"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -262,6 +244,28 @@ def _find_conv_bn_pairs(root: nn.Module, convs: dict[int, str]) -> dict[str, str
 class QuantizationAwareTraining(CompressionCallback):
     """Fake-quantize Linear/Conv weights and inputs from ``start_step`` on; ``finalize`` snaps to the grid.
 
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import CompressionManager
+    >>> from compress_callbacks.quantization.spec import get_qparams
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> qat = QuantizationAwareTraining(start_step=2, weight_bits=4)
+    >>> manager = CompressionManager(qat)
+    >>> manager.attach(model, optimizer)
+    >>> for _ in range(5):
+    ...     model(torch.randn(4, 8)).pow(2).mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad()
+    >>> lo, hi = qat.ranges["2"]   # read-only view: the input range each layer's scale comes from
+    >>> float(lo)   # layer 2's input comes out of a ReLU
+    0.0
+    >>> compressed = manager.finalize(model)
+    >>> type(compressed[0]).__name__, sorted(get_qparams(compressed))
+    ('Linear', ['0', '2'])
+    >>> spec = get_qparams(compressed)["0"]
+    >>> bool((compressed[0].weight / spec.weight_scale[:, None]).round().abs().max() <= 7)   # 4-bit grid
+    True
+
     Args:
         start_step: real optimizer updates after which fake-quant is active (before it, the model
             computes exactly what it computed without the callback).
@@ -284,10 +288,7 @@ class QuantizationAwareTraining(CompressionCallback):
     Under FSDP2 (``fully_shard``) the forward sees the whole weights FSDP2 gathers for it, and
     ``finalize`` gathers each weight, snaps it and writes each rank's block back.
 
-    Example::
-
-        manager = CompressionManager(QuantizationAwareTraining(start_step=800), accelerator=accelerator)
-        manager.attach(model, optimizer)
+    Read-only view: ``ranges`` (module name -> observed input range ``(lo, hi)``) while attached.
     """
 
     #: weight of a new observation in the moving-average input range (torch.ao's default)
@@ -545,3 +546,19 @@ class QuantizationAwareTraining(CompressionCallback):
                 }
             )
         return rows
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def ranges(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The learned input ranges by module name (a read-only mapping): ``(lo, hi)``, the float32
+        moving-average min/max from which each layer's input scale and zero point are computed.
+
+        Copies (0-dim tensors on the layer's device). Only layers whose input has been observed are
+        listed: none with ``activation_bits=None``, none before ``start_step``, none after
+        ``finalize`` (the ranges then live in the model's specs, ``get_qparams(model)``).
+        """
+        return MappingProxyType({
+            st.name: (st.group.running_min[st.slot].clone(), st.group.running_max[st.slot].clone())
+            for st in self._layers
+            if st.group is not None and st.initialized
+        })

@@ -53,7 +53,12 @@ def weight_qmax(bits: int) -> int:
 
 @dataclass
 class LayerQuantSpec:
-    """Quantization of one Linear/Conv layer, as learned in training."""
+    """Quantization of one Linear/Conv layer, as learned in training.
+
+    >>> spec = LayerQuantSpec(weight_bits=4, weight_scale=torch.tensor([0.1, 0.2]))   # one scale per output channel
+    >>> spec.weight_only, weight_qmax(spec.weight_bits)   # no input range: weight-only; codes in [-7, 7]
+    (True, 7)
+    """
 
     weight_bits: int
     weight_scale: torch.Tensor  # [out_channels] float32
