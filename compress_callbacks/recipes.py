@@ -16,8 +16,9 @@ A recipe names callback classes and their keyword arguments (exactly the constru
 ``callbacks`` is a mapping (class name -> keyword arguments, run in file order) or, to use two
 callbacks of one class, a list of one-key mappings (``- GradualMagnitudePruning: {...}``). Module
 types in ``modules`` / ``exclude`` are written ``"type:<module path>.<class name>"``. Every key is
-checked against the constructor's signature and type hints, then the constructor's own checks run;
-an error names the key's path (``callbacks.GradualMagnitudePruning.end_step: ...``).
+checked against the constructor's signature, then the technique's config dataclass validates the
+values; an error names the key's path
+(``callbacks.GradualMagnitudePruning.end_step: ...``).
 
 >>> from compress_callbacks import CompressionManager
 >>> manager = CompressionManager.from_recipe('''
@@ -36,20 +37,19 @@ ValueError: callbacks.GradualMagnitudePruning.end_step: `end_step` (5) must be >
 
 from __future__ import annotations
 
-import collections.abc
 import importlib
 import inspect
 import os
 import re
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
+import yaml
 
-from .callback import CompressionCallback
+from .callback import CompressionTechnique
+from .config import ArgumentError
 
 __all__ = [
     "RECIPE_VERSION",
@@ -75,12 +75,12 @@ _REGISTERED: dict[str, type] = {}
 
 # ------------------------------------------------------------------------------------ registry
 def register_callback(cls: type, name: str | None = None) -> type:
-    """Make a custom :class:`CompressionCallback` usable in recipes under ``name`` (default: its class name).
+    """Make a custom :class:`CompressionTechnique` usable in recipes under ``name`` (default: its class name).
 
     Usable as a decorator. Its ``config()`` must return the constructor's keyword arguments.
 
     >>> @register_callback
-    ... class Noop(CompressionCallback):
+    ... class Noop(CompressionTechnique):
     ...     def __init__(self, every: int = 1):
     ...         super().__init__()
     ...         self.every = every
@@ -89,8 +89,8 @@ def register_callback(cls: type, name: str | None = None) -> type:
     >>> callbacks_from_recipe({"callbacks": {"Noop": {"every": 3}}})[0].every
     3
     """
-    if not (isinstance(cls, type) and issubclass(cls, CompressionCallback)):
-        raise TypeError(f"`cls` must be a CompressionCallback subclass, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, CompressionTechnique)):
+        raise TypeError(f"`cls` must be a CompressionTechnique subclass, got {cls!r}")
     _REGISTERED[name or cls.__name__] = cls
     return cls
 
@@ -166,49 +166,9 @@ def _encode_types(value: Any) -> Any:
     return value
 
 
-# ------------------------------------------------------------------------------------ type checks
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (YAML data, module types decoded) fits the type hint ``hint``."""
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    if hint is None or hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
-    if hint is type or origin is type:
-        return isinstance(value, type)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return " | ".join(_describe(arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = typing.get_args(hint)
-        return f"list of ({_describe(args[0])})" if args else "list"
-    if hint is type or origin is type:
-        return "'type:...' module type"
-    if hint is None or hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))
-
-
 # ------------------------------------------------------------------------------------ reading
 def load_recipe(recipe: dict | str | Path) -> dict[str, Any]:
     """A recipe as a dict, from a dict, YAML text or a path to a YAML file."""
-    import yaml
-
     if isinstance(recipe, dict):
         return recipe
     if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and os.path.isfile(recipe)):
@@ -244,7 +204,9 @@ def _entries(callbacks: Any) -> list[tuple[str, str, Any]]:
     raise TypeError(f"callbacks: expected a mapping (or a list of one-key mappings), got {type(callbacks).__name__}")
 
 
-def _build(path: str, name: str, kwargs: Any) -> CompressionCallback:
+def _build(path: str, name: str, kwargs: Any) -> CompressionTechnique:
+    """The callback one recipe entry describes: keys checked against the constructor's signature, values
+    validated by the constructor (the technique's config dataclass), errors prefixed with the key's path."""
     if not isinstance(name, str):
         raise TypeError(f"{path}: callback names must be strings, got {name!r}")
     try:
@@ -255,33 +217,28 @@ def _build(path: str, name: str, kwargs: Any) -> CompressionCallback:
         kwargs = {}
     if not isinstance(kwargs, dict):
         raise TypeError(f"{path}: expected a mapping of keyword arguments, got {type(kwargs).__name__}")
-    signature = inspect.signature(cls.__init__)
     parameters = {
-        n: p for n, p in list(signature.parameters.items())[1:]
+        n: p for n, p in list(inspect.signature(cls.__init__).parameters.items())[1:]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
-    hints = typing.get_type_hints(cls.__init__)
-    decoded = {}
-    for key, value in kwargs.items():
+    for key in kwargs:
         if key not in parameters:
             raise ValueError(f"{path}.{key}: unknown key; {name} accepts {', '.join(parameters)}")
-        value = _decode_types(value, f"{path}.{key}")
-        hint = hints.get(key, Any)
-        if not _conforms(value, hint):
-            raise TypeError(f"{path}.{key}: expected {_describe(hint)}, got {type(value).__name__} {value!r}")
-        decoded[key] = value
-    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in decoded]
+    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in kwargs]
     if missing:
         raise ValueError(f"{path}: missing required key(s) {', '.join(missing)}")
+    decoded = {key: _decode_types(value, f"{path}.{key}") for key, value in kwargs.items()}
     try:
         return cls(**decoded)
+    except ArgumentError as err:  # the config dataclass names the argument
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"{path}.{err.argument}: {err}") from None
     except (ValueError, TypeError) as err:
-        named = [n for n in re.findall(r"`(\w+)`", str(err)) if n in parameters]
-        where = f"{path}.{named[0]}" if named else path  # the first argument a message names is the culprit
-        raise type(err)(f"{where}: {err}") from None
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"{path}: {err}") from None
 
 
-def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionCallback]:
+def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionTechnique]:
     """Build the callbacks a recipe (dict, YAML text or path) describes, in order.
 
     Everything is checked before any callback is returned; errors name the key's path.
@@ -299,7 +256,7 @@ def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionCallback
 
 
 # ------------------------------------------------------------------------------------ writing
-def callbacks_to_recipe(callbacks: list[CompressionCallback]) -> dict[str, Any]:
+def callbacks_to_recipe(callbacks: list[CompressionTechnique]) -> dict[str, Any]:
     """The recipe dict that rebuilds ``callbacks`` (mapping form; list form when a class repeats)."""
     entries = []
     for cb in callbacks:

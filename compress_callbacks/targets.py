@@ -13,6 +13,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import torch.nn as nn
+from accelerate.utils import extract_model_from_parallel
+
+from .config import ArgumentTypeError, ArgumentValueError
 
 __all__ = [
     "DEFAULT_TARGET_TYPES",
@@ -26,11 +29,15 @@ __all__ = [
 
 DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
+ModuleSpec = Union[str, type, Iterable[Union[str, type]], None]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / ``torch.compile`` / FSDP-style wrappers.
+    """Strip DDP / DataParallel / ``torch.compile`` / FSDP / DeepSpeed wrappers, nested in any order.
+
+    Each layer is removed by Accelerate's ``extract_model_from_parallel``; repeating it also unwraps
+    what Accelerate leaves in one pass (a compiled model inside DDP). FSDP2 (``fully_shard``) wraps
+    nothing: its model is already the module itself.
 
     >>> import torch.nn as nn
     >>> unwrap_model(nn.DataParallel(nn.Linear(2, 2))).__class__.__name__
@@ -39,40 +46,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ in {"FullyShardedDataParallel", "DeepSpeedEngine"} and hasattr(model, "module"):
-            model = model.module
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
     return model
 
 
 def normalize_spec(spec: ModuleSpec, *, argument: str) -> list[str | type]:
-    """Validate a ``modules`` / ``exclude`` argument and return it as a list.
+    """Validate a ``modules`` / ``exclude`` argument and return it as a new list (read once: a
+    generator is consumed here, and only here).
 
     >>> normalize_spec("re:.*attn.*", argument="modules")
     ['re:.*attn.*']
+    >>> normalize_spec((name for name in ["0", "2"]), argument="exclude")
+    ['0', '2']
     """
     if spec is None:
         return []
-    items: Iterable = [spec] if isinstance(spec, (str, type)) else spec
-    out: list[str | type] = []
+    if isinstance(spec, (str, type)):
+        items: list = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, dict, nn.Module)):
+        items = list(spec)
+    else:
+        raise ArgumentTypeError(
+            argument, f"`{argument}` takes a module name, a 're:' regex, an nn.Module subclass or a list of them; got {spec!r}"
+        )
     for item in items:
         if isinstance(item, str):
             if item.startswith("re:"):
                 try:
                     re.compile(item[3:])
                 except re.error as err:
-                    raise ValueError(f"`{argument}`: invalid regex {item!r}: {err}") from None
-            out.append(item)
-        elif isinstance(item, type) and issubclass(item, nn.Module):
-            out.append(item)
-        else:
-            raise TypeError(
-                f"`{argument}` takes module names, 're:' regexes or nn.Module subclasses; got {item!r}"
+                    raise ArgumentValueError(argument, f"`{argument}`: invalid regex {item!r}: {err}") from None
+        elif not (isinstance(item, type) and issubclass(item, nn.Module)):
+            raise ArgumentTypeError(
+                argument, f"`{argument}` takes module names, 're:' regexes or nn.Module subclasses; got {item!r}"
             )
-    return out
+    return items
 
 
 def _matches(name: str, module: nn.Module, item: str | type) -> bool:
