@@ -91,6 +91,27 @@ def _matches(name: str, module: nn.Module, item: str | type) -> bool:
     return name == item
 
 
+def _has_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _require_every_name_matches(
+    named: list[tuple[str, nn.Module]], items: list[str | type], argument: str, root: nn.Module, *, with_weight: bool
+) -> None:
+    """Each name or regex in ``items`` must match a module (``with_weight``: a regex, one with a weight)."""
+    for item in items:
+        if isinstance(item, type):
+            continue
+        matched = [(n, m) for n, m in named if _matches(n, m, item)]
+        if not matched:
+            raise ValueError(f"`{argument}`: {item!r} matches no module of {type(root).__name__}")
+        if with_weight and item.startswith("re:") and not any(_has_weight(m) for _, m in matched):
+            raise ValueError(
+                f"`{argument}`: {item!r} matches only modules without a `weight` parameter "
+                f"({', '.join(repr(n) for n, _ in matched[:3])}{', ...' if len(matched) > 3 else ''})"
+            )
+
+
 def select_modules(
     model: nn.Module,
     *,
@@ -101,17 +122,22 @@ def select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified_name, module)`` pairs the callback should touch, in model order.
 
-    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` that
-    matches nothing raises ``ValueError`` (a typo should not silently compress nothing), and so does
-    a selection that ends up empty.
+    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` or
+    ``exclude`` that matches nothing raises ``ValueError`` (a typo should not silently compress
+    nothing, or compress what was meant to be kept), and so does a selection that ends up empty.
+    A module named in ``modules`` must have a ``weight``; a regex or a type may also match
+    containers without one, which are skipped. The model itself is named ``""``: a bare layer
+    (the model is an ``nn.Linear``) is selected by default, by its type, or as ``""``.
+
+    >>> [name for name, _ in select_modules(nn.Linear(4, 2))]
+    ['']
     """
     include = normalize_spec(modules, argument=argument)
     excluded = normalize_spec(exclude, argument="exclude")
     root = unwrap_model(model)
-    named = [(name, mod) for name, mod in root.named_modules() if name]
-    for item in include:
-        if isinstance(item, str) and not any(_matches(n, m, item) for n, m in named):
-            raise ValueError(f"`{argument}`: {item!r} matches no module of {type(root).__name__}")
+    named = list(root.named_modules())
+    _require_every_name_matches(named, include, argument, root, with_weight=require_weight)
+    _require_every_name_matches(named, excluded, "exclude", root, with_weight=False)
     chosen = []
     for name, mod in named:
         if include:
@@ -121,9 +147,8 @@ def select_modules(
             continue
         if any(_matches(name, mod, item) for item in excluded):
             continue
-        weight = getattr(mod, "weight", None)
-        if require_weight and not isinstance(weight, nn.Parameter):
-            if include and any(isinstance(i, str) and _matches(name, mod, i) for i in include):
+        if require_weight and not _has_weight(mod):
+            if name in include:  # named exactly: a regex or a type may also match containers, skipped
                 raise ValueError(f"`{argument}`: module {name!r} has no `weight` parameter to compress")
             continue
         chosen.append((name, mod))
