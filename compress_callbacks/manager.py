@@ -354,22 +354,26 @@ class CompressionManager:
     # ------------------------------------------------------------------ recipes
     @classmethod
     def from_recipe(cls, recipe: dict | str | Path, *, accelerator: Any = None, **kwargs: Any) -> CompressionManager:
-        """Build a manager from a recipe dict, YAML text or a YAML file path."""
-        from .recipes import callbacks_from_recipe
+        """Build a manager from a recipe dict, YAML text or a YAML file path.
 
-        return cls(*callbacks_from_recipe(recipe), accelerator=accelerator, **kwargs)
+        Keyword arguments (``log_every``) override the recipe's manager-level keys.
+        """
+        from .recipes import read_recipe
+
+        callbacks, options = read_recipe(recipe)
+        return cls(*callbacks, accelerator=accelerator, **{**options, **kwargs})
 
     def to_recipe(self) -> dict[str, Any]:
-        """The callbacks as a recipe dict (round-trips through ``from_recipe``)."""
+        """The manager's plan (``log_every`` and the callbacks) as a recipe dict (round-trips through ``from_recipe``)."""
         from .recipes import callbacks_to_recipe
 
-        return callbacks_to_recipe(self.callbacks)
+        return callbacks_to_recipe(self.callbacks, log_every=self.log_every)
 
     def to_recipe_yaml(self) -> str:
         """``to_recipe()`` dumped as YAML text."""
-        import yaml
+        from .recipes import dump_recipe
 
-        return yaml.safe_dump(self.to_recipe(), sort_keys=False)
+        return dump_recipe(self.to_recipe())
 
     def __repr__(self) -> str:
         return f"CompressionManager({', '.join(map(repr, self.callbacks))}, step={self._step})"

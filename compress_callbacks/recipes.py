@@ -15,10 +15,14 @@ A recipe names callback classes and their keyword arguments (exactly the constru
 
 ``callbacks`` is a mapping (class name -> keyword arguments, run in file order) or, to use two
 callbacks of one class, a list of one-key mappings (``- GradualMagnitudePruning: {...}``). Module
-types in ``modules`` / ``exclude`` are written ``"type:<module path>.<class name>"``. Every key is
-checked against the constructor's signature, then the technique's config dataclass validates the
-values; an error names the key's path
+types in ``modules`` / ``exclude`` are written ``"type:<module path>.<class name>"``. ``log_every``
+(optional, top level) is the manager's. Every key is checked against the constructor's signature,
+then the technique's config dataclass validates the values; an error names the key's path
 (``callbacks.GradualMagnitudePruning.end_step: ...``).
+
+YAML is read as YAML 1.1 with three of its traps closed: ``5e-1`` and ``1e3`` are numbers (YAML 1.1
+reads them as strings), an unquoted ``2:4`` (a base-60 number there) is refused with the advice to
+quote it, and a key given twice in one mapping is refused (YAML would keep the last silently).
 
 >>> from compress_callbacks import CompressionManager
 >>> manager = CompressionManager.from_recipe('''
@@ -49,21 +53,25 @@ import torch.nn as nn
 import yaml
 
 from .callback import CompressionTechnique
-from .config import ArgumentError
+from .config import ArgumentError, check_int
 
 __all__ = [
     "RECIPE_VERSION",
     "TYPE_PREFIX",
+    "RecipeDumper",
+    "RecipeLoader",
     "callback_class",
     "callbacks_from_recipe",
     "callbacks_to_recipe",
+    "dump_recipe",
     "load_recipe",
+    "read_recipe",
     "register_callback",
 ]
 
 RECIPE_VERSION = 1
 TYPE_PREFIX = "type:"
-TOP_LEVEL_KEYS = ("version", "callbacks")
+TOP_LEVEL_KEYS = ("version", "log_every", "callbacks")
 
 # class name -> module defining it (imported only when a recipe names the class)
 _BUILTIN_CALLBACKS = {
@@ -166,9 +174,89 @@ def _encode_types(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------------------ YAML
+# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot or without a sign
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with ``1e3`` / ``5e-1`` read as floats, base-60 numbers (an unquoted
+    ``2:4``) and duplicate keys refused.
+
+    >>> yaml.load("lr: 5e-1\\nsteps: 1e3", Loader=RecipeLoader)
+    {'lr': 0.5, 'steps': 1000.0}
+    >>> yaml.load("granularity: 2:4", Loader=RecipeLoader)
+    Traceback (most recent call last):
+    ...
+    ValueError: recipe line 1: YAML 1.1 reads the unquoted 2:4 as the base-60 number 124; write "2:4" in quotes
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    seen = key in first_line
+                except TypeError:  # an unhashable key: the base class explains it
+                    continue
+                if seen:
+                    raise ValueError(
+                        f"recipe line {line}: duplicate key {key!r} (first at line {first_line[key]}); "
+                        "YAML would silently keep only the last one"
+                    )
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_base_60(self, node: yaml.ScalarNode, number: Any) -> Any:
+        text = node.value
+        if ":" in text:
+            raise ValueError(
+                f"recipe line {node.start_mark.line + 1}: YAML 1.1 reads the unquoted {text} as the base-60 number "
+                f"{number:g}; write \"{text}\" in quotes"
+            )
+        return number
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        return self._refuse_base_60(node, super().construct_yaml_int(node))
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        return self._refuse_base_60(node, super().construct_yaml_float(node))
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting the strings :class:`RecipeLoader` would read as numbers (``"1e3"``).
+
+    >>> yaml.dump({"name": "1e3", "lr": 0.5}, Dumper=RecipeDumper)
+    "lr: 0.5\\nname: '1e3'\\n"
+    """
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+RecipeLoader.add_constructor(_FLOAT_TAG, RecipeLoader.construct_yaml_float)
+for _resolver in (RecipeLoader, RecipeDumper):
+    _resolver.add_implicit_resolver(_FLOAT_TAG, _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    """A recipe dict as YAML text that :func:`load_recipe` reads back unchanged.
+
+    >>> print(dump_recipe({"version": 1, "callbacks": {"QuantizationAwareTraining": {"start_step": 10}}}), end="")
+    version: 1
+    callbacks:
+      QuantizationAwareTraining:
+        start_step: 10
+    """
+    return yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False)
+
+
 # ------------------------------------------------------------------------------------ reading
 def load_recipe(recipe: dict | str | Path) -> dict[str, Any]:
-    """A recipe as a dict, from a dict, YAML text or a path to a YAML file."""
+    """A recipe as a dict, from a dict, YAML text or a path to a YAML file (read with :class:`RecipeLoader`)."""
     if isinstance(recipe, dict):
         return recipe
     if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and os.path.isfile(recipe)):
@@ -179,7 +267,7 @@ def load_recipe(recipe: dict | str | Path) -> dict[str, Any]:
     else:
         raise TypeError(f"`recipe` must be a dict, YAML text or a path, got {type(recipe).__name__}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as err:
         raise ValueError(f"`recipe` is not valid YAML: {err}") from None
     if isinstance(data, str) or data is None:
@@ -238,10 +326,15 @@ def _build(path: str, name: str, kwargs: Any) -> CompressionTechnique:
         raise kind(f"{path}: {err}") from None
 
 
-def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionTechnique]:
-    """Build the callbacks a recipe (dict, YAML text or path) describes, in order.
+def read_recipe(recipe: dict | str | Path) -> tuple[list[CompressionTechnique], dict[str, Any]]:
+    """The callbacks a recipe (dict, YAML text or path) describes, in order, and its manager-level
+    keyword arguments (``log_every`` when given).
 
-    Everything is checked before any callback is returned; errors name the key's path.
+    Everything is checked before anything is returned; errors name the key's path.
+
+    >>> callbacks, options = read_recipe("log_every: 10\\ncallbacks: {QuantizationAwareTraining: {start_step: 5}}")
+    >>> callbacks[0].start_step, options
+    (5, {'log_every': 10})
     """
     data = load_recipe(recipe)
     for key in data:
@@ -250,14 +343,26 @@ def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionTechniqu
     version = data.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
         raise ValueError(f"version: this package reads recipe version {RECIPE_VERSION}, got {version!r}")
+    options = {}
+    if "log_every" in data:
+        try:
+            options["log_every"] = check_int(data["log_every"], "log_every", minimum=0)
+        except ArgumentError as err:
+            raise type(err)(err.argument, f"log_every: {err}") from None
     if "callbacks" not in data:
         raise ValueError("callbacks: missing; a recipe lists its callbacks under `callbacks:`")
-    return [_build(path, name, kwargs) for path, name, kwargs in _entries(data["callbacks"])]
+    return [_build(path, name, kwargs) for path, name, kwargs in _entries(data["callbacks"])], options
+
+
+def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionTechnique]:
+    """Build the callbacks a recipe (dict, YAML text or path) describes, in order (see :func:`read_recipe`)."""
+    return read_recipe(recipe)[0]
 
 
 # ------------------------------------------------------------------------------------ writing
-def callbacks_to_recipe(callbacks: list[CompressionTechnique]) -> dict[str, Any]:
-    """The recipe dict that rebuilds ``callbacks`` (mapping form; list form when a class repeats)."""
+def callbacks_to_recipe(callbacks: list[CompressionTechnique], *, log_every: int | None = None) -> dict[str, Any]:
+    """The recipe dict that rebuilds ``callbacks`` (mapping form; list form when a class repeats),
+    with the manager's ``log_every`` when given."""
     entries = []
     for cb in callbacks:
         name = next((n for n, c in _REGISTERED.items() if type(cb) is c), type(cb).__name__)
@@ -273,4 +378,8 @@ def callbacks_to_recipe(callbacks: list[CompressionTechnique]) -> dict[str, Any]
         section: Any = dict(entries)
     else:
         section = [{name: kwargs} for name, kwargs in entries]
-    return {"version": RECIPE_VERSION, "callbacks": section}
+    recipe: dict[str, Any] = {"version": RECIPE_VERSION}
+    if log_every is not None:
+        recipe["log_every"] = log_every
+    recipe["callbacks"] = section
+    return recipe
