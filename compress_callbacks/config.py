@@ -176,5 +176,6 @@ class TechniqueConfig:
         """Check every field (raise :class:`ArgumentError`) and store its normalized value."""
 
     def to_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments that rebuild this config (and the callback it configures)."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.init}
+        """The keyword arguments that rebuild this config (and the callback it configures); lists are copies."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.init}
+        return {name: list(value) if isinstance(value, list) else value for name, value in values.items()}

@@ -39,6 +39,8 @@ def test_the_technique_reads_its_config_and_its_fields_are_read_only():
     assert (gmp.target_sparsity, gmp.modules) == (0.5, ["re:0"])  # normalized once, here
     with pytest.raises(AttributeError):
         gmp.target_sparsity = 0.9  # would bypass validation
+    gmp.config()["modules"].append("re:1")
+    assert gmp.modules == ["re:0"]  # config() hands out copies
     qat = QuantizationAwareTraining.from_config(QuantizationConfig(start_step=3, weight_bits=4))
     assert (qat.start_step, qat.weight_bits, qat.config()) == (3, 4, QuantizationConfig(3, 4).to_kwargs())
     with pytest.raises(TypeError, match="QuantizationConfig"):
@@ -53,6 +55,7 @@ def test_the_technique_reads_its_config_and_its_fields_are_read_only():
     (lambda: PruningConfig(0.5, 5, 5), "end_step", ValueError),
     (lambda: PruningConfig(0.5, 0, 10, initial_sparsity=0.6), "initial_sparsity", ValueError),
     (lambda: PruningConfig(float("nan"), 0, 10), "target_sparsity", ValueError),
+    (lambda: PruningConfig(None, 0, 10), "target_sparsity", TypeError),
     (lambda: PruningConfig(0.5, 0, 10, modules=3), "modules", TypeError),
     (lambda: PruningConfig(0.5, 0, 10, exclude=["re:("]), "exclude", ValueError),
     (lambda: QuantizationConfig(weight_bits=True), "weight_bits", TypeError),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..config import ArgumentValueError, TechniqueConfig, check_choice, check_fraction, check_int
+from ..config import ArgumentTypeError, ArgumentValueError, TechniqueConfig, check_choice, check_fraction, check_int
 from ..targets import ModuleSpec, normalize_spec
 from .masks import parse_nm
 
@@ -68,6 +68,10 @@ class PruningConfig(TechniqueConfig):
                     f"`target_sparsity` must be 1 - N/M = {implied:g} for granularity {self.granularity!r} (or None), "
                     f"got {self.target_sparsity!r}",
                 )
+        if self.target_sparsity is None:
+            raise ArgumentTypeError(
+                "target_sparsity", "`target_sparsity` must be a float in [0, 1), got None (None only with an 'N:M' granularity)"
+            )
         self.target_sparsity = check_fraction(self.target_sparsity, "target_sparsity")
         self.initial_sparsity = check_fraction(self.initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.target_sparsity:
