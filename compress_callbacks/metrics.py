@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from .targets import DEFAULT_TARGET_TYPES, ModuleSpec, normalize_spec, select_modules, unwrap_model
+from .targets import ModuleSpec, normalize_spec, select_modules
 
 __all__ = ["Sparsity", "TeacherStudentAgreement"]
 
@@ -110,12 +110,7 @@ class Sparsity(Metric):
     def update(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        root = unwrap_model(model)
-        if self.modules_spec is None and isinstance(root, DEFAULT_TARGET_TYPES):
-            selected = [("", root)]  # a bare layer: the named-module search skips the root
-        else:
-            selected = select_modules(root, modules=self.modules_spec, exclude=self.exclude_spec)
-        for _, module in selected:
+        for _, module in select_modules(model, modules=self.modules_spec, exclude=self.exclude_spec):
             weight = module.weight.detach()
             self.zeros += (weight == 0).sum().to(device=self.zeros.device, dtype=self.zeros.dtype)
             self.total += weight.numel()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from compress_callbacks import CompressionManager, GradualMagnitudePruning
-from compress_callbacks.callback import CompressionCallback
+from compress_callbacks.callback import CompressionTechnique
 from compress_callbacks.pruning.masks import count_to_prune
 
 
@@ -524,7 +524,7 @@ def test_sharded_models_are_refused_before_anything_is_touched():
         fully_shard(fsdp_model[0])
         fully_shard(fsdp_model)
 
-        class CountUpdates(CompressionCallback):
+        class CountUpdates(CompressionTechnique):
             pass
 
         partly = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -13,16 +13,13 @@ import torch.nn as nn
 
 from .. import _dist as D
 from .._native import mask_multiply_kernel
-from ..callback import CompressionCallback
+from ..callback import CompressionTechnique
 from ..schedules import cubic_sparsity, last_grid_point
-from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import masks as M
+from .config import PruningConfig
 
 __all__ = ["GradualMagnitudePruning"]
-
-GRANULARITIES = ("unstructured", "channel")
-SCOPES = ("layer", "global")
-MASK_GRADIENTS = ("backward", "step")
 
 # Optimizers whose update of a parameter with zero gradient and zero state is exactly zero (also with
 # weight decay, momentum, Nesterov, AMSGrad, maximize). For these, masking gradients before each
@@ -35,18 +32,6 @@ ZERO_PRESERVING_OPTIMIZERS = tuple(
 )
 
 
-def _check_unit_interval(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"`{argument}` must be a float in [0, 1), got {value!r}")
-
-
-def _check_step(value: Any, argument: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
-
-
 # Id of the running backward pass (0 where torch cannot tell: then every pass looks the same).
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
@@ -56,7 +41,7 @@ def _queue_end_of_backward(callback) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-class GradualMagnitudePruning(CompressionCallback):
+class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
     """Raise sparsity along the cubic schedule while training; pruned weights stay exactly zero.
 
     >>> import torch, torch.nn as nn
@@ -120,49 +105,12 @@ class GradualMagnitudePruning(CompressionCallback):
         mask_gradients: str = "backward",
     ) -> None:
         super().__init__()
-        if mask_gradients not in MASK_GRADIENTS:
-            raise ValueError(f"`mask_gradients` must be 'backward' or 'step', got {mask_gradients!r}")
-        if not isinstance(granularity, str):
-            raise TypeError(f"`granularity` must be a string, got {granularity!r}")
-        nm = M.parse_nm(granularity)
-        if nm is None and granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be 'unstructured', 'channel' or 'N:M' (e.g. '2:4'), got {granularity!r}")
-        if nm is not None:
-            implied = 1.0 - nm[0] / nm[1]
-            if target_sparsity is None:
-                target_sparsity = implied
-            elif not math.isclose(float(target_sparsity), implied, abs_tol=1e-9):
-                raise ValueError(
-                    f"`target_sparsity` must be 1 - N/M = {implied:g} for granularity {granularity!r} (or None), "
-                    f"got {target_sparsity!r}"
-                )
-        _check_unit_interval(target_sparsity, "target_sparsity")
-        _check_unit_interval(initial_sparsity, "initial_sparsity")
-        if initial_sparsity > target_sparsity:
-            raise ValueError(
-                f"`initial_sparsity` ({initial_sparsity}) must be <= `target_sparsity` ({target_sparsity})"
-            )
-        _check_step(start_step, "start_step", 0)
-        _check_step(end_step, "end_step", 0)
-        if end_step <= start_step:
-            raise ValueError(f"`end_step` ({end_step}) must be > `start_step` ({start_step})")
-        _check_step(update_every, "update_every", 1)
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be 'layer' or 'global', got {scope!r}")
-        normalize_spec(modules, argument="modules")
-        normalize_spec(exclude, argument="exclude")
-
-        self.target_sparsity = float(target_sparsity)
-        self.start_step = start_step
-        self.end_step = end_step
-        self.update_every = update_every
-        self.initial_sparsity = float(initial_sparsity)
-        self.granularity = granularity
-        self.scope = scope
-        self.modules = modules
-        self.exclude = exclude
-        self.mask_gradients = mask_gradients
-        self._nm = nm
+        self.settings = PruningConfig(
+            target_sparsity=target_sparsity, start_step=start_step, end_step=end_step, update_every=update_every,
+            initial_sparsity=initial_sparsity, granularity=granularity, scope=scope, modules=modules,
+            exclude=exclude, mask_gradients=mask_gradients,
+        )
+        self._nm = self.settings.nm
 
         self._names: list[str] = []
         self._params: list[nn.Parameter] = []

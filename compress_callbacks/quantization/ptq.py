@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..targets import ModuleSpec, select_modules, unwrap_model
 from . import fake_quant as FQ
+from .config import QuantizationConfig
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = [
@@ -171,12 +172,10 @@ def calibrate(
     (``activation_bits=None``: weight-only). A Conv whose output is the input of a single BatchNorm
     is quantized BN-folded (``fold_bn=False`` turns that off). Returns the (unwrapped) model.
     """
-    if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
-        raise ValueError(f"`weight_bits` must be an int in 2..8, got {weight_bits!r}")
-    if activation_bits not in (8, None):
-        raise ValueError(f"`activation_bits` must be 8 or None, got {activation_bits!r}")
+    config = QuantizationConfig(weight_bits=weight_bits, activation_bits=activation_bits, modules=modules, exclude=exclude)
+    weight_bits, activation_bits = config.weight_bits, config.activation_bits
     root = unwrap_model(model)
-    layers = dict(select_modules(root, modules=modules, exclude=exclude))
+    layers = dict(select_modules(root, modules=config.modules, exclude=config.exclude))
     was_training = root.training
     root.eval()
     try:

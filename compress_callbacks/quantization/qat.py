@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
-from ..callback import CompressionCallback
-from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
+from ..callback import CompressionTechnique
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import fake_quant as FQ
+from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = ["QuantizationAwareTraining"]
@@ -23,9 +24,6 @@ __all__ = ["QuantizationAwareTraining"]
 STATE_ATTR = "_compress_qat"  # plain attribute on a fake-quantized module (not a buffer: state_dict unchanged)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
-WEIGHT_BITS = range(2, 9)
-ACTIVATION_BITS = (8, None)
-ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -200,14 +198,6 @@ class _RangeGroup:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _check_step(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        accepted = "an int >= 0" + (" or None" if allow_none else "")
-        raise ValueError(f"`{argument}` must be {accepted}, got {value!r}")
-
-
 def _supported_base(module: nn.Module) -> type | None:
     """The Linear/Conv base whose forward ``module`` uses unchanged (None: unsupported)."""
     for base in SUPPORTED_TYPES:
@@ -241,7 +231,7 @@ def _find_conv_bn_pairs(root: nn.Module, convs: dict[int, str]) -> dict[str, str
 
 
 # ---------------------------------------------------------------------------------------- callback
-class QuantizationAwareTraining(CompressionCallback):
+class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationConfig):
     """Fake-quantize Linear/Conv weights and inputs from ``start_step`` on; ``finalize`` snaps to the grid.
 
     >>> import torch, torch.nn as nn
@@ -306,22 +296,10 @@ class QuantizationAwareTraining(CompressionCallback):
         exclude: ModuleSpec = None,
     ) -> None:
         super().__init__()
-        _check_step(start_step, "start_step")
-        if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or weight_bits not in WEIGHT_BITS:
-            raise ValueError(f"`weight_bits` must be an int from 2 to 8, got {weight_bits!r}")
-        if isinstance(activation_bits, bool) or activation_bits not in ACTIVATION_BITS:
-            raise ValueError(f"`activation_bits` must be 8 or None (weight-only), got {activation_bits!r}")
-        _check_step(freeze_observers_step, "freeze_observers_step", allow_none=True)
-        _check_step(freeze_bn_step, "freeze_bn_step", allow_none=True)
-        normalize_spec(modules, argument="modules")
-        normalize_spec(exclude, argument="exclude")
-        self.start_step = start_step
-        self.weight_bits = weight_bits
-        self.activation_bits = activation_bits
-        self.freeze_observers_step = freeze_observers_step
-        self.freeze_bn_step = freeze_bn_step
-        self.modules = modules
-        self.exclude = exclude
+        self.settings = QuantizationConfig(
+            start_step=start_step, weight_bits=weight_bits, activation_bits=activation_bits,
+            freeze_observers_step=freeze_observers_step, freeze_bn_step=freeze_bn_step, modules=modules, exclude=exclude,
+        )
 
         self._root: nn.Module | None = None
         self._layers: list[_LayerState] = []

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, check_activation_bits, check_weight_bits
+
 __all__ = [
     "QPARAMS_ATTR",
     "LayerQuantSpec",
@@ -65,9 +67,13 @@ class LayerQuantSpec:
     activation_bits: int | None = None  # None: weight-only
     input_scale: float | None = None
     input_zero_point: int | None = None
-    activation_qmin: int = 0
-    activation_qmax: int = 255
+    activation_qmin: int = ACTIVATION_QMIN
+    activation_qmax: int = ACTIVATION_QMAX
     bn: str | None = None  # qualified name of the BatchNorm folded into this conv during training
+
+    def __post_init__(self) -> None:  # the bit widths QuantizationConfig accepts, checked the same way
+        self.weight_bits = check_weight_bits(self.weight_bits)
+        self.activation_bits = check_activation_bits(self.activation_bits)
 
     @property
     def weight_only(self) -> bool:
