@@ -153,9 +153,6 @@ def check_choice(value: Any, argument: str, choices: tuple[str, ...], accepted: 
 class TechniqueConfig:
     """Base of the technique configs: ``__post_init__`` runs ``validate``, which checks and normalizes.
 
-    Subclasses declare one field per keyword argument of their callback and implement ``validate``
-    (assigning each checked value back, so the config always holds normalized values).
-
     >>> @dataclasses.dataclass
     ... class EveryConfig(TechniqueConfig):
     ...     every: int = 1
@@ -167,6 +164,9 @@ class TechniqueConfig:
     Traceback (most recent call last):
     ...
     compress_callbacks.config.ArgumentValueError: `every` must be an int >= 1, got 0
+
+    Subclasses declare one field per keyword argument of their callback and implement ``validate``
+    (assigning each checked value back, so the config always holds normalized values).
     """
 
     def __post_init__(self) -> None:
