@@ -31,6 +31,11 @@ ZERO_PRESERVING_OPTIMIZERS = tuple(
     if hasattr(torch.optim, name)
 )
 
+# Zero-preserving optimizers whose per-weight state of a pruned weight still drifts off zero: Adamax's
+# ``exp_inf`` becomes ``eps`` (a max with |g| + eps) and Rprop's ``step_size`` its ``step_size_min``
+# (a clamp). That state is masked again after each update.
+STATE_MASKED_AFTER_UPDATE = tuple(getattr(torch.optim, name) for name in ("Adamax", "Rprop") if hasattr(torch.optim, name))
+
 
 # Id of the running backward pass (0 where torch cannot tell: then every pass looks the same).
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
@@ -78,8 +83,8 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
 
     Pruned weights get their gradients masked when each backward pass ends (``mask_gradients="step"``
     defers this to the update), again before the update for any gradient that was replaced after
-    backward, and their optimizer state zeroed when the mask grows: they stay exactly zero and
-    their optimizer state does not grow. (A gradient changed *in place* between backward and the
+    backward, and their optimizer state zeroed when the mask grows (Adamax's and Rprop's after every
+    update too): with every built-in optimizer, they and their optimizer state stay exactly zero. (A gradient changed *in place* between backward and the
     step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
     sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
     (``fully_shard``) each rank holds its block of the masks a single process would select.
@@ -119,6 +124,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._mask_sparsity = 0.0  # fraction of targeted weights the masks prune
         self._optimizer: torch.optim.Optimizer | None = None
         self._mask_weights_after_update = False
+        self._mask_state_after_update = False
         self._final_rows: list[dict[str, Any]] = []
         self._loaded: dict[str, Any] | None = None
         self._scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -170,13 +176,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self.manager is not None and self.manager.has_before_update_hook
             and isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)
         )
+        self._mask_state_after_update = isinstance(optimizer, STATE_MASKED_AFTER_UPDATE)
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
         else:
             self._keeps = [M.keep_from_zeros(D.local(p.detach())) for p in self._params]
             self._mask_sparsity = self._count_mask_sparsity()
-        self._enforce_masks(include_state=True)
+        self._enforce_masks(grads=True, state=True)
         self._update_masks(step)
         self._count_sharded_zeros()
         self._masked_grads = [None] * len(self._params)
@@ -230,14 +237,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._mask_(grads, keeps)
 
     def on_update(self, step: int) -> None:
-        if self._mask_weights_after_update:
-            self._enforce_masks(include_state=False)
+        if self._mask_weights_after_update or self._mask_state_after_update:
+            self._enforce_masks(weights=self._mask_weights_after_update, state=self._mask_state_after_update)
         if step >= self.start_step and (step >= self.end_step or (step - self.start_step) % self.update_every == 0):
             self._update_masks(step)
 
     def finalize(self, model: nn.Module) -> None:
         self._remove_grad_hooks()
-        self._enforce_masks(include_state=False)
+        self._enforce_masks()
         self._count_sharded_zeros()
         self._final_rows = self.summary_rows()
         self._keeps = [None] * len(self._params)
@@ -257,7 +264,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._keeps = [D.broadcast_(k) for k in self._select([p.detach() for p in self._params], self._keeps, target, self.scope)]
         self._applied_sparsity = target
         self._mask_sparsity = self._count_mask_sparsity()
-        self._enforce_masks(include_state=True)
+        self._enforce_masks(grads=True, state=True)
         self._count_sharded_zeros()
         if self.manager is not None:
             self.manager.log({f"compress/{self.name}/{k}": v for k, v in self.log_values().items()}, step=step)
@@ -296,21 +303,19 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         )
 
     @torch.no_grad()
-    def _enforce_masks(self, include_state: bool) -> None:
-        """Zero pruned weights (and, with ``include_state``, their gradients and optimizer state)."""
+    def _enforce_masks(self, weights: bool = True, grads: bool = False, state: bool = False) -> None:
+        """Zero what is pruned in the weights, their gradients and their optimizer state (each if asked)."""
         pairs = [(p, k) for p, k in zip(self._params, self._keeps) if k is not None]
-        if not pairs:
-            return
-        tensors = [p.data for p, _ in pairs]
-        keeps = [k for _, k in pairs]
-        if include_state:
-            state = self._optimizer.state if self._optimizer is not None else {}
-            for p, keep in pairs:
-                extra = [p.grad] if p.grad is not None else []
-                extra += [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-                tensors += extra
-                keeps += [keep] * len(extra)
-        self._mask_(tensors, keeps)
+        optimizer_state = self._optimizer.state if state and self._optimizer is not None else {}
+        tensors, keeps = [], []
+        for p, keep in pairs:
+            found = [p.data] if weights else []
+            found += [p.grad] if grads and p.grad is not None else []
+            found += [v for v in optimizer_state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+            tensors += found
+            keeps += [keep] * len(found)
+        if tensors:
+            self._mask_(tensors, keeps)
 
     def _mask_(self, tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
         """``t *= keep`` for each pair: the native kernel where it applies, else the scratch path."""
@@ -341,7 +346,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._params:
             self._restore(state)
-            self._enforce_masks(include_state=True)
+            self._enforce_masks(grads=True, state=True)
             self._count_sharded_zeros()
         else:
             self._loaded = state
