@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
@@ -20,13 +21,17 @@ from .config import ArgumentTypeError, ArgumentValueError
 __all__ = [
     "DEFAULT_TARGET_TYPES",
     "ModuleSpec",
+    "is_default_target",
+    "is_transformers_conv1d",
     "normalize_spec",
     "require_optimizer_owns_weights",
     "require_unsharded",
     "select_modules",
     "unwrap_model",
+    "weight_output_dim",
 ]
 
+#: the torch layers targeted by default (and Transformers ``Conv1D``, see :func:`is_default_target`)
 DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 ModuleSpec = Union[str, type, Iterable[Union[str, type]], None]
@@ -48,6 +53,32 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen.add(id(model))
         model = extract_model_from_parallel(model, keep_torch_compile=False)
     return model
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Transformers' ``Conv1D`` (GPT-2's projections: a Linear whose weight is
+    stored ``[in, out]``). Never imports transformers: a model holding one has imported it already.
+
+    >>> is_transformers_conv1d(nn.Linear(2, 2))
+    False
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_default_target(module: nn.Module) -> bool:
+    """Whether ``modules=None`` selects ``module``: an ``nn.Linear``, ``nn.Conv1d/2d/3d`` or Transformers ``Conv1D``."""
+    return isinstance(module, DEFAULT_TARGET_TYPES) or is_transformers_conv1d(module)
+
+
+def weight_output_dim(module: nn.Module) -> int:
+    """The dim of ``module.weight`` that indexes output channels: 1 for Transformers ``Conv1D``
+    (``[in, out]``) and ConvTranspose (``[in, out / groups, *kernel]``), 0 for Linear and Conv.
+
+    >>> weight_output_dim(nn.Linear(4, 2)), weight_output_dim(nn.ConvTranspose2d(4, 2, 3))
+    (0, 1)
+    """
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) or is_transformers_conv1d(module) else 0
 
 
 def normalize_spec(spec: ModuleSpec, *, argument: str) -> list[str | type]:
@@ -122,7 +153,7 @@ def select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified_name, module)`` pairs the callback should touch, in model order.
 
-    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` or
+    ``modules=None`` selects every Linear, Conv1d/2d/3d and Transformers Conv1D. A name or regex in ``modules`` or
     ``exclude`` that matches nothing raises ``ValueError`` (a typo should not silently compress
     nothing, or compress what was meant to be kept), and so does a selection that ends up empty.
     A module named in ``modules`` must have a ``weight``; a regex or a type may also match
@@ -143,7 +174,7 @@ def select_modules(
         if include:
             if not any(_matches(name, mod, item) for item in include):
                 continue
-        elif not isinstance(mod, DEFAULT_TARGET_TYPES):
+        elif not is_default_target(mod):
             continue
         if any(_matches(name, mod, item) for item in excluded):
             continue
@@ -155,7 +186,7 @@ def select_modules(
     if not chosen:
         raise ValueError(
             f"`{argument}`/`exclude` matched no module with a weight in {type(root).__name__}; "
-            f"by default every nn.Linear and nn.Conv1d/2d/3d is targeted"
+            f"by default every nn.Linear, nn.Conv1d/2d/3d and Transformers Conv1D is targeted"
         )
     return chosen
 

@@ -61,3 +61,66 @@ def test_pruned_weights_and_their_optimizer_state_stay_exactly_zero(name, foreac
             for key, value in per_weight.items():
                 assert (value[pruned] == 0).all(), f"{name}: state {key!r} of {layer} is not zero where pruned"
     assert gmp.overall_sparsity() == pytest.approx(0.6, abs=1e-2)
+
+
+def test_conv_transpose_channel_pruning_removes_output_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 6, 3))  # weight [in=4, out=6, 3, 3]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    gmp = GradualMagnitudePruning(0.5, start_step=0, end_step=2, update_every=1, granularity="channel",
+                                  modules=[nn.ConvTranspose2d])
+    CompressionManager(gmp).attach(model, optimizer)
+    train(model, optimizer, 3, shape=(2, 3, 6, 6))
+    weight = model[2].weight.detach()
+    dead = (weight != 0).sum(dim=(0, 2, 3)) == 0  # output channels with no weight left
+    assert int(dead.sum()) == 3
+    assert bool((weight != 0).any(dim=(1, 2, 3)).all())  # every input channel still feeds the layer
+    out = model(torch.randn(2, 3, 6, 6)).detach()
+    for channel in dead.nonzero().flatten().tolist():  # a pruned output channel is its bias, whatever the input
+        assert torch.allclose(out[:, channel], model[2].bias[channel].detach().expand_as(out[:, channel]))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "2:4"])
+def test_grouped_conv_transpose_is_refused_for_structured_pruning_before_anything_is_touched(granularity):
+    model = nn.Sequential(nn.ConvTranspose2d(4, 8, 2, groups=2))
+    before = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    manager = CompressionManager(GradualMagnitudePruning(None if ":" in granularity else 0.5, start_step=0, end_step=2,
+                                                         granularity=granularity, modules=["0"]))
+    with pytest.raises(ValueError, match=r"`granularity`.*'0' is a ConvTranspose2d with groups=2"):
+        manager.attach(model, optimizer)
+    assert not manager.attached and torch.equal(model[0].weight, before)
+
+
+def test_global_scope_never_prunes_a_layer_away_and_says_which_layer_it_kept():
+    """At 0.9 overall, the middle layer's small weights would all go (it computed a constant)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gmp = GradualMagnitudePruning(0.9, start_step=0, end_step=3, update_every=1, scope="global")
+    CompressionManager(gmp).attach(model, optimizer)
+    with pytest.warns(UserWarning) as caught:
+        train(model, optimizer, 4)
+    assert any("'2' is pruned down to its last weight (of 2048)" in str(w.message) for w in caught)
+    assert int((model[2].weight != 0).sum()) == 1
+    assert all(bool((w != 0).any()) for w in gmp.weights.values())
+    total = sum(w.numel() for w in gmp.weights.values())
+    assert gmp.overall_sparsity() == pytest.approx(round(0.9 * total) / total, abs=0)  # still exact overall
+
+
+def test_layer_scope_keeps_the_strongest_channel_of_a_small_head():
+    """0.9 of a 4-class head's 4 channels rounds to 4: the head keeps one channel, with a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    gmp = GradualMagnitudePruning(0.9, start_step=0, end_step=2, update_every=1, granularity="channel")
+    CompressionManager(gmp).attach(model, optimizer)
+    with pytest.warns(UserWarning, match=r"'2' is pruned down to its last output channel \(of 4\)") as caught:
+        train(model, optimizer, 3)
+    assert len([w for w in caught if "'2'" in str(w.message)]) == 1  # once, not at every update
+    head = model[2].weight.detach()
+    assert int((head != 0).any(dim=1).sum()) == 1
+    first = model[0].weight.detach()
+    assert int((first == 0).all(dim=1).sum()) == round(0.9 * 64)  # the large layer still reaches the target

@@ -67,15 +67,74 @@ def test_layer_and_global_hit_exact_counts(target):
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(64, 33, generator=g), torch.randn(10, 64, generator=g) * 5, torch.randn(7, generator=g)]
     layer = M.unstructured_keep_masks(ws, target)
-    for w, keep in zip(ws, layer):
-        assert int((keep == 0).sum()) == M.count_to_prune(w.numel(), target)
+    for w, keep in zip(ws, layer):  # at 0.98 the 7-weight layer would round to 7: it keeps its last one
+        assert int((keep == 0).sum()) == min(M.count_to_prune(w.numel(), target), w.numel() - 1)
     glob = M.unstructured_keep_masks(ws, target, scope="global")
     total = sum(w.numel() for w in ws)
     assert sum(int((k == 0).sum()) for k in glob) == M.count_to_prune(total, target)
-    # global keeps the largest magnitudes overall
-    kept_min = min(float(w[k.bool()].abs().min()) for w, k in zip(ws, glob) if k.any())
-    pruned_max = max(float(w[~k.bool()].abs().max()) for w, k in zip(ws, glob) if (~k.bool()).any())
+    # global keeps the largest magnitudes overall, besides each layer's largest weight, which always stays
+    for w, k in zip(ws, glob):
+        assert k.reshape(-1)[w.abs().argmax()] == 1
+    rest = [(w.reshape(-1), k.reshape(-1).clone()) for w, k in zip(ws, glob)]
+    for w, k in rest:
+        k[w.abs().argmax()] = 2  # set the layer's own largest aside
+    kept_min = min(float(w[k == 1].abs().min()) for w, k in rest if (k == 1).any())
+    pruned_max = max(float(w[k == 0].abs().max()) for w, k in rest if (k == 0).any())
     assert pruned_max <= kept_min
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "channel"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_no_layer_is_pruned_away_and_the_overall_count_stays_exact(granularity, scope):
+    """A small layer among large ones: the selection would empty it (global: its weights are the
+    smallest; layer: 0.95 of 8 weights or of 4 channels rounds to all of them). It keeps its largest weight / strongest channel, and
+    global scope still prunes exactly the target overall, elsewhere."""
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(32, 16, generator=g), torch.randn(4, 2, generator=g) * 0.01, torch.randn(16, 32, generator=g)]
+    select = M.unstructured_keep_masks if granularity == "unstructured" else M.channel_keep_masks
+    keeps = select(ws, 0.95, scope=scope)
+    for w, keep in zip(ws, keeps):
+        if granularity == "unstructured":
+            assert keep.reshape(-1)[w.abs().argmax()] == 1
+        else:
+            assert keep[w.norm(dim=1).argmax()].all()
+    small = keeps[1]
+    assert int(small.sum()) == (1 if granularity == "unstructured" else 2)  # the floor, not more
+    pruned = sum(int((k == 0).sum()) for k in keeps)
+    if granularity == "unstructured" and scope == "global":
+        assert pruned == M.count_to_prune(sum(w.numel() for w in ws), 0.95)
+    elif scope == "global":  # whole channels: as close to the budget as they fit
+        budget = M.count_to_prune(sum(w.numel() for w in ws), 0.95)
+        assert budget - 32 < pruned <= budget
+
+
+def test_a_target_that_leaves_fewer_weights_than_layers_keeps_one_in_each():
+    ws = [torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.2]), torch.tensor([5.0, 6.0])]
+    keeps = M.unstructured_keep_masks(ws, 0.9, scope="global")  # 0.9 of 6 rounds to 5: only 3 can go
+    assert [k.tolist() for k in keeps] == [[0, 1], [0, 1], [0, 1]]
+    prior = [torch.tensor([0, 1], dtype=torch.uint8), None, None]
+    keeps = M.unstructured_keep_masks(ws, 0.9, keeps=prior, scope="global")  # and with earlier masks
+    assert [k.tolist() for k in keeps] == [[0, 1], [0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_structured_masks_of_weights_stored_input_first_are_the_transposed_masks(scope):
+    """Transformers Conv1D stores [in, out], ConvTranspose [in, out, kh, kw]: with ``out_dims`` their
+    channel and N:M masks are those of the same layer stored output-first, moved back."""
+    g = torch.Generator().manual_seed(5)
+    out_first = [torch.randn(12, 8, generator=g), torch.randn(6, 4, 2, 2, generator=g)]
+    stored = [out_first[0].t().contiguous(), out_first[1].movedim(0, 1).contiguous()]
+    prior = [None, (torch.rand(6, 4, 2, 2, generator=g) > 0.3).to(torch.uint8)]
+    stored_prior = [None, prior[1].movedim(0, 1).contiguous()]
+    expected = M.channel_keep_masks(out_first, 0.5, keeps=prior, scope=scope)
+    got = M.channel_keep_masks(stored, 0.5, keeps=stored_prior, scope=scope, out_dims=[1, 1])
+    assert torch.equal(got[0], expected[0].t()) and torch.equal(got[1], expected[1].movedim(0, 1))
+    expected = M.nm_keep_masks(out_first, 0.3, 2, 4, keeps=prior, scope=scope)
+    got = M.nm_keep_masks(stored, 0.3, 2, 4, keeps=stored_prior, scope=scope, out_dims=[1, 1])
+    assert torch.equal(got[0], expected[0].t()) and torch.equal(got[1], expected[1].movedim(0, 1))
+    final = M.nm_keep_masks(stored, 0.5, 2, 4, scope=scope, out_dims=[1, 1])
+    assert (final[0].t().reshape(-1, 4).sum(1) == 2).all()  # groups run along the inputs (dim 0 of [in, out])
+    assert (final[1].movedim(1, 0).reshape(-1, 4).sum(1) == 2).all()
 
 
 def test_channel_masks_remove_whole_rows_by_l2():
@@ -302,15 +361,38 @@ def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, 
     """Rows split into torch.chunk blocks over ``world`` ranks (uneven; with 5 ranks a 4-row weight
     leaves one rank an empty block): each rank's masks are its block of the single-process masks,
     ties at the threshold spanning ranks and layers included, and with prior masks."""
-    import threading
-
     if not native:
         monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
     g = torch.Generator().manual_seed(world)
     weights = [torch.randint(-3, 4, shape, generator=g).float() / 4 for shape in ((12, 8), (4, 16), (7, 4))]
     keeps = [None, (torch.rand(4, 16, generator=g) > 0.2).to(torch.uint8), None]
+    _assert_sharded_equals_single_process(world, weights, keeps, 0.4, scope, nm)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("native", [True, False])
+def test_sharded_selection_keeps_each_layers_largest_weight_as_a_single_process(world, scope, native, monkeypatch):
+    """At 0.97 the selection would empty layers (global: the small layer; layer scope: 0.97 of 6
+    rounds to 6); the weight kept in each is the same one a single process keeps, wherever its
+    rank, ties for the largest spanning ranks included."""
+    if not native:
+        monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
+    g = torch.Generator().manual_seed(world)
+    weights = [torch.randint(-3, 4, (12, 8), generator=g).float() / 4, torch.full((6, 1), 0.01),
+               torch.randint(-3, 4, (7, 4), generator=g).float() / 4]
+    weights[1][4, 0] = 0.02  # the small layer's largest, on the last rank's block
+    keeps = [None, None, (torch.rand(7, 4, generator=g) > 0.2).to(torch.uint8)]
+    expected = _assert_sharded_equals_single_process(world, weights, keeps, 0.97, scope, None)
+    assert int(expected[1].sum()) == 1 and expected[1][4, 0] == 1
+
+
+def _assert_sharded_equals_single_process(world, weights, keeps, target, scope, nm):
+    """Select on blocks of rows over ``world`` thread-ranks; each rank's masks must be its block of
+    the single-process masks (returned)."""
+    import threading
+
     select = M.unstructured_keep_masks if nm is None else (lambda w, t, keeps, scope: M.nm_keep_masks(w, t, *nm, keeps=keeps, scope=scope))
-    target = 0.4
     expected = select(weights, target, keeps=keeps, scope=scope)
     ranks, results, errors = _ThreadRanks(world), [None] * world, []
 
@@ -336,18 +418,22 @@ def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, 
     for layer, want in enumerate(expected):
         got = torch.cat([results[r][layer].reshape(-1, *want.shape[1:]) for r in range(world)])
         assert torch.equal(got, want), (world, scope, nm, layer)
+    return expected
 
 
 @pytest.mark.parametrize("world", [2, 5])
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(world, scope):
+@pytest.mark.parametrize("target", [0.4, 0.9])
+def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(world, scope, target):
     """What FSDP2 ranks do for channel pruning: score their blocks of rows (some empty with 5 ranks),
-    gather the scores whole, select, and expand on their blocks."""
+    gather the scores whole, select, and expand on their blocks (at 0.9 with each layer's strongest
+    channel kept)."""
     g = torch.Generator().manual_seed(world)
     weights = [torch.randint(-3, 4, shape, generator=g).float() / 4 for shape in ((12, 8), (4, 16), (3, 2, 2))]
     keeps = [None, torch.ones(4, 16, dtype=torch.uint8), None]
     keeps[1][2] = 0  # a channel already pruned
-    expected = M.channel_keep_masks(weights, 0.4, keeps=keeps, scope=scope)
+    expected = M.channel_keep_masks(weights, target, keeps=keeps, scope=scope)
+    assert all(bool(M.channels_first(k).amax(1).any()) for k in expected)
 
     def block(t, rank):
         parts = torch.chunk(t, world)
@@ -357,7 +443,7 @@ def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(w
                 for r in range(world)]
     scores = [torch.cat([per_rank[r][0][i] for r in range(world)]) for i in range(len(weights))]
     dead = [torch.cat([per_rank[r][1][i] for r in range(world)]) for i in range(len(weights))]
-    chosen = M.channels_to_prune(scores, dead, [math.prod(w.shape[1:]) for w in weights], 0.4, scope)
+    chosen = M.channels_to_prune(scores, dead, [math.prod(w.shape[1:]) for w in weights], target, scope)
     for r in range(world):
         masks = M.expand_channels([block(w, r) for w in weights], [None if k is None else block(k, r) for k in keeps],
                                   [block(rows, r) for rows in chosen])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -15,7 +16,7 @@ from .. import _dist as D
 from .._native import mask_multiply_kernel
 from ..callback import CompressionTechnique
 from ..schedules import cubic_sparsity, last_grid_point
-from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, weight_output_dim
 from . import masks as M
 from .config import PruningConfig
 
@@ -119,6 +120,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
 
         self._names: list[str] = []
         self._params: list[nn.Parameter] = []
+        self._out_dims: list[int] = []  # the dim of each weight that indexes output channels
         self._keeps: list[torch.Tensor | None] = []
         self._applied_sparsity = 0.0  # schedule value the current masks implement
         self._mask_sparsity = 0.0  # fraction of targeted weights the masks prune
@@ -134,6 +136,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._queued_for: int | None = None  # the backward pass (graph task) whose end-of-pass masking is queued
         self._sharded = False  # FSDP2: the targeted weights are DTensors (validate: all of them, one mesh)
         self._sharded_zeros: list[int] = []  # FSDP2: zeros per weight, counted over all ranks at each mask change
+        self._warned_floor: set[str] = set()  # layers reported as pruned down to their last weight / channel
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -145,15 +148,21 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
     # ------------------------------------------------------------------ lifecycle
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
-        if self._nm is not None:
-            m = self._nm[1]
-            for name, module in selected:
-                fan_in = math.prod(module.weight.shape[1:])
-                if fan_in % m:
-                    raise ValueError(
-                        f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
-                        f"not a multiple of M={m}; exclude it with `exclude=[{name!r}]`"
-                    )
+        structured = self.granularity != "unstructured"
+        for name, module in selected:
+            out_dim = weight_output_dim(module)
+            if structured and isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups > 1:
+                raise ValueError(
+                    f"`granularity` {self.granularity!r}: module {name!r} is a {type(module).__name__} with "
+                    f"groups={module.groups}, whose weight [in, out/groups, ...] does not hold each output channel "
+                    f"in one slice; prune it unstructured or exclude it with `exclude=[{name!r}]`"
+                )
+            fan_in = module.weight.numel() // max(module.weight.shape[out_dim], 1)
+            if self._nm is not None and fan_in % self._nm[1]:
+                raise ValueError(
+                    f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
+                    f"not a multiple of M={self._nm[1]}; exclude it with `exclude=[{name!r}]`"
+                )
         weights = [module.weight for _, module in selected]
         if any(D.is_sharded(w) for w in weights) and not all(
             D.is_sharded(w) and w.device_mesh == weights[0].device_mesh for w in weights
@@ -162,12 +171,20 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                 "GradualMagnitudePruning on FSDP2 needs every targeted weight sharded over one mesh "
                 "(fully_shard the model's root too, or leave the others out with `exclude=`)"
             )
+        input_first = [name for name, module in selected if weight_output_dim(module) != 0]
+        if structured and any(D.is_sharded(w) for w in weights) and input_first:
+            raise NotImplementedError(
+                f"GradualMagnitudePruning on FSDP2 with granularity {self.granularity!r}: {input_first[:3]} store their "
+                "output channels along dim 1 (Transformers Conv1D, ConvTranspose), and FSDP2 splits dim 0 across "
+                "ranks; prune them unstructured or exclude them"
+            )
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
         self._names = [name for name, _ in selected]
         self._params = [module.weight for _, module in selected]
+        self._out_dims = [weight_output_dim(module) for _, module in selected]
         self._sharded = any(D.is_sharded(p) for p in self._params)
         self._optimizer = optimizer
         # one-pass uint8-mask multiply on CPU (compiled once per machine; None: pure-PyTorch path)
@@ -266,15 +283,44 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(grads=True, state=True)
         self._count_sharded_zeros()
+        self._warn_layers_at_their_floor()
         if self.manager is not None:
             self.manager.log({f"compress/{self.name}/{k}": v for k, v in self.log_values().items()}, step=step)
 
     def _select(self, weights, keeps, target: float, scope: str) -> list[torch.Tensor]:
         if self._nm is not None:
-            return M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=scope)
+            return M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=scope, out_dims=self._out_dims)
         if self.granularity == "channel":
-            return M.channel_keep_masks(weights, target, keeps=keeps, scope=scope)
+            return M.channel_keep_masks(weights, target, keeps=keeps, scope=scope, out_dims=self._out_dims)
         return M.unstructured_keep_masks(weights, target, keeps=keeps, scope=scope)
+
+    def _warn_layers_at_their_floor(self) -> None:
+        """Warn (once per layer) about a layer pruned down to the one weight / channel every layer keeps."""
+        if self._nm is not None:
+            return  # N:M keeps N of every group
+        channel = self.granularity == "channel"
+        layers = [(i, p, k) for i, (p, k) in enumerate(zip(self._params, self._keeps)) if k is not None]
+        if not layers:
+            return
+        kept = torch.stack([
+            (M.channels_first(k, self._out_dims[i]).amax(1) != 0).sum(dtype=torch.int64) if channel
+            else k.sum(dtype=torch.int64) for i, _, k in layers
+        ])
+        if self._sharded:  # rows (output channels, for the dim-0 layouts allowed here) are split across ranks
+            kept = D.sum_over_shards(kept, self._params[0])
+        for (i, p, _), count in zip(layers, kept.tolist()):
+            units = p.shape[self._out_dims[i]] if channel else p.numel()
+            name = self._names[i]
+            if count <= 1 < units and name not in self._warned_floor:
+                self._warned_floor.add(name)
+                unit = "output channel" if channel else "weight"
+                warnings.warn(
+                    f"GradualMagnitudePruning: {name!r} is pruned down to its last {unit} (of {units}); a layer's last "
+                    f"{unit} is never pruned, but its output now barely depends on its input. Lower `target_sparsity`"
+                    f"{', use scope=' + repr('layer') if self.scope == 'global' else ''} or leave it out with "
+                    f"`exclude=[{name!r}]` if that is not intended",
+                    stacklevel=2,
+                )
 
     def _select_sharded(self, target: float) -> list[torch.Tensor]:
         """Masks of FSDP2-sharded weights: this rank's block of the masks a single process would
