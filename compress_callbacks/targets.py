@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
@@ -27,6 +28,7 @@ __all__ = [
     "require_optimizer_owns_weights",
     "require_unsharded",
     "select_modules",
+    "transformers_conv1d_class",
     "unwrap_model",
     "weight_output_dim",
 ]
@@ -55,14 +57,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def transformers_conv1d_class() -> type | None:
+    """Transformers' ``Conv1D`` class if transformers is loaded, else None (never imports it: a model
+    holding a ``Conv1D`` has imported it already)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
 def is_transformers_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is Transformers' ``Conv1D`` (GPT-2's projections: a Linear whose weight is
-    stored ``[in, out]``). Never imports transformers: a model holding one has imported it already.
+    stored ``[in, out]``).
 
     >>> is_transformers_conv1d(nn.Linear(2, 2))
     False
     """
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    conv1d = transformers_conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
 
 
@@ -143,6 +151,22 @@ def _require_every_name_matches(
             )
 
 
+def _shared_weights(root: nn.Module, chosen: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """``{chosen name: [names of modules outside chosen that hold the same weight Parameter]}`` (tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in root.named_modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(name)
+    chosen_names = {name for name, _ in chosen}
+    shared = {}
+    for name, module in chosen:
+        others = [other for other in holders.get(id(module.weight), []) if other not in chosen_names]
+        if others:
+            shared[name] = others
+    return shared
+
+
 def select_modules(
     model: nn.Module,
     *,
@@ -150,6 +174,7 @@ def select_modules(
     exclude: ModuleSpec = None,
     argument: str = "modules",
     require_weight: bool = True,
+    warn_shared: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified_name, module)`` pairs the callback should touch, in model order.
 
@@ -160,8 +185,19 @@ def select_modules(
     containers without one, which are skipped. The model itself is named ``""``: a bare layer
     (the model is an ``nn.Linear``) is selected by default, by its type, or as ``""``.
 
+    A module whose weight is shared with a module that is not selected (an LM head tied to the token
+    embedding) is skipped, with a warning naming both (``warn_shared=False``: silently), unless it is
+    named exactly in ``modules``: compressing it would compress the other module's weight too.
+
     >>> [name for name, _ in select_modules(nn.Linear(4, 2))]
     ['']
+    >>> embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    >>> head.weight = embedding.weight   # tied
+    >>> tied = nn.ModuleDict({"embed": embedding, "body": nn.Linear(4, 4), "head": head})
+    >>> [name for name, _ in select_modules(tied, warn_shared=False)]
+    ['body']
+    >>> [name for name, _ in select_modules(tied, modules=["body", "head"])]
+    ['body', 'head']
     """
     include = normalize_spec(modules, argument=argument)
     excluded = normalize_spec(exclude, argument="exclude")
@@ -183,10 +219,22 @@ def select_modules(
                 raise ValueError(f"`{argument}`: module {name!r} has no `weight` parameter to compress")
             continue
         chosen.append((name, mod))
+    shared = {name: others for name, others in _shared_weights(root, chosen).items() if name not in include}
+    if shared:
+        chosen = [(name, mod) for name, mod in chosen if name not in shared]
+        if warn_shared:
+            warnings.warn(
+                "compress_callbacks: skipping "
+                + "; ".join(f"{name!r} (its weight is also the weight of {others[0]!r})" for name, others in shared.items())
+                + ": a weight shared with a module that is not targeted (a tied embedding / LM head) is left alone "
+                f"unless its module is named in `{argument}` (e.g. {argument}=[{next(iter(shared))!r}, ...])",
+                stacklevel=3,
+            )
     if not chosen:
         raise ValueError(
             f"`{argument}`/`exclude` matched no module with a weight in {type(root).__name__}; "
             f"by default every nn.Linear, nn.Conv1d/2d/3d and Transformers Conv1D is targeted"
+            + (f" (skipped for a weight shared with a module not targeted: {sorted(shared)})" if shared else "")
         )
     return chosen
 

@@ -181,7 +181,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected = select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)  # validate warned
         self._names = [name for name, _ in selected]
         self._params = [module.weight for _, module in selected]
         self._out_dims = [weight_output_dim(module) for _, module in selected]

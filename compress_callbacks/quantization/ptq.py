@@ -33,7 +33,8 @@ import torch.nn as nn
 from ..targets import ModuleSpec, select_modules, unwrap_model
 from . import fake_quant as FQ
 from .config import QuantizationConfig
-from .spec import LayerQuantSpec, get_qparams, set_qparams
+from ..targets import is_transformers_conv1d
+from .spec import LayerQuantSpec, channel_shape, get_qparams, set_qparams
 
 __all__ = [
     "calibrate",
@@ -68,7 +69,7 @@ def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tenso
     >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
     [[1.0, -0.5], [0.25, 31.75]]
     """
-    return codes.float() * _channel_view(spec.weight_scale.float(), codes)
+    return codes.float() * spec.weight_scale.float().to(codes.device).reshape(channel_shape(spec, codes.dim()))
 
 
 def _channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -77,15 +78,18 @@ def _channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _spec_for(module: nn.Module, bn: nn.Module | None, bn_name: str | None, weight_bits: int) -> LayerQuantSpec:
     weight = module.weight.detach().float()
+    axis = 1 if is_transformers_conv1d(module) else 0  # Conv1D: [in, out], channels are the columns
     grid_weight = weight * _channel_view(bn_fold_factor(bn), weight) if bn is not None else weight
-    scale = FQ.per_channel_weight_scale(grid_weight, weight_bits)
-    return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name)
+    scale = FQ.per_channel_weight_scale(grid_weight.t() if axis else grid_weight, weight_bits)
+    return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name, weight_axis=axis)
 
 
 def _snap_weight(module: nn.Module, spec: LayerQuantSpec, bn: nn.Module | None) -> None:
     """Store the weight on its grid, as QAT's ``finalize`` does (``q(w * f) / f`` for a folded conv)."""
     weight = module.weight.detach().float()
-    if bn is None:
+    if spec.weight_axis:
+        on_grid = FQ.fake_quantize_weight(weight.t(), spec.weight_bits).t()
+    elif bn is None:
         on_grid = FQ.fake_quantize_weight(weight, spec.weight_bits)
     else:
         on_grid = FQ.fold_bn_fake_quantize_weight(weight, bn_fold_factor(bn).to(weight.device), spec.weight_bits)

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
 from ..callback import CompressionTechnique
-from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, transformers_conv1d_class
 from . import fake_quant as FQ
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
 from .spec import LayerQuantSpec, get_qparams, set_qparams
@@ -34,7 +34,8 @@ class _LayerState:
         self.owner = owner
         self.name = name
         self.module = module
-        self.base = base  # nn.Linear / nn.Conv*d: the forward we replace
+        self.base = base  # nn.Linear / nn.Conv*d / Transformers Conv1D: the forward we replace
+        self.input_first = base is not None and base is transformers_conv1d_class()  # Conv1D: weight [in, out]
         self.original_class = type(module)
         self.bits = owner.weight_bits
         self.quantize_input = owner.activation_bits is not None
@@ -59,13 +60,18 @@ class _LayerState:
         sharded weight is gathered whole here.
         """
         weight = _dist.whole(module.weight)
+        if self.input_first:  # per output channel: the columns of Conv1D's [in, out] weight
+            return FQ.fake_quantize_weight(weight.t(), self.bits).t()
         if self.bn is None:
             return FQ.fake_quantize_weight(weight, self.bits)
         return FQ.fold_bn_fake_quantize_weight(weight, self.bn_factor(), self.bits)
 
     def grid_weight(self, module: nn.Module) -> torch.Tensor:
-        """The weight whose per-channel grid is quantized: ``w``, or ``w * bn_factor`` when folded."""
+        """The weight whose per-channel grid is quantized, output channels first: ``w`` (Conv1D:
+        ``w.t()``), or ``w * bn_factor`` when folded."""
         weight = _dist.whole(module.weight)
+        if self.input_first:
+            return weight.t()
         if self.bn is None:
             return weight
         return weight * self.bn_factor().reshape((-1,) + (1,) * (weight.dim() - 1))
@@ -91,6 +97,12 @@ class _LayerState:
 def _qat_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     state = self.__dict__[STATE_ATTR]
     return F.linear(state.input(input, self.training), state.weight(self), self.bias)
+
+
+def _qat_input_first_linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """Transformers ``Conv1D``: ``x @ weight + bias`` with its ``[in, out]`` weight."""
+    state = self.__dict__[STATE_ATTR]
+    return F.linear(state.input(input, self.training), state.weight(self).t(), self.bias)
 
 
 def _qat_conv_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
@@ -120,7 +132,11 @@ def _subclass(cache: dict[type, type], cls: type, prefix: str, namespace: dict[s
 
 
 def _qat_class(cls: type) -> type:
-    forward = _qat_linear_forward if issubclass(cls, nn.Linear) else _qat_conv_forward
+    conv1d = transformers_conv1d_class()
+    if conv1d is not None and issubclass(cls, conv1d):
+        forward = _qat_input_first_linear_forward
+    else:
+        forward = _qat_linear_forward if issubclass(cls, nn.Linear) else _qat_conv_forward
     return _subclass(_QAT_CLASSES, cls, "QAT", {"forward": forward})
 
 
@@ -133,6 +149,15 @@ QATLinear, QATConv1d, QATConv2d, QATConv3d = (_qat_class(c) for c in SUPPORTED_T
 FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm = (
     _frozen_bn_class(c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 )
+
+
+def __getattr__(name: str) -> type:
+    """``QATConv1D`` (Transformers' Conv1D, made on first use) by name, so a model pickled mid-training loads back."""
+    if name == "QATConv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        return _qat_class(Conv1D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------- observers
@@ -199,8 +224,9 @@ class _RangeGroup:
 
 # ---------------------------------------------------------------------------------------- helpers
 def _supported_base(module: nn.Module) -> type | None:
-    """The Linear/Conv base whose forward ``module`` uses unchanged (None: unsupported)."""
-    for base in SUPPORTED_TYPES:
+    """The Linear/Conv/Conv1D base whose forward ``module`` uses unchanged (None: unsupported)."""
+    conv1d = transformers_conv1d_class()
+    for base in SUPPORTED_TYPES + ((conv1d,) if conv1d is not None else ()):
         if isinstance(module, base):
             return base if type(module).forward is base.forward else None
     return None
@@ -321,7 +347,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             if _supported_base(module) is None:
                 raise ValueError(
                     f"`modules`: {name!r} is a {type(module).__name__}; QuantizationAwareTraining supports "
-                    "nn.Linear and nn.Conv1d/2d/3d (and subclasses that keep their forward); exclude it "
+                    "nn.Linear, nn.Conv1d/2d/3d and Transformers Conv1D (and subclasses that keep their forward); exclude it "
                     f"with `exclude=[{name!r}]`"
                 )
             if not module.weight.is_floating_point():
@@ -329,7 +355,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected = select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)  # validate warned
         self._root = model
         self._layers = [_LayerState(self, name, module, _supported_base(module)) for name, module in selected]
         convs = {id(st.module): st.name for st in self._layers if issubclass(st.base, CONV_TYPES)}
@@ -369,6 +395,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                     activation_qmin=ACTIVATION_QMIN,
                     activation_qmax=ACTIVATION_QMAX,
                     bn=st.bn_name,
+                    weight_axis=1 if st.input_first else 0,
                 )
         if never_observed:
             warnings.warn(

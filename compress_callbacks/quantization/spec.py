@@ -6,7 +6,8 @@ buffer, so ``state_dict`` is unchanged) to ``{qualified_module_name: LayerQuantS
 
 Conventions (shared by training and export):
 
-- weights: per output channel (dim 0), symmetric, zero point 0, signed restricted range
+- weights: per output channel (dim ``weight_axis``: 0, or 1 for Transformers ``Conv1D``, whose
+  weight is stored ``[in, out]``), symmetric, zero point 0, signed restricted range
   ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8: [-127, 127]);
 - activations (the layer's input): per tensor, affine, ``[activation_qmin, activation_qmax]``
   (uint8 [0, 255] by default), ``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)``;
@@ -34,6 +35,7 @@ __all__ = [
     "QPARAMS_ATTR",
     "LayerQuantSpec",
     "weight_qmax",
+    "channel_shape",
     "quantize_weight",
     "get_qparams",
     "set_qparams",
@@ -70,21 +72,32 @@ class LayerQuantSpec:
     activation_qmin: int = ACTIVATION_QMIN
     activation_qmax: int = ACTIVATION_QMAX
     bn: str | None = None  # qualified name of the BatchNorm folded into this conv during training
+    weight_axis: int = 0  # the weight's dim of output channels: 1 for Transformers Conv1D ([in, out])
 
     def __post_init__(self) -> None:  # the bit widths QuantizationConfig accepts, checked the same way
         self.weight_bits = check_weight_bits(self.weight_bits)
         self.activation_bits = check_activation_bits(self.activation_bits)
+        if self.weight_axis not in (0, 1) or isinstance(self.weight_axis, bool):
+            raise ValueError(f"`weight_axis` must be 0 or 1 (Transformers Conv1D), got {self.weight_axis!r}")
 
     @property
     def weight_only(self) -> bool:
         return self.activation_bits is None
 
 
+def channel_shape(spec: LayerQuantSpec, dim: int) -> tuple[int, ...]:
+    """Shape that broadcasts one value per output channel over a ``dim``-dimensional weight.
+
+    >>> channel_shape(LayerQuantSpec(weight_bits=8, weight_scale=torch.ones(3), weight_axis=1), 2)
+    (1, -1)
+    """
+    return tuple(-1 if d == spec.weight_axis else 1 for d in range(dim))
+
+
 def quantize_weight(weight: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
     """Integer codes (int8 tensor) of a (BN-folded, if ``spec.bn``) weight on the spec's grid."""
     qmax = weight_qmax(spec.weight_bits)
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    scale = spec.weight_scale.to(weight.device, torch.float32).reshape(shape)
+    scale = spec.weight_scale.to(weight.device, torch.float32).reshape(channel_shape(spec, weight.dim()))
     return torch.clamp(torch.round(weight.float() / scale), -qmax, qmax).to(torch.int8)
 
 
