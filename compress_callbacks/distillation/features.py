@@ -533,8 +533,8 @@ class FeatureDistillation(nn.Module):
 
     # ------------------------------------------------------------------ the loss
     def project(self, student_layer: Layer, features: torch.Tensor, feature_dim: int | None = None) -> torch.Tensor:
-        """Apply the learned projection of ``student_layer`` (identity when there is none)."""
-        key = _layer_key(student_layer)
+        """Apply the learned projection of ``student_layer`` (identity when there is none; -1 is the last hidden state)."""
+        key = _layer_key(self._sides[0].check(student_layer))
         if key not in self.projections:
             return features
         feature_dim = self.feature_dim if feature_dim is None else feature_dim
