@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,14 +32,14 @@ VOCAB = 100
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_bert(cls=BertForSequenceClassification, seed=0, hidden=32, num_labels=2, layers=2):
+def tiny_bert(cls=BertForSequenceClassification, seed=0, hidden=32, num_labels=2, layers=2, **model_kwargs):
     torch.manual_seed(seed)
     config = BertConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * hidden,
         vocab_size=VOCAB, max_position_embeddings=32, num_labels=num_labels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    return cls(config)
+    return cls(config, **model_kwargs)
 
 
 def classification_data(n=64, length=12, seed=1):
@@ -419,3 +420,28 @@ def test_distillation_trainer_rejects_features_that_do_not_fit(tmp_path):
         DistillationTrainer(model=student, args=args, features=features, feature_weight=0)
     with pytest.raises(TypeError, match="`features`"):
         DistillationTrainer(model=student, args=args, features=torch.nn.MSELoss())
+
+
+def _ddp_trainer_features_worker(path):
+    student = tiny_bert(BertModel, seed=0, hidden=16, layers=1, add_pooling_layer=False)
+    teacher = tiny_bert(BertModel, seed=5, hidden=32, layers=2)
+    args = arguments(path, max_steps=2, learning_rate=1e-2, ddp_find_unused_parameters=False)
+    torch.manual_seed(100 + args.process_index)  # different projections on each rank: rank 0's must be broadcast
+    features = FeatureDistillation(student, teacher, layers=[-1], pooling="mean")
+    initial = features.projections["hidden_states_1"].weight.detach().clone()
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=sentences(), features=features)
+    trainer.train()
+    weight = features.projections["hidden_states_1"].weight.detach()
+    result = {"world": args.world_size, "weight": weight.flatten().tolist(), "initial": initial.flatten().tolist()}
+    (Path(path) / f"rank{args.process_index}.json").write_text(json.dumps(result))
+
+
+def test_projections_stay_identical_across_two_ddp_ranks_in_the_trainer(tmp_path):
+    from tests.test_distillation import launch_two_processes
+
+    launch_two_processes("tests.test_integrations_transformers", "_ddp_trainer_features_worker", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["initial"] != ranks[1]["initial"]  # each rank drew its own
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # broadcast at wrapping, gradients averaged since
+    assert ranks[0]["weight"] != ranks[0]["initial"]
