@@ -240,6 +240,8 @@ def test_state_dict_holds_the_projections_for_resume():
         (dict(layers=[-1], pooling="max"), ValueError, "`pooling`"),
         (dict(layers=[-1], loss="l1"), ValueError, "`loss`"),
         (dict(layers=[-1], widths={-1: (16,)}), ValueError, "`widths`"),
+        (dict(layers=[-1], widths={"encoder": (16, 32)}), ValueError, "`widths`: 'encoder' is not a student layer"),
+        (dict(layers=[-1], widths={7: (16, 32)}), ValueError, "`widths`: 7 is not a student layer"),
     ],
 )
 def test_bad_input_raises_before_anything_is_touched(kwargs, error, match):

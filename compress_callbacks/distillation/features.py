@@ -1,28 +1,22 @@
 """Feature distillation: pull student hidden states / activations towards the teacher's.
 
-A layer is either a **module name** (its output is captured by a forward hook; any model) or an
-**int**, a hidden-state index of a Transformers model (``hidden_states[i]`` of its output: 0 is the
-embeddings, ``i`` the output of block ``i``, ``-1`` the last; the hook asks the model for
-``output_hidden_states=True`` itself). Student and teacher may differ in depth and width: a layer
-mapping pairs them (a dict, a list of layers shared by both, or a callable from each student
-hidden-state index to a teacher one), and a learned bias-free linear projection maps the student's
-width to the teacher's where they differ. The loss is the mean over pairs of the MSE or
-``1 - cosine`` between the projected student features and the teacher's, averaged over the
-positions the attention mask counts (padding never counts), optionally after pooling the tokens into
-one sentence embedding (``pooling="mean"`` or ``"cls"``).
+A layer is a **module name** (its output is captured by a forward hook; any model) or an **int**, a
+hidden-state index of a Transformers model (``hidden_states[i]``: 0 = embeddings, ``i`` = output of
+block ``i``, -1 = last; the hook asks for ``output_hidden_states=True`` itself). A layer mapping pairs
+a student and a teacher of different depth; a learned bias-free linear projection maps the student's
+width to the teacher's. The loss is the mean over pairs of the MSE or ``1 - cosine``, averaged over
+the positions the attention mask counts, optionally after pooling the tokens into one sentence
+embedding (``pooling="mean"`` or ``"cls"``).
 
-Where the projections' parameters go: they are created at the right widths in ``__init__`` (so the
-optimizer can receive them before training) and are the *only* parameters and state of this module
-(the student and the teacher are referenced, not registered): add ``features.parameters()`` to the
-optimizer, keep ``features.state_dict()`` in checkpoints, and under DDP pass ``features`` to
-``accelerator.prepare`` and call the prepared object: DDP then broadcasts rank 0's initial
-projections and averages their gradients like the model's.
-
-Widths come, in this order, from ``widths=``, from one forward on ``example_inputs`` (exact), from
-the modules' attributes (``out_features``, ...) or the model config (``hidden_size`` for hidden
-states), and last from one forward on a Transformers model's ``dummy_inputs`` (a Transformers block
-such as ``encoder.layer.2`` has no width attribute: its output tells). Such a probing forward runs
-under ``no_grad`` in eval mode and restores every module's mode.
+The projections are created at the right widths in ``__init__`` and are the *only* parameters and
+state of this module (student and teacher are referenced, not registered): add
+``features.parameters()`` to the optimizer, keep ``features.state_dict()`` in checkpoints, and under
+DDP pass ``features`` to ``accelerator.prepare`` and call the prepared object (DDP broadcasts rank 0's
+initial projections and averages their gradients). Widths come from ``widths=``, else one forward on
+``example_inputs`` (exact), else the modules' attributes (``out_features``, ...) or the config
+(``hidden_size``), else one forward on a Transformers model's ``dummy_inputs`` (a block such as
+``encoder.layer.2`` has no width attribute: its output tells); a probing forward runs under
+``no_grad`` in eval mode and restores every module's mode.
 
 >>> import torch, torch.nn as nn
 >>> student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -43,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -52,9 +46,9 @@ import torch.nn.functional as F
 from ..targets import unwrap_model
 from .losses import position_weights
 
-__all__ = ["FeatureDistillation", "feature_loss", "module_width", "pool_features"]
+__all__ = ["FeatureDistillation", "feature_loss", "hidden_states_of", "module_width", "pool_features"]
 
-Layer = Union[str, int]  # a module name (forward hook) or a hidden-state index (Transformers)
+Layer = str | int  # a module name (forward hook) or a hidden-state index (Transformers)
 
 _LOSSES = ("mse", "cosine")
 _POOLINGS = (None, "mean", "cls")
@@ -210,7 +204,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _probe(model: nn.Module, role: str, inputs: Any, names: list[str], hidden: bool, feature_dim: int):
+def _probe(model: nn.Module, role: str, inputs: Any, names: list[str], hidden: bool, feature_dim: int, source: str):
     """Run ``model`` once on ``inputs`` (no_grad, eval, modes restored): widths of ``names`` and of its hidden states."""
     modules = dict(model.named_modules())
     widths: dict[str, int] = {}
@@ -233,7 +227,7 @@ def _probe(model: nn.Module, role: str, inputs: Any, names: list[str], hidden: b
             output = _call(model, inputs, **kwargs)
     except Exception as error:  # any failure of the user's forward: say what to pass instead
         raise ValueError(
-            f"`example_inputs`: running the {role} on them to read the feature widths failed ({error}); pass "
+            f"`example_inputs`: running the {role} on {source} to read the feature widths failed ({error}); pass "
             "inputs both models accept as `example_inputs=`, or the widths as `widths=`"
         ) from error
     finally:
@@ -256,7 +250,7 @@ class _Side:
         self.root = unwrap_model(model)
         self.modules = dict(self.root.named_modules())
         self.hidden_count, self.config_width = hidden_states_of(self.root)
-        self.is_transformers = getattr(self.root, "config", None) is not None
+        self.is_transformers = hasattr(getattr(self.root, "config", None), "output_hidden_states")
         self.hidden_widths: list[int] | None = None
         self.probed: dict[str, int] = {}
         self.features: dict[Layer, torch.Tensor] = {}
@@ -296,8 +290,8 @@ class _Side:
         except Exception:  # a model whose dummy_inputs property fails simply has none
             return None
 
-    def probe(self, inputs: Any, names: list[str], hidden: bool, feature_dim: int) -> None:
-        self.probed, hidden_widths = _probe(self.root, self.role, inputs, names, hidden, feature_dim)
+    def probe(self, inputs: Any, names: list[str], hidden: bool, feature_dim: int, source: str) -> None:
+        self.probed, hidden_widths = _probe(self.root, self.role, inputs, names, hidden, feature_dim, source)
         if hidden_widths is not None:
             self.hidden_widths = hidden_widths
 
@@ -439,40 +433,23 @@ class FeatureDistillation(nn.Module):
             pairs = [(s_side.check(s), t_side.check(t)) for s, t in pairs]
         probe_inputs = {side: example_inputs for side in (s_side, t_side)} if example_inputs is not None else None
         if probe_inputs is not None:
-            self._probe(pairs, s_side, t_side, probe_inputs, feature_dim)
+            self._probe_sides(pairs, s_side, t_side, probe_inputs, feature_dim, "`example_inputs`")
         if callable(pairs):
             pairs = self._pairs_from_callable(pairs, s_side)
         pairs = [(s_side.check(s), t_side.check(t)) for s, t in pairs]
 
-        widths = {s_side.check(key) if _is_layer(key) else key: tuple(value) for key, value in (widths or {}).items()}
-        unknown = [pair for pair in pairs if pair[0] not in widths and None in (s_side.width(pair[0]), t_side.width(pair[1]))]
+        given = self._student_keyed(widths or {}, pairs, s_side)
+        unknown = [pair for pair in pairs if pair[0] not in given and None in (s_side.width(pair[0]), t_side.width(pair[1]))]
         counts_unknown = any(isinstance(layer, int) and side.count() is None for pair in pairs for side, layer in zip((s_side, t_side), pair))
         if probe_inputs is None and (counts_unknown or (unknown and projection is not False)):
             dummies = {side: side.dummy_inputs() for side in (s_side, t_side)}
             if all(value is not None for value in dummies.values()):
-                self._probe(pairs, s_side, t_side, dummies, feature_dim)
+                self._probe_sides(pairs, s_side, t_side, dummies, feature_dim, "its `dummy_inputs`")
                 pairs = [(s_side.check(s), t_side.check(t)) for s, t in pairs]  # ranges known now
-
-        keys = [_layer_key(s) for s, _ in pairs]
-        if len(set(keys)) != len(keys):
+                given = self._student_keyed(widths or {}, pairs, s_side)
+        if len({_layer_key(s) for s, _ in pairs}) != len(pairs):
             raise ValueError(f"`layers`: each student layer may appear once, got {[s for s, _ in pairs]}")
-        planned: dict[str, tuple[int, int]] = {}
-        for (s_layer, t_layer), key in zip(pairs, keys):
-            s_width, t_width = widths.get(s_layer) or (s_side.width(s_layer), t_side.width(t_layer))
-            if projection is False:
-                if None not in (s_width, t_width) and s_width != t_width:
-                    raise ValueError(
-                        f"`projection=False`, but the student's {s_layer!r} is {s_width} wide and the teacher's "
-                        f"{t_layer!r} {t_width}: use projection='auto' (a learned linear map)"
-                    )
-                continue
-            if s_width is None or t_width is None:
-                raise ValueError(
-                    f"`widths`: cannot read the feature widths of {s_layer!r}/{t_layer!r}; pass "
-                    f"widths={{{s_layer!r}: (student_width, teacher_width)}} or `example_inputs=` for one forward"
-                )
-            if projection is True or s_width != t_width:
-                planned[key] = (s_width, t_width)
+        planned = self._plan_projections(pairs, given, projection, s_side, t_side)
 
         self.loss_name = loss
         self.feature_dim = feature_dim
@@ -489,13 +466,13 @@ class FeatureDistillation(nn.Module):
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _probe(pairs, s_side: _Side, t_side: _Side, inputs: dict, feature_dim: int) -> None:
+    def _probe_sides(pairs, s_side: _Side, t_side: _Side, inputs: dict, feature_dim: int, source: str) -> None:
         hidden = callable(pairs)
         for index, side in enumerate((s_side, t_side)):
             layers = [] if callable(pairs) else [pair[index] for pair in pairs]
             names = [layer for layer in layers if isinstance(layer, str)]
             uses_hidden = hidden or any(isinstance(layer, int) for layer in layers)
-            side.probe(inputs[side], names, uses_hidden and side.is_transformers, feature_dim)
+            side.probe(inputs[side], names, uses_hidden and side.is_transformers, feature_dim, source)
 
     @staticmethod
     def _pairs_from_callable(mapping: Callable[[int], Any], s_side: _Side) -> list[tuple[Layer, Layer]]:
@@ -516,6 +493,43 @@ class FeatureDistillation(nn.Module):
         if not pairs:
             raise ValueError("`layers`: the callable returned None for every student index")
         return pairs
+
+    @staticmethod
+    def _student_keyed(widths: Mapping, pairs: list, s_side: _Side) -> dict:
+        """``widths`` with hidden-state indices made non-negative; each key must be a paired student layer."""
+        keyed, students = {}, [s for s, _ in pairs]
+        for key, value in widths.items():
+            try:
+                layer = s_side.check(key) if _is_layer(key) else None
+            except ValueError:
+                layer = None
+            if layer is None or layer not in students:
+                raise ValueError(f"`widths`: {key!r} is not a student layer of `layers` ({students})")
+            keyed[layer] = tuple(value)
+        return keyed
+
+    @staticmethod
+    def _plan_projections(pairs, widths, projection, s_side: _Side, t_side: _Side) -> dict[str, tuple[int, int]]:
+        """``{key: (student_width, teacher_width)}`` of the projections to create; raises where widths do not fit."""
+        planned: dict[str, tuple[int, int]] = {}
+        for s_layer, t_layer in pairs:
+            s_width, t_width = widths.get(s_layer) or (s_side.width(s_layer), t_side.width(t_layer))
+            if projection is False:
+                if None not in (s_width, t_width) and s_width != t_width:
+                    raise ValueError(
+                        f"`projection=False`, but the student's {s_layer!r} is {s_width} wide and the teacher's "
+                        f"{t_layer!r} {t_width}: use projection='auto' (a learned linear map)"
+                    )
+                continue
+            if s_width is None or t_width is None:
+                raise ValueError(
+                    f"`widths`: cannot read the feature widths of {s_layer!r}/{t_layer!r}; pass "
+                    f"widths={{{s_layer!r}: (student_width, teacher_width)}} or `example_inputs=` for one forward"
+                )
+            if projection is True or s_width != t_width:
+                planned[_layer_key(s_layer)] = (s_width, t_width)
+
+        return planned
 
     # ------------------------------------------------------------------ properties
     @property
