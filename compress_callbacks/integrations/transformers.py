@@ -10,7 +10,8 @@ Add compression to an existing ``Trainer`` run with one callback::
     trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
     compressed = manager.finalize(trainer.model)
 
-and distill by swapping ``Trainer`` for ``DistillationTrainer(..., distillation=DistillationLoss(teacher))``.
+and distill by swapping ``Trainer`` for ``DistillationTrainer(..., distillation=DistillationLoss(teacher))``
+(logits) and/or ``features=FeatureDistillation(model, teacher, ...)`` (hidden states, sentence embeddings).
 
 >>> import torch
 >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
@@ -219,6 +220,23 @@ class DistillationTrainer(Trainer):
       ``feature_distillation.pt`` and restored on ``train(resume_from_checkpoint=...)``; under DDP
       they are wrapped like the model, so every rank keeps identical projections.
     * The losses' values join the Trainer's logs as ``distill/...`` (``distill/feature/...``).
+
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel, TrainingArguments
+    >>> from compress_callbacks import FeatureDistillation
+    >>> def bert(width, depth):
+    ...     return BertModel(BertConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=2,
+    ...                                 intermediate_size=2 * width, vocab_size=50), add_pooling_layer=False)
+    >>> student, teacher = bert(16, 1), bert(32, 2)       # a sentence-embedding student, no labels
+    >>> features = FeatureDistillation(student, teacher, layers=[-1], pooling="mean", loss="cosine")
+    >>> data = [{"input_ids": torch.randint(1, 50, (8,)), "attention_mask": torch.ones(8, dtype=torch.long)}] * 8
+    >>> args = TrainingArguments("/tmp/cc_doctest_features", max_steps=2, per_device_train_batch_size=4, report_to=[],
+    ...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
+    >>> trainer = DistillationTrainer(model=student, args=args, train_dataset=data, features=features)
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
+    >>> features.projections["hidden_states_1"].weight.shape   # 16 -> 32, trained with the student
+    torch.Size([32, 16])
     """
 
     def __init__(
