@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quantization import fake_quant as FQ
-from .quantization.ptq import bn_fold_factor, dequantized_weight, folded_conv_bias
+from .quantization.grid import batchnorm_fold_factor as bn_fold_factor, folded_conv_bias
 from .quantization.spec import (
     QPARAMS_ATTR,
     LayerQuantSpec,
@@ -43,6 +43,7 @@ from .quantization.spec import (
     qparams_from_state,
     qparams_to_state,
     quantize_weight,
+    dequantized_weight,
     set_qparams,
 )
 from .targets import unwrap_model
