@@ -252,7 +252,7 @@ def test_classifier_head_runs_as_integer_matmul(weight_dtype):
 def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(monkeypatch):
     """The last conv feeds a float global pooling, so ONNX Runtime cannot fuse it into QLinearConv:
     its weight is dequantized once at conversion (ORT then prepacks it) instead of at every call."""
-    import compress_callbacks.export as export
+    import compress_callbacks.export.int8 as int8_path
 
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -266,7 +266,7 @@ def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(
     convs = [node for node in graph.node if node.op_type == "Conv"]
     weight_kinds = [inits[c.input[1]].dtype if c.input[1] in inits else "from DequantizeLinear" for c in convs]
     assert weight_kinds == ["from DequantizeLinear", np.float32], weight_kinds  # the first fuses; the last cannot
-    monkeypatch.setattr(export, "_constant_weights", lambda onnx_model, layers: None)
+    monkeypatch.setattr(int8_path, "_constant_weights", lambda onnx_model, layers: None)
     unchanged = to_int8(model, example_inputs=batches[0])
     assert torch.equal(int8_model(batches[1]), unchanged(batches[1]))
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))
