@@ -23,17 +23,17 @@ __all__ = ["Int8Layer", "InductorInt8Module"]
 class Int8Layer(nn.Module):
     """A Linear/Conv over int8 weight codes, in the quantize/dequantize form Inductor lowers to int8 kernels.
 
-    The input is quantized/dequantized per tensor with the learned range (skipped when weight-only),
-    the weight dequantized per channel from its int8 codes; under ``torch.compile`` with
-    ``freezing=True`` Inductor's x86 passes fuse the pattern into oneDNN ``qlinear`` / ``qconv``.
-    Eager, it computes the fake-quant layer (slowly).
-
     >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.01]))
     >>> layer = nn.Linear(2, 1, bias=False)
     >>> layer.weight.data = torch.tensor([[0.5, -0.25]])
     >>> int8 = Int8Layer(FakeQuantLayer(layer, spec))
     >>> int8.codes.tolist(), int8(torch.tensor([[2.0, 4.0]])).tolist()
     ([[50, -25]], [[0.0]])
+
+    The input is quantized/dequantized per tensor with the learned range (skipped when weight-only),
+    the weight dequantized per channel from its int8 codes; under ``torch.compile`` with
+    ``freezing=True`` Inductor's x86 passes fuse the pattern into oneDNN ``qlinear`` / ``qconv``.
+    Eager, it computes the fake-quant layer (slowly).
     """
 
     def __init__(self, fake_quant: FakeQuantLayer):
@@ -73,6 +73,9 @@ def _call_module(module: nn.Module, *inputs):
 class InductorInt8Module(nn.Module):
     """``torch.compile`` (Inductor, ``freezing=True``) of a model made of ``Int8Layer``; runs under ``no_grad``.
 
+    >>> InductorInt8Module(nn.Identity()).graph_model
+    Identity()
+
     Compiles on the first call for each new input shape (tens of seconds), so build it with
     ``to_int8(..., backend="inductor")``, which makes that first call on ``example_inputs``.
 
@@ -80,9 +83,6 @@ class InductorInt8Module(nn.Module):
     every converted model under code that all compiled modules share, and after
     ``torch._dynamo.config.recompile_limit`` (8) of them Dynamo silently runs the rest, and the
     user's own compiled modules, in eager mode (several times slower than fp32 here).
-
-    >>> InductorInt8Module(nn.Identity()).graph_model
-    Identity()
     """
 
     def __init__(self, graph_model: nn.Module):

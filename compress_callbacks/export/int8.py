@@ -1,15 +1,8 @@
 """``to_int8``: a real int8 model for CPU inference, on ONNX Runtime (default) or Inductor.
 
->>> import torch, torch.nn as nn
->>> from compress_callbacks.quantization.ptq import calibrate, fake_quantized
->>> torch.manual_seed(0) and None
->>> model = calibrate(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), [torch.randn(64, 16)])
->>> x = torch.randn(8, 16)
->>> with torch.no_grad(), fake_quantized(model):
-...     reference = model(x)
->>> int8_model = to_int8(model, example_inputs=x)
->>> type(int8_model).__name__, bool((int8_model(x) - reference).abs().max() <= 0.01 * reference.abs().max())
-('OnnxRuntimeModule', True)
+ONNX Runtime (default) runs the Q/DQ graph of ``export_onnx`` after the session-only rewrites of
+:mod:`.onnx_passes`; Inductor compiles the same pattern in PyTorch ops (:mod:`.inductor`). The
+example of :mod:`compress_callbacks.export` shows the call.
 """
 
 from __future__ import annotations

@@ -36,9 +36,6 @@ FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedM
 class OnnxRuntimeModule(nn.Module):
     """An ONNX Runtime CPU session behind an ``nn.Module`` interface (tensors in, tensors out).
 
-    Outputs come back on the device of the first input. Picklable: the session is rebuilt from the
-    stored model bytes.
-
     >>> import onnx
     >>> from onnx import helper, TensorProto
     >>> graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
@@ -47,6 +44,9 @@ class OnnxRuntimeModule(nn.Module):
     >>> module = OnnxRuntimeModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     >>> module(torch.tensor([-1.0, 2.0])).tolist()
     [0.0, 2.0]
+
+    Outputs come back on the device of the first input. Picklable: the session is rebuilt from the
+    stored model bytes.
     """
 
     def __init__(self, onnx_model: bytes, num_threads: int | None = None):

@@ -35,15 +35,15 @@ __all__ = ["FakeQuantLayer", "quantized_copy"]
 class FakeQuantLayer(nn.Module):
     """A Linear/Conv whose weight and input pass through fake-quant with fixed (learned) qparams.
 
-    Traced by ``torch.onnx.export`` this becomes QuantizeLinear/DequantizeLinear around the layer.
-    The weight it holds is already on its grid (``codes * scale``), so fake-quant is exact on it.
-
     >>> layer = nn.Linear(2, 1, bias=False)
     >>> layer.weight.data = torch.tensor([[0.5, -0.26]])
     >>> spec = LayerQuantSpec(weight_bits=2, weight_scale=torch.tensor([0.5]), activation_bits=8,
     ...                       input_scale=0.1, input_zero_point=0)
     >>> FakeQuantLayer(layer, spec)(torch.tensor([[1.04, 1.0]])).tolist()   # x -> [1.0, 1.0], w -> [0.5, -0.5]
     [[0.0]]
+
+    Traced by ``torch.onnx.export`` this becomes QuantizeLinear/DequantizeLinear around the layer.
+    The weight it holds is already on its grid (``codes * scale``), so fake-quant is exact on it.
     """
 
     def __init__(self, layer: nn.Module, spec: LayerQuantSpec, bias: torch.Tensor | None = None):

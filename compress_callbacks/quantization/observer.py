@@ -60,16 +60,16 @@ def moving_average_range(
 class RangeObserver:
     """Ranges of ``size`` tensors (slots), packed in float32 vectors on one device.
 
-    ``observed_min`` / ``observed_max``: min / max over everything observed since the last
-    :meth:`reset` (``inf`` / ``-inf`` where nothing was). ``running_min`` / ``running_max``: their
-    moving average, folded in by :meth:`fold_moving_average` (QAT's observers; calibration reads the
-    observed ranges directly).
-
     >>> observer = RangeObserver(1)
     >>> for batch in (torch.tensor([0.5, 2.0]), torch.tensor([-3.0])):
     ...     observer.observe(0, batch)
     >>> observer.observed_min.tolist(), observer.observed_max.tolist()
     ([-3.0], [2.0])
+
+    ``observed_min`` / ``observed_max``: min / max over everything observed since the last
+    :meth:`reset` (``inf`` / ``-inf`` where nothing was). ``running_min`` / ``running_max``: their
+    moving average, folded in by :meth:`fold_moving_average` (QAT's observers; calibration reads the
+    observed ranges directly).
     """
 
     def __init__(self, size: int, device: torch.device | str | None = None) -> None:
