@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .._native import activation_kernels, fake_quantize_rows_kernel
-from .grid import channel_view, dequantize_codes, weight_codes, weight_qmax
+from .grid import channel_view, weight_codes, weight_qmax
 
 __all__ = [
     "WEIGHT_SCALE_EPS",
@@ -80,7 +80,8 @@ def fake_quantize_weight_with_scale(weight: torch.Tensor, scale: torch.Tensor, b
     if (kernel is not None and weight.dtype == torch.float32 and scale.dtype == torch.float32 and weight.dim() >= 1
             and weight.is_contiguous() and scale.is_contiguous() and scale.numel() == weight.shape[0]):
         return kernel(weight, scale)  # the same values in one pass (compress_callbacks._native)
-    return dequantize_codes(weight_codes(weight, scale, bits), scale).to(weight.dtype)
+    codes = weight_codes(weight, scale, bits)  # a temporary: dequantized in place (dequantize_codes allocates)
+    return codes.mul_(channel_view(scale, codes.dim())).to(weight.dtype)
 
 
 class _WeightFakeQuantSTE(torch.autograd.Function):
