@@ -438,10 +438,8 @@ def _ddp_trainer_features_worker(path):
     (Path(path) / f"rank{args.process_index}.json").write_text(json.dumps(result))
 
 
-def test_projections_stay_identical_across_two_ddp_ranks_in_the_trainer(tmp_path):
-    from tests.test_distillation import launch_two_processes
-
-    launch_two_processes("tests.test_integrations_transformers", "_ddp_trainer_features_worker", tmp_path)
+def test_projections_stay_identical_across_two_ddp_ranks_in_the_trainer(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_trainer_features_worker, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["initial"] != ranks[1]["initial"]  # each rank drew its own
