@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from compress_callbacks import CompressionManager, GradualMagnitudePruning, QuantizationAwareTraining
 from compress_callbacks.quantization import fake_quant as FQ
+from compress_callbacks.quantization.grid import bn_fold_factor
 from compress_callbacks.quantization.spec import get_qparams, quantize_weight, weight_qmax
 
 
@@ -148,7 +149,7 @@ def test_bn_fold_math_matches_reference():
     bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
     bn.eval()
     x = torch.randn(2, 3, 8, 8)
-    factor = FQ.bn_scale_factor(bn.weight, bn.running_var, bn.eps)
+    factor = bn_fold_factor(bn.weight, bn.running_var, bn.eps)
     w_eff = FQ.fold_bn_fake_quantize_weight(conv.weight, factor, 8)
     ours = bn(F.conv2d(x, w_eff, conv.bias))
     folded_w = FQ.fake_quantize_weight(conv.weight * factor.view(-1, 1, 1, 1), 8)
@@ -291,7 +292,7 @@ def test_bn_folded_training_forward_matches_folded_conv_reference():
     conv, bn = model[0], model[1]
     assert qat.summary_rows()[0]["folded_bn"] == "1"
     x = torch.randn(2, 3, 8, 8)
-    factor = FQ.bn_scale_factor(bn.weight, bn.running_var, bn.eps).detach()
+    factor = bn_fold_factor(bn.weight, bn.running_var, bn.eps).detach()
     folded_w = FQ.fake_quantize_weight(conv.weight.detach() * factor.view(-1, 1, 1, 1), 8)
     folded_b = (conv.bias.detach() - bn.running_mean) * factor + bn.bias.detach()
     with torch.no_grad():
@@ -369,7 +370,7 @@ def test_finalize_snaps_to_grid_and_loads_strictly_into_fresh_copy(make, shape, 
         weight = layer.weight.detach()
         if spec.bn:
             bn = compressed.get_submodule(spec.bn)
-            weight = weight * FQ.bn_scale_factor(bn.weight, bn.running_var, bn.eps).detach().view(-1, 1, 1, 1)
+            weight = weight * bn_fold_factor(bn.weight, bn.running_var, bn.eps).detach().view(-1, 1, 1, 1)
         codes = quantize_weight(weight, spec)
         assert codes.abs().max() <= weight_qmax(4)
         recon = codes.float() * spec.weight_scale.view((-1,) + (1,) * (weight.dim() - 1))

@@ -17,6 +17,8 @@ from ..callback import CompressionTechnique
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, transformers_conv1d_class
 from . import fake_quant as FQ
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
+from .grid import bn_fold_factor, channel_view
+from .observer import RangeObserver, tensor_range
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = ["QuantizationAwareTraining"]
@@ -51,7 +53,7 @@ class _LayerState:
 
     def bn_factor(self) -> torch.Tensor:
         bn = self.bn
-        return FQ.bn_scale_factor(_dist.whole(bn.weight), bn.running_var, bn.eps)
+        return bn_fold_factor(_dist.whole(bn.weight), bn.running_var, bn.eps)
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The fake-quantized weight the layer computes with (BN-folded grid when paired).
@@ -74,7 +76,7 @@ class _LayerState:
             return weight.t()
         if self.bn is None:
             return weight
-        return weight * self.bn_factor().reshape((-1,) + (1,) * (weight.dim() - 1))
+        return weight * channel_view(self.bn_factor(), weight.dim())
 
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not self.quantize_input or x.numel() == 0:
@@ -83,7 +85,7 @@ class _LayerState:
         observe = training and owner._observing
         if observe or not self.initialized:
             with torch.no_grad():
-                lo, hi = torch.aminmax(x.detach())
+                lo, hi = tensor_range(x)
                 group = self.group
                 if not self.initialized:
                     group.initialize(self.slot, lo, hi)
@@ -161,15 +163,19 @@ def __getattr__(name: str) -> type:
 
 
 # ---------------------------------------------------------------------------------------- observers
-class _RangeGroup:
-    """Input-range observers of the layers on one device, packed so a real update costs a few ops."""
+class _RangeGroup(RangeObserver):
+    """Input-range observers of the layers on one device, packed so a real update costs a few ops.
+
+    Adds to the shared :class:`~compress_callbacks.quantization.observer.RangeObserver` the layers'
+    activation qparams (views of which the forward reads) and the reduction over ranks.
+    """
 
     def __init__(self, size: int, device: torch.device) -> None:
+        super().__init__(size, device)
+
         def full(value: float) -> torch.Tensor:
             return torch.full((size,), value, dtype=torch.float32, device=device)
 
-        self.running_min, self.running_max = full(0.0), full(0.0)
-        self.observed_min, self.observed_max = full(float("inf")), full(float("-inf"))
         self.scale, self.inv_scale, self.qlo, self.qhi = full(1.0), full(1.0), full(0.0), full(0.0)
         self.zero_point = torch.zeros(size, dtype=torch.int32, device=device)
         self.fresh: list[int] = []  # slots first initialized since the last update
@@ -192,30 +198,17 @@ class _RangeGroup:
         self.set_qparams(slot, lo, hi)
         self.fresh.append(slot)
 
-    def record(self, slot: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        view_min, view_max = self.observed_min[slot : slot + 1], self.observed_max[slot : slot + 1]
-        torch.minimum(view_min, lo, out=view_min)
-        torch.maximum(view_max, hi, out=view_max)
-
     @torch.no_grad()
     def update(self, averaging_constant: float) -> None:
         """Fold this update's observations (reduced over ranks) into the moving averages."""
-        lo, hi = self.observed_min, self.observed_max
         if _dist.world_size() > 1:
-            packed = torch.cat([-lo, hi])
+            size = self.observed_min.numel()
+            packed = torch.cat([-self.observed_min, self.observed_max])
             _dist.all_reduce_(packed, "max")
-            lo, hi = -packed[: lo.numel()], packed[lo.numel() :]
-        seen = lo <= hi
-        ema_min, ema_max = FQ.moving_average_range(self.running_min, self.running_max, lo, hi, averaging_constant)
-        if self.fresh:
-            fresh = torch.zeros_like(seen)
-            fresh[self.fresh] = True
-            ema_min, ema_max = torch.where(fresh, lo, ema_min), torch.where(fresh, hi, ema_max)
-        self.running_min.copy_(torch.where(seen, ema_min, self.running_min))
-        self.running_max.copy_(torch.where(seen, ema_max, self.running_max))
+            self.observed_min.copy_(-packed[:size])
+            self.observed_max.copy_(packed[size:])
+        self.fold_moving_average(averaging_constant, self.fresh)
         self.refresh_qparams()
-        self.observed_min.fill_(float("inf"))
-        self.observed_max.fill_(float("-inf"))
         self.fresh.clear()
 
     def refresh_qparams(self) -> None:

@@ -30,13 +30,14 @@ import torch
 import torch.nn as nn
 
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, check_activation_bits, check_weight_bits
+from .grid import dequantize_codes, weight_codes, weight_qmax
 
 __all__ = [
     "QPARAMS_ATTR",
     "LayerQuantSpec",
     "weight_qmax",
-    "channel_shape",
     "quantize_weight",
+    "dequantized_weight",
     "get_qparams",
     "set_qparams",
     "qparams_to_state",
@@ -44,15 +45,6 @@ __all__ = [
 ]
 
 QPARAMS_ATTR = "compress_qparams"
-
-
-def weight_qmax(bits: int) -> int:
-    """Largest code of a symmetric signed ``bits``-bit weight (int8: 127).
-
-    >>> weight_qmax(4)
-    7
-    """
-    return 2 ** (bits - 1) - 1
 
 
 @dataclass
@@ -85,20 +77,19 @@ class LayerQuantSpec:
         return self.activation_bits is None
 
 
-def channel_shape(spec: LayerQuantSpec, dim: int) -> tuple[int, ...]:
-    """Shape that broadcasts one value per output channel over a ``dim``-dimensional weight.
-
-    >>> channel_shape(LayerQuantSpec(weight_bits=8, weight_scale=torch.ones(3), weight_axis=1), 2)
-    (1, -1)
-    """
-    return tuple(-1 if d == spec.weight_axis else 1 for d in range(dim))
-
-
 def quantize_weight(weight: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
     """Integer codes (int8 tensor) of a (BN-folded, if ``spec.bn``) weight on the spec's grid."""
-    qmax = weight_qmax(spec.weight_bits)
-    scale = spec.weight_scale.to(weight.device, torch.float32).reshape(channel_shape(spec, weight.dim()))
-    return torch.clamp(torch.round(weight.float() / scale), -qmax, qmax).to(torch.int8)
+    return weight_codes(weight.float(), spec.weight_scale.float(), spec.weight_bits, dim=spec.weight_axis).to(torch.int8)
+
+
+def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """``codes * weight_scale`` per output channel, in float32 (the inverse of :func:`quantize_weight`).
+
+    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
+    >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
+    [[1.0, -0.5], [0.25, 31.75]]
+    """
+    return dequantize_codes(codes, spec.weight_scale, dim=spec.weight_axis)
 
 
 def get_qparams(model: nn.Module) -> dict[str, LayerQuantSpec]:
