@@ -10,6 +10,8 @@ import torch.nn as nn
 from compress_callbacks import CompressionManager, GradualMagnitudePruning
 from compress_callbacks.pruning.gmp import ZERO_PRESERVING_OPTIMIZERS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on shared cores
+
 
 def small_mlp(seed=0):
     torch.manual_seed(seed)

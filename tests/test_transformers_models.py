@@ -18,6 +18,8 @@ from compress_callbacks import CompressionManager, GradualMagnitudePruning, Quan
 from compress_callbacks.pruning.masks import count_to_prune  # noqa: E402
 from compress_callbacks.quantization.spec import get_qparams  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on shared cores
+
 VOCAB, WIDTH = 64, 32
 
 
@@ -174,3 +176,95 @@ def qat_input(qat, name, x):
     lo, hi = (torch.aminmax(x) if name not in qat.ranges else qat.ranges[name])
     scale, zero_point = FQ.activation_qparams(lo, hi)
     return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), 0, 255)
+
+
+# ----------------------------------------------------------------------------------- Conv1D export
+class Logits(nn.Module):
+    """GPT-2 as a tensor-in, tensor-out model (what ONNX export and the int8 backends take)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):  # an explicit mask: without one GPT-2 looks for packed sequences (aten::diff, no ONNX op)
+        return self.lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def finalized_gpt2():
+    """A tiny GPT-2 pruned (2:4 on its Conv1D projections) and quantization-aware trained, finalized."""
+    model = Logits(tiny_gpt2())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="lm_head"):
+        manager = CompressionManager(
+            GradualMagnitudePruning(None, start_step=0, end_step=2, update_every=1, granularity="2:4"),
+            QuantizationAwareTraining(start_step=1),
+        )
+        manager.attach(model, optimizer)
+    for ids in token_batches(4):
+        nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return manager.finalize(model).eval()
+
+
+def fake_quant_reference(model, ids):
+    from compress_callbacks.quantization.ptq import fake_quantized
+
+    with torch.no_grad(), fake_quantized(model):
+        return model(ids)
+
+
+def test_finalized_conv1d_specs_and_zeros(finalized_gpt2):
+    specs = get_qparams(finalized_gpt2)
+    names = conv1d_names(finalized_gpt2)
+    assert sorted(specs) == sorted(names) and len(names) == 8
+    for name in names:
+        weight, spec = finalized_gpt2.get_submodule(name).weight.detach(), specs[name]
+        assert spec.weight_axis == 1 and spec.weight_scale.shape == (weight.shape[1],)
+        assert ((weight.t() != 0).reshape(-1, 4).sum(1) <= 2).all()  # the 2:4 pattern survived the grid
+
+
+def test_conv1d_gpt2_to_int8_onnxruntime_matches_the_fake_quant_model(finalized_gpt2):
+    from compress_callbacks.export import to_int8
+
+    ids = token_batches(1, seed=9, shape=(2, 12))[0]
+    reference = fake_quant_reference(finalized_gpt2, ids)
+    int8_model = to_int8(finalized_gpt2, example_inputs=ids[:1])
+    error = (int8_model(ids) - reference).abs().max()
+    assert error <= 1e-3 * reference.abs().max(), float(error)
+
+
+def test_conv1d_gpt2_int8_layers_for_inductor_match_the_fake_quant_model(finalized_gpt2):
+    """The graph ``to_int8(backend="inductor")`` compiles (its Int8Layers), run eager."""
+    from compress_callbacks.export.inductor import _int8_layers_copy
+
+    ids = token_batches(1, seed=9, shape=(2, 12))[0]
+    reference = fake_quant_reference(finalized_gpt2, ids)
+    with torch.no_grad():
+        error = (_int8_layers_copy(finalized_gpt2)(ids) - reference).abs().max()
+    assert error <= 1e-4 * reference.abs().max(), float(error)
+
+
+@pytest.mark.slow  # Inductor compiles the GPT-2 graph: ~45 s on two shared cores
+def test_conv1d_gpt2_to_int8_inductor_matches_the_fake_quant_model(finalized_gpt2):
+    from compress_callbacks.export import to_int8
+
+    ids = token_batches(1, seed=9, shape=(2, 12))[0]
+    reference = fake_quant_reference(finalized_gpt2, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no-VNNI saturation notice, Inductor's own
+        int8_model = to_int8(finalized_gpt2, example_inputs=ids, backend="inductor")
+    error = (int8_model(ids) - reference).abs().max()
+    assert error <= 1e-2 * reference.abs().max(), float(error)  # 8-bit weights may saturate without VNNI
+
+
+def test_conv1d_gpt2_save_compressed_round_trip(finalized_gpt2, tmp_path):
+    from compress_callbacks.export import load_compressed, save_compressed
+
+    save_compressed(finalized_gpt2, tmp_path / "gpt2.ccz")
+    fresh = load_compressed(tmp_path / "gpt2.ccz", Logits(tiny_gpt2(seed=5)))
+    ids = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), finalized_gpt2(ids))
+    assert all(spec.weight_axis == 1 for spec in get_qparams(fresh).values())

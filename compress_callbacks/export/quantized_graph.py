@@ -19,6 +19,7 @@ True
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -100,16 +101,38 @@ def _as_tuple(example_inputs: Any) -> tuple:
     raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+def _as_linear(layer: nn.Module) -> nn.Linear:
+    """Transformers ``Conv1D`` (``x @ w + b``, ``w`` stored ``[in, out]``) as the ``nn.Linear`` it equals.
+
+    >>> from transformers.pytorch_utils import Conv1D
+    >>> conv1d = Conv1D(nf=3, nx=2)
+    >>> x = torch.randn(4, 2)
+    >>> torch.allclose(_as_linear(conv1d)(x), conv1d(x))
+    True
+    """
+    weight = layer.weight.detach()
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias.detach())
+    return linear
+
+
 def quantized_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy with BatchNorms folded into their convs and every spec'd layer a ``FakeQuantLayer``.
 
-    Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold).
+    Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold). A
+    Transformers ``Conv1D`` (spec ``weight_axis=1``) becomes the equal ``nn.Linear`` first, so every
+    export path sees output channels along dim 0.
     """
     qparams = _require_qparams(model, "quantized_copy")
     root = copy.deepcopy(unwrap_model(model)).eval()
     root.__dict__.pop(QPARAMS_ATTR, None)
     for name, spec in qparams.items():
         layer = root.get_submodule(name)
+        if spec.weight_axis == 1:
+            layer, spec = _as_linear(layer), dataclasses.replace(spec, weight_axis=0)
         bias = None
         if spec.bn is not None:
             bn = root.get_submodule(spec.bn)
