@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from compress_callbacks.pruning import masks as M
+from compress_callbacks.pruning.sharded import sharded_keep_masks
 from compress_callbacks.schedules import cubic_sparsity, last_grid_point, schedule_grid
 
 
@@ -401,7 +402,7 @@ def _assert_sharded_equals_single_process(world, weights, keeps, target, scope, 
             blocks = [torch.chunk(w, world)[rank] if rank < len(torch.chunk(w, world)) else w[:0] for w in weights]
             block_keeps = [None if k is None else (torch.chunk(k, world)[rank] if rank < len(torch.chunk(k, world)) else k[:0]).contiguous()
                            for k in keeps]
-            results[rank] = M.sharded_keep_masks(
+            results[rank] = sharded_keep_masks(
                 [b.contiguous() for b in blocks], block_keeps, [w.numel() for w in weights], target, scope,
                 sum_over_ranks=lambda t: ranks.sum(rank, t), gather_over_ranks=lambda t: ranks.gather(rank, t),
                 rank=rank, nm=nm)

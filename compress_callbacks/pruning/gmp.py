@@ -19,6 +19,7 @@ from ..schedules import cubic_sparsity, last_grid_point
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, weight_output_dim
 from . import masks as M
 from .config import PruningConfig
+from .sharded import sharded_keep_masks
 
 __all__ = ["GradualMagnitudePruning"]
 
@@ -75,7 +76,8 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             (e.g. ``"2:4"``: the N largest of every M consecutive input weights are kept).
         scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (the target holds over
             all targeted weights together).
-        modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+        modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv and
+            Transformers Conv1D, leaving out a weight tied to an untargeted module (warned) unless named.
         mask_gradients: ``"backward"`` (default): pruned gradients are zeroed at the end of each
             backward pass, before ``backward()`` returns (and after DDP's all-reduce), so gradient
             clipping and gradient logging see only kept weights. ``"step"``: once, just before each
@@ -340,7 +342,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             chosen = M.channels_to_prune(scores, dead, fan_ins, target, self.scope)
             chosen = [D.local_block_of(rows, p) for rows, p in zip(chosen, self._params)]
             return M.expand_channels(blocks, self._keeps, chosen)
-        return M.sharded_keep_masks(
+        return sharded_keep_masks(
             blocks, self._keeps, [p.numel() for p in self._params], target, self.scope,
             sum_over_ranks=lambda values: D.sum_over_shards(values, first),
             gather_over_ranks=lambda values: D.gather_over_shards(values, first),
