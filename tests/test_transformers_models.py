@@ -268,3 +268,23 @@ def test_conv1d_gpt2_save_compressed_round_trip(finalized_gpt2, tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(ids), finalized_gpt2(ids))
     assert all(spec.weight_axis == 1 for spec in get_qparams(fresh).values())
+
+
+def test_calibrate_quantizes_conv1d_per_output_column_and_int8_matches():
+    from compress_callbacks.export import to_int8
+    from compress_callbacks.quantization.ptq import calibrate
+
+    batches = token_batches(2, seed=3)
+    with pytest.warns(UserWarning, match="lm_head"):
+        model = calibrate(Logits(tiny_gpt2()).eval(), batches, weight_bits=4)
+    specs = get_qparams(model)
+    assert sorted(specs) == sorted(conv1d_names(model))
+    for name in conv1d_names(model):
+        weight, spec = model.get_submodule(name).weight.detach(), specs[name]
+        assert spec.weight_axis == 1 and not spec.weight_only
+        codes = weight / spec.weight_scale[None, :]
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and int(codes.round().abs().amax()) == 7
+    ids = batches[0]
+    reference = fake_quant_reference(model, ids)
+    error = (to_int8(model, example_inputs=ids[:1])(ids) - reference).abs().max()
+    assert error <= 1e-3 * reference.abs().max(), float(error)

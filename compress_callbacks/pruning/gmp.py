@@ -75,7 +75,8 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         granularity: ``"unstructured"``, ``"channel"`` (output channels by L2 norm) or ``"N:M"``
             (e.g. ``"2:4"``: the N largest of every M consecutive input weights are kept).
         scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (the target holds over
-            all targeted weights together).
+            all targeted weights together). Either way no layer loses its last weight (unstructured)
+            or output channel (channel); a layer held at that minimum is named in a warning.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv and
             Transformers Conv1D, leaving out a weight tied to an untargeted module (warned) unless named.
         mask_gradients: ``"backward"`` (default): pruned gradients are zeroed at the end of each
