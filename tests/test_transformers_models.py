@@ -225,6 +225,7 @@ def test_finalized_conv1d_specs_and_zeros(finalized_gpt2):
         assert ((weight.t() != 0).reshape(-1, 4).sum(1) <= 2).all()  # the 2:4 pattern survived the grid
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:Exporting aten:UserWarning")
 def test_conv1d_gpt2_to_int8_onnxruntime_matches_the_fake_quant_model(finalized_gpt2):
     from compress_callbacks.export import to_int8
 
@@ -270,6 +271,7 @@ def test_conv1d_gpt2_save_compressed_round_trip(finalized_gpt2, tmp_path):
     assert all(spec.weight_axis == 1 for spec in get_qparams(fresh).values())
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:Exporting aten:UserWarning")
 def test_calibrate_quantizes_conv1d_per_output_column_and_int8_matches():
     from compress_callbacks.export import to_int8
     from compress_callbacks.quantization.ptq import calibrate
