@@ -88,9 +88,9 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
     Pruned weights get their gradients masked when each backward pass ends (``mask_gradients="step"``
     defers this to the update), again before the update for any gradient that was replaced after
     backward, and their optimizer state zeroed when the mask grows (Adamax's and Rprop's after every
-    update too): with every built-in optimizer, they and their optimizer state stay exactly zero. (A gradient changed *in place* between backward and the
-    step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
-    sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
+    update too): with every built-in optimizer, they and their optimizer state stay exactly zero.
+    (A gradient changed *in place* between backward and the step, e.g. by adding noise, is not
+    masked again.) Weights that are already zero at ``attach`` (a sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
     (``fully_shard``) each rank holds its block of the masks a single process would select.
 
     Read-only views: ``weights`` (module name -> targeted weight) and ``masks`` (module name -> bool
