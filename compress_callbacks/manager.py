@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from pathlib import Path
@@ -16,7 +17,7 @@ from .callback import CompressionTechnique
 from .config import check_int
 from .targets import require_unsharded, unwrap_model
 
-__all__ = ["CompressionManager", "being_compressed", "underlying_optimizer"]
+__all__ = ["CompressionManager", "being_compressed", "technique_plan", "underlying_optimizer"]
 
 # Accelerate's multi-process logger: logs on the main process only, once an Accelerator exists
 logger = get_logger("compress_callbacks")
@@ -375,11 +376,11 @@ class CompressionManager:
             saved = state.get("plans", {}).get(key)
             if saved is None:
                 continue
-            current = technique_plan(cb)
-            for field in dict.fromkeys([*saved, *current]):
-                before, now = saved.get(field, "(absent)"), current.get(field, "(absent)")
-                if before != now:
-                    differences.append(f"{cb.name}.{field}: {before!r} in `state`, {now!r} here")
+            # an argument the saved plan lacks (added to the technique since) ran with its default then
+            saved = {**technique_plan(cb, defaults=True), **saved}
+            for field, now in technique_plan(cb).items():
+                if field in saved and saved[field] != now:
+                    differences.append(f"{cb.name}.{field}: {saved[field]!r} in `state`, {now!r} here")
         if differences:
             raise ValueError(
                 f"`state` was saved with another plan ({'; '.join(differences)}). To continue training from it "
@@ -467,10 +468,11 @@ class CompressionManager:
         return f"CompressionManager({', '.join(map(repr, self.callbacks))}, step={self._step})"
 
 
-def technique_plan(technique: CompressionTechnique) -> dict[str, Any]:
+def technique_plan(technique: CompressionTechnique, *, defaults: bool = False) -> dict[str, Any]:
     """A technique's keyword arguments as plain values (module types as ``"type:torch.nn.Linear"``).
 
-    Values that are not plain (numbers, strings, None or lists of them) are left out.
+    Values that are not plain (numbers, strings, None or lists of them) are left out. ``defaults``:
+    the constructor's default values instead (of the arguments that have one).
 
     >>> from compress_callbacks import GradualMagnitudePruning
     >>> plan = technique_plan(GradualMagnitudePruning(0.5, 0, 10, modules=[torch.nn.Linear]))
@@ -491,7 +493,12 @@ def technique_plan(technique: CompressionTechnique) -> dict[str, Any]:
             return all(is_plain(v) for v in value)
         return value is None or isinstance(value, (bool, int, float, str))
 
-    plan = {name: plain(value) for name, value in technique.config().items()}
+    if defaults:
+        parameters = inspect.signature(type(technique).__init__).parameters.values()
+        values = {p.name: p.default for p in parameters if p.default is not p.empty}
+    else:
+        values = technique.config()
+    plan = {name: plain(value) for name, value in values.items()}
     return {name: value for name, value in plan.items() if is_plain(value)}
 
 

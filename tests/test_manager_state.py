@@ -239,6 +239,12 @@ def test_the_state_holds_the_plan_as_plain_values_and_old_states_without_it_load
     assert loaded["plans"]["0:GradualMagnitudePruning"]["target_sparsity"] == 0.5
     assert loaded["plans"]["0:GradualMagnitudePruning"]["modules"] == ["type:torch.nn.Linear", "0"]
 
+    newer_argument = copy.deepcopy(state)  # saved before an argument existed: it ran with its default
+    del newer_argument["plans"]["0:GradualMagnitudePruning"]["mask_gradients"]
+    CompressionManager(gmp(modules=[nn.Linear, "0"]), qat()).load_state_dict(newer_argument)
+    with pytest.raises(ValueError, match="mask_gradients"):
+        CompressionManager(gmp(modules=[nn.Linear, "0"], mask_gradients="step"), qat()).load_state_dict(newer_argument)
+
     old = {key: value for key, value in state.items() if key != "plans"}  # a checkpoint from before plans
     manager = CompressionManager(gmp(target_sparsity=0.75, modules=[nn.Linear, "0"]), qat())
     manager.load_state_dict(old)

@@ -118,7 +118,8 @@ class OnnxRuntimeModule(nn.Module):
     def forward(self, *inputs: torch.Tensor, **unexpected: Any):
         session = self.session
         graph_inputs = [meta.name for meta in session.get_inputs()]
-        expected = len(graph_inputs) if self.num_inputs is None else self.num_inputs
+        num_inputs, structure = getattr(self, "num_inputs", None), getattr(self, "outputs", None)  # (older pickles)
+        expected = len(graph_inputs) if num_inputs is None else num_inputs
         if unexpected:
             raise TypeError(f"OnnxRuntimeModule takes its {expected} input(s) by position, as exported; got keyword "
                             f"argument(s) {', '.join(unexpected)}")
@@ -131,8 +132,8 @@ class OnnxRuntimeModule(nn.Module):
         positions = [_input_position(name, i) for i, name in enumerate(graph_inputs)]
         feeds = {name: inputs[i].detach().cpu().contiguous().numpy() for name, i in zip(graph_inputs, positions)}
         outputs = [torch.from_numpy(o).to(inputs[0].device) for o in session.run(None, feeds)]
-        if self.outputs is not None:
-            return _fill_template(self.outputs, outputs)
+        if structure is not None:
+            return _fill_template(structure, outputs)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 

@@ -368,7 +368,6 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._params:
-            self.check_state(state, None)
             self._restore(state)
             self._enforce_masks(include_state=True)
             self._count_sharded_zeros()
@@ -376,12 +375,9 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if list(state["names"]) != self._names:
-            raise ValueError(f"`state` holds masks for modules {state['names'][:3]}..., this model has {self._names[:3]}...")
+        self.check_state(state, None)
         keeps = []
         for mask, p in zip(state["masks"], self._params):
-            if mask is not None and tuple(mask.shape) != tuple(p.shape):
-                raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit weight {tuple(p.shape)}")
             keeps.append(None if mask is None else D.local_block_of(mask.to(torch.uint8), p).to(D.local(p).device))
         self._keeps = keeps
         self._applied_sparsity = float(state["applied_sparsity"])

@@ -513,41 +513,32 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
     def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
         super().check_state(state, model)
         keys = ("names", "bn", "initialized", "running_min", "running_max", "observed_min", "observed_max")
-        missing = [key for key in keys if key not in state]
-        if missing:
-            raise ValueError(f"`state` of {self.name} lacks {missing}: it is not a QuantizationAwareTraining state_dict()")
+        if any(key not in state for key in keys):
+            raise ValueError(f"`state` of {self.name} lacks {[k for k in keys if k not in state]}: not its state_dict()")
         names = list(state["names"])
-        for key in keys[1:]:
-            value = state[key]
-            if len(value) != len(names) or (key.startswith(("running", "observed")) and not torch.is_tensor(value)):
-                raise ValueError(f"`state` of {self.name}: {key} must hold one entry per module name ({len(names)})")
+        if any(len(state[key]) != len(names) or (key[0] in "ro" and not torch.is_tensor(state[key])) for key in keys[1:]):
+            raise ValueError(f"`state` of {self.name}: {keys[1:]} must hold one entry per module name ({len(names)})")
         root = self._root if self._layers else model
         if root is None:
             return
-        targets = [st.name for st in self._layers] if self._layers else [
-            name for name, _ in select_modules(root, modules=self.modules, exclude=self.exclude)
-        ]
+        targets = [st.name for st in self._layers] or [n for n, _ in select_modules(root, modules=self.modules, exclude=self.exclude)]
         if names != targets:
-            raise ValueError(
-                f"`state` of {self.name} holds ranges for modules {names[:4]}{'...' if len(names) > 4 else ''}, "
-                f"this model's targets are {targets[:4]}{'...' if len(targets) > 4 else ''}"
-            )
+            raise ValueError(f"`state` of {self.name} holds ranges for modules {names[:4]}..., this model's targets are {targets[:4]}...")
+        modules = dict(root.named_modules())
         for bn_name in state["bn"]:
-            if bn_name is not None and not isinstance(dict(root.named_modules()).get(bn_name), _BatchNorm):
+            if bn_name is not None and not isinstance(modules.get(bn_name), _BatchNorm):
                 raise ValueError(f"`state` of {self.name}: {bn_name!r} (a folded BatchNorm) is no BatchNorm of this model")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._layers:
-            self.check_state(state, None)
             self._restore(state)
             self._sync(self.manager.step if self.manager is not None else 0)
         else:
             self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        self.check_state(state, None)
         names = [st.name for st in self._layers]
-        if list(state["names"]) != names:
-            raise ValueError(f"`state` holds QAT ranges for modules {state['names'][:3]}..., this model has {names[:3]}...")
         self._set_bn_pairs(dict(zip(names, state["bn"])))
         for i, st in enumerate(self._layers):
             st.initialized = bool(state["initialized"][i])
