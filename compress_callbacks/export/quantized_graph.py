@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -82,7 +83,27 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _require_finalized(model: nn.Module, function: str) -> None:
+    """Refuse a model whose compression is still live: an attached ``CompressionManager`` trains it (or a
+    model containing it), or it carries fake-quant layers of a ``QuantizationAwareTraining`` (as a deep
+    copy or a pickle of a model in training does). Its ranges and masks live in the callbacks until
+    ``finalize`` writes them into the model."""
+    from ..manager import being_compressed
+    from ..quantization.qat import STATE_ATTR
+
+    root = unwrap_model(model)
+    live = next((name for name, module in root.named_modules() if STATE_ATTR in module.__dict__), None)
+    if being_compressed(root) or live is not None:
+        where = f" (fake-quant layer {live!r})" if live is not None else ""
+        raise ValueError(
+            f"`model` is still in compression training{where}: {function} needs the finalized model, "
+            "`compressed = manager.finalize(model)`; a copy taken during training is unfinished too "
+            "(its learned ranges are not in it)"
+        )
+
+
 def _require_qparams(model: nn.Module, function: str) -> dict[str, LayerQuantSpec]:
+    _require_finalized(model, function)
     qparams = get_qparams(unwrap_model(model))
     if not qparams:
         raise ValueError(
@@ -119,16 +140,32 @@ def _as_linear(layer: nn.Module) -> nn.Linear:
     return linear
 
 
+def _float32_inputs(inputs: tuple) -> tuple:
+    """``inputs`` with every floating tensor in float32 (what the exported graphs compute in); others as they are."""
+    return tuple(t.float() if t.is_floating_point() and t.dtype != torch.float32 else t for t in inputs)
+
+
 def quantized_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy with BatchNorms folded into their convs and every spec'd layer a ``FakeQuantLayer``.
 
     Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold). A
     Transformers ``Conv1D`` (spec ``weight_axis=1``) becomes the equal ``nn.Linear`` first, so every
-    export path sees output channels along dim 0.
+    export path sees output channels along dim 0. The copy is float32: a half-precision model (bf16 /
+    fp16) is converted with a warning, so its exported and int8 versions compute their float parts in
+    float32 (the weights' grid is the same).
     """
     qparams = _require_qparams(model, "quantized_copy")
     root = copy.deepcopy(unwrap_model(model)).eval()
     root.__dict__.pop(QPARAMS_ATTR, None)
+    other_floats = sorted({str(t.dtype).removeprefix("torch.") for t in (*root.parameters(), *root.buffers())
+                           if t.is_floating_point() and t.dtype != torch.float32})
+    if other_floats:
+        warnings.warn(
+            f"compress_callbacks.export: `model` holds {', '.join(other_floats)} tensors; its exported / int8 version "
+            "computes its float parts in float32 and takes float32 inputs (others are cast)",
+            stacklevel=3,
+        )
+        root.float()
     for name, spec in qparams.items():
         layer = root.get_submodule(name)
         if spec.weight_axis == 1:

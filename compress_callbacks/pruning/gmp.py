@@ -392,6 +392,34 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                       for k, p in zip(self._keeps, self._params)],
         }
 
+    def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
+        super().check_state(state, model)
+        missing = [key for key in ("applied_sparsity", "names", "masks") if key not in state]
+        if missing:
+            raise ValueError(f"`state` of {self.name} lacks {missing}: it is not a GradualMagnitudePruning state_dict()")
+        names, masks, applied = list(state["names"]), list(state["masks"]), state["applied_sparsity"]
+        if isinstance(applied, bool) or not isinstance(applied, (int, float)) or not 0.0 <= applied < 1.0:
+            raise ValueError(f"`state` of {self.name}: applied_sparsity must be a float in [0, 1), got {applied!r}")
+        if len(masks) != len(names) or not all(m is None or torch.is_tensor(m) for m in masks):
+            raise ValueError(f"`state` of {self.name}: one mask (or None) per module name is expected")
+        if self._params:
+            weights = dict(zip(self._names, self._params))
+        elif model is not None:
+            weights = {name: module.weight for name, module in select_modules(model, modules=self.modules, exclude=self.exclude)}
+        else:
+            return
+        if names != list(weights):
+            raise ValueError(
+                f"`state` of {self.name} holds masks for modules {names[:4]}{'...' if len(names) > 4 else ''}, "
+                f"this model's targets are {list(weights)[:4]}{'...' if len(weights) > 4 else ''}"
+            )
+        for name, mask in zip(names, masks):
+            if mask is not None and tuple(mask.shape) != tuple(weights[name].shape):
+                raise ValueError(
+                    f"`state` of {self.name}: the mask of {name!r} has shape {tuple(mask.shape)}, "
+                    f"its weight {tuple(weights[name].shape)}"
+                )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._params:
             self._restore(state)
@@ -401,12 +429,9 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if list(state["names"]) != self._names:
-            raise ValueError(f"`state` holds masks for modules {state['names'][:3]}..., this model has {self._names[:3]}...")
+        self.check_state(state, None)
         keeps = []
         for mask, p in zip(state["masks"], self._params):
-            if mask is not None and tuple(mask.shape) != tuple(p.shape):
-                raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit weight {tuple(p.shape)}")
             keeps.append(None if mask is None else D.local_block_of(mask.to(torch.uint8), p).to(D.local(p).device))
         self._keeps = keeps
         self._applied_sparsity = float(state["applied_sparsity"])

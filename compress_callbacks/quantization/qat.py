@@ -29,11 +29,49 @@ SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
 
 
 # ---------------------------------------------------------------------------------------- forward
+class _Observation:
+    """Flags the layers of one callback share in their forward: whether training forwards record input
+    ranges, and whether one did since the last update.
+
+    The layers hold this, not the callback: a model pickles (``torch.save(model)``) and deep-copies (an
+    EMA copy) mid-training without the callback, its manager and the optimizer's state.
+    """
+
+    __slots__ = ("observing", "observed")
+
+    def __init__(self) -> None:
+        self.observing = False
+        self.observed = False
+
+
+class _BnConsumptionCheck:
+    """Forward pre-hook of the BatchNorm paired with a conv: on its first call, unpair the two unless the
+    BatchNorm's input is the conv's output (a class, not a closure, so that the model pickles)."""
+
+    def __init__(self, state: _LayerState) -> None:
+        self.state = state
+
+    def __call__(self, bn: nn.Module, args: tuple) -> None:
+        st = self.state
+        if not (bool(args) and args[0] is st.last_output):
+            warnings.warn(
+                f"QuantizationAwareTraining: {st.bn_name!r} does not consume the output of {st.name!r}; "
+                "training it without BatchNorm folding",
+                stacklevel=2,
+            )
+            st.bn, st.bn_name = None, None
+        st.set_bn_check(False)
+
+
 class _LayerState:
-    """What one fake-quantized layer reads in its forward; lives in the module's ``__dict__``."""
+    """What one fake-quantized layer reads in its forward; lives in the module's ``__dict__``.
+
+    It refers to the model's own modules, the observers' packed tensors and the callback's shared
+    :class:`_Observation` flags only, so that it pickles and deep-copies cheaply with its module.
+    """
 
     def __init__(self, owner: QuantizationAwareTraining, name: str, module: nn.Module, base: type) -> None:
-        self.owner = owner
+        self.observation = owner._observation
         self.name = name
         self.module = module
         self.base = base  # nn.Linear / nn.Conv*d / Transformers Conv1D: the forward we replace
@@ -78,11 +116,20 @@ class _LayerState:
             return weight
         return weight * channel_view(self.bn_factor(), weight.dim())
 
+    def set_bn_check(self, on: bool) -> None:
+        """Verify (``on``) or stop verifying on the paired BatchNorm's next forward that it consumes this conv's output."""
+        if self.bn_hook is not None:
+            self.bn_hook.remove()
+            self.bn_hook = None
+        self.check_bn, self.last_output = on, None
+        if on:
+            self.bn_hook = self.bn.register_forward_pre_hook(_BnConsumptionCheck(self))
+
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not self.quantize_input or x.numel() == 0:
             return x
-        owner = self.owner
-        observe = training and owner._observing
+        flags = self.observation
+        observe = training and flags.observing
         if observe or not self.initialized:
             with torch.no_grad():
                 lo, hi = tensor_range(x)
@@ -92,7 +139,7 @@ class _LayerState:
                     self.initialized = True
                 if observe:
                     group.record(self.slot, lo, hi)
-                    owner._observed = True
+                    flags.observed = True
         return FQ.fake_quantize_activation_with_bounds(x, *self.qparams)
 
 
@@ -325,11 +372,28 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._groups: list[_RangeGroup] = []
         self._batchnorms: list[_BatchNorm] = []
         self._active = False
+        self._observation = _Observation()  # shared with the layers' forward (not the callback itself)
         self._observing = False
         self._observed = False  # a training forward recorded input ranges since the last update
         self._bn_frozen = False
         self._loaded: dict[str, Any] | None = None
         self._final_rows: list[dict[str, Any]] = []
+
+    @property
+    def _observing(self) -> bool:
+        return self._observation.observing
+
+    @_observing.setter
+    def _observing(self, value: bool) -> None:
+        self._observation.observing = value
+
+    @property
+    def _observed(self) -> bool:
+        return self._observation.observed
+
+    @_observed.setter
+    def _observed(self, value: bool) -> None:
+        self._observation.observed = value
 
     # ------------------------------------------------------------------ lifecycle
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -439,24 +503,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             st.bn = self._root.get_submodule(st.bn_name) if st.bn_name else None
 
     def _set_bn_check(self, st: _LayerState, on: bool) -> None:
-        if st.bn_hook is not None:
-            st.bn_hook.remove()
-            st.bn_hook = None
-        st.check_bn, st.last_output = on, None
-        if on:
-
-            def check(bn: nn.Module, args: tuple, st: _LayerState = st) -> None:
-                consumed = bool(args) and args[0] is st.last_output
-                if not consumed:
-                    warnings.warn(
-                        f"QuantizationAwareTraining: {st.bn_name!r} does not consume the output of {st.name!r}; "
-                        "training it without BatchNorm folding",
-                        stacklevel=2,
-                    )
-                    st.bn, st.bn_name = None, None
-                self._set_bn_check(st, False)
-
-            st.bn_hook = st.bn.register_forward_pre_hook(check)
+        st.set_bn_check(on)
 
     def _build_groups(self) -> None:
         by_device: dict[torch.device, list[_LayerState]] = {}
@@ -490,6 +537,25 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             "bn_frozen": self._bn_frozen,
         }
 
+    def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
+        super().check_state(state, model)
+        keys = ("names", "bn", "initialized", "running_min", "running_max", "observed_min", "observed_max")
+        if any(key not in state for key in keys):
+            raise ValueError(f"`state` of {self.name} lacks {[k for k in keys if k not in state]}: not its state_dict()")
+        names = list(state["names"])
+        if any(len(state[key]) != len(names) or (key[0] in "ro" and not torch.is_tensor(state[key])) for key in keys[1:]):
+            raise ValueError(f"`state` of {self.name}: {keys[1:]} must hold one entry per module name ({len(names)})")
+        root = self._root if self._layers else model
+        if root is None:
+            return
+        targets = [st.name for st in self._layers] or [n for n, _ in select_modules(root, modules=self.modules, exclude=self.exclude)]
+        if names != targets:
+            raise ValueError(f"`state` of {self.name} holds ranges for modules {names[:4]}..., this model's targets are {targets[:4]}...")
+        modules = dict(root.named_modules())
+        for bn_name in state["bn"]:
+            if bn_name is not None and not isinstance(modules.get(bn_name), _BatchNorm):
+                raise ValueError(f"`state` of {self.name}: {bn_name!r} (a folded BatchNorm) is no BatchNorm of this model")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._layers:
             self._restore(state)
@@ -498,9 +564,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        self.check_state(state, None)
         names = [st.name for st in self._layers]
-        if list(state["names"]) != names:
-            raise ValueError(f"`state` holds QAT ranges for modules {state['names'][:3]}..., this model has {names[:3]}...")
         self._set_bn_pairs(dict(zip(names, state["bn"])))
         for i, st in enumerate(self._layers):
             st.initialized = bool(state["initialized"][i])
