@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .losses import KDWorkspace, check_temperature, token_kd_loss
 
-__all__ = ["DistillationLoss", "extract_logits", "extract_loss"]
+__all__ = ["DistillationLoss", "extract_logits", "extract_loss", "is_label_tensor", "trainable_leaves"]
 
 
 def extract_logits(outputs: Any, argument: str = "student_outputs") -> torch.Tensor:
@@ -53,6 +53,43 @@ def extract_logits(outputs: Any, argument: str = "student_outputs") -> torch.Ten
     )
 
 
+def is_label_tensor(targets: Any, leading_shape: torch.Size) -> bool:
+    """Whether ``targets`` are class labels for logits ``[*leading_shape, V]``: integers of exactly that shape.
+
+    >>> import torch
+    >>> is_label_tensor(torch.tensor([1, 0]), torch.Size([2])), is_label_tensor(torch.randn(2, 4), torch.Size([2]))
+    (True, False)
+    """
+    return (
+        isinstance(targets, torch.Tensor)
+        and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+        and targets.shape == leading_shape
+    )
+
+
+def trainable_leaves(output: torch.Tensor) -> set[int]:
+    """The ids of the leaf tensors that receive gradients through ``output``'s autograd graph.
+
+    >>> import torch.nn as nn
+    >>> layer = nn.Linear(2, 2)
+    >>> trainable_leaves(layer(torch.ones(1, 2))) == {id(layer.weight), id(layer.bias)}
+    True
+    """
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf that gets a .grad
+        if isinstance(variable, torch.Tensor):
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def extract_loss(outputs: Any) -> torch.Tensor | None:
     """A scalar ``.loss`` carried by the outputs (Transformers models given ``labels``), else None."""
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
@@ -63,14 +100,18 @@ class DistillationLoss(nn.Module):
     """``alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * base_loss``, the teacher run for you.
 
     Args:
-        teacher: the trained model. It is frozen (``requires_grad=False``), kept in eval mode, run
-            under ``no_grad`` and moved to the student's device on first use. It is *not* a
+        teacher: the trained model. It is kept in eval mode, run under ``no_grad``, moved to the
+            student's device on first use and frozen (``requires_grad=False``) on the first call
+            with a graph, after checking that it shares no trainable parameter with the student (a
+            student built from the teacher's own modules is refused: freezing would freeze it too). It is *not* a
             registered submodule: ``parameters()``, ``state_dict()`` and ``.train()`` of this loss
             (or of anything it is put in) never see it, so it cannot reach an optimizer, a DDP
             wrapper or a checkpoint of the student.
-        base_loss: ``base_loss(student_logits, targets) -> scalar`` for the hard term; default
-            cross-entropy over the valid positions (``ignore_index`` and padding excluded).
-        temperature: softening temperature ``T > 0``.
+        base_loss: ``base_loss(student_logits, targets) -> scalar`` for the hard term, given
+            ``targets`` untouched (regression values, embeddings); default cross-entropy over the
+            valid positions (``ignore_index`` and padding excluded). Integer ``targets`` of the
+            logits' leading shape are labels: they also mark the positions the soft term counts.
+        temperature: softening temperature, finite, in ``(0, 1e6]`` (above 32 computed in float64).
         alpha: weight of the soft term in ``[0, 1]``; the hard term gets ``1 - alpha``.
         ignore_index: target value that carries no loss (token-level logits), default -100.
         shift_labels: for causal LMs given the input ids as ``targets`` (Transformers' ``labels``):
@@ -115,12 +156,12 @@ class DistillationLoss(nn.Module):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"`chunk_size` must be an int >= 1 or None, got {chunk_size!r}")
         if isinstance(teacher, nn.Module):
-            teacher.requires_grad_(False)
-            teacher.eval()
+            teacher.eval()  # frozen on the first call that builds a graph, once it shares nothing trainable
         # a plain tuple attribute: nn.Module does not register it, so the teacher stays out of
         # parameters(), state_dict(), .train() and .to() of this loss and of any parent module.
         self._teacher_ref = (teacher,)
         self._teacher_device: torch.device | None = None
+        self._teacher_checked = not isinstance(teacher, nn.Module)
         self.base_loss = base_loss
         self.temperature = float(temperature)
         self.alpha = float(alpha)
@@ -164,6 +205,24 @@ class DistillationLoss(nn.Module):
                 return teacher(**{k: v for k, v in inputs.items() if k != "labels"})
             return teacher(inputs)
 
+    def _freeze_teacher(self, student_logits: torch.Tensor) -> None:
+        """Freeze the teacher unless it shares a trainable parameter with the student (then refuse, freezing nothing).
+
+        The student's trainable parameters are the leaves of the graph behind its logits; a teacher
+        parameter among them would be frozen for the student too, and silently stop training.
+        """
+        teacher = self.teacher
+        shared = trainable_leaves(student_logits)
+        names = [name for name, parameter in teacher.named_parameters() if id(parameter) in shared]
+        if names:
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ValueError(
+                f"`teacher` shares trainable parameters with the student ({listed}); freezing the teacher would freeze "
+                "them in the student too. Give the student its own copy (copy.deepcopy) or freeze the shared part yourself"
+            )
+        teacher.requires_grad_(False)
+        self._teacher_checked = True
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -174,27 +233,39 @@ class DistillationLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         student_logits = extract_logits(student_outputs, "student_outputs")
+        if not self._teacher_checked and student_logits.grad_fn is not None:
+            self._freeze_teacher(student_logits)
         if teacher_outputs is None:
             teacher_outputs = self.teacher_outputs(inputs, student_logits)
         teacher_logits = extract_logits(teacher_outputs, "teacher_outputs")
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
-                f"`student_outputs` logits {tuple(student_logits.shape)} and `teacher_outputs` logits "
-                f"{tuple(teacher_logits.shape)} differ (batch, positions and vocabulary must match)"
+                f"`student_outputs` logits and `teacher_outputs` logits differ in shape: {tuple(student_logits.shape)} vs "
+                f"{tuple(teacher_logits.shape)} (batch, positions and vocabulary must match)"
+            )
+        # targets are class labels (they mark the counted positions) only when integer and of the logits' leading shape;
+        # anything else (regression values, embeddings) goes to `base_loss` untouched
+        labels = targets if is_label_tensor(targets, student_logits.shape[:-1]) else None
+        if targets is not None and labels is None and self.base_loss is None:
+            raise ValueError(
+                f"`targets` of dtype {targets.dtype} and shape {tuple(targets.shape)} are not class labels of shape "
+                f"{tuple(student_logits.shape[:-1])} for the default cross-entropy: pass `base_loss=` for other targets"
             )
         if attention_mask is None and isinstance(inputs, Mapping) and student_logits.dim() == 3:
             attention_mask = inputs.get("attention_mask")
         if self.shift_labels:
             if student_logits.dim() != 3:
                 raise ValueError("`shift_labels=True` needs token-level logits [B, T, V]")
+            if targets is not None and labels is None:
+                raise ValueError("`shift_labels=True` needs integer labels [B, T] as `targets`")
             student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-            targets = None if targets is None else targets[:, 1:]
+            targets = labels = None if targets is None else targets[:, 1:]
             attention_mask = None if attention_mask is None else attention_mask[:, 1:]
 
-        fused_hard = self.base_loss is None and targets is not None  # default cross-entropy: one fused pass for both terms
+        fused_hard = self.base_loss is None and labels is not None  # default cross-entropy: one fused pass for both terms
         total, soft, hard = token_kd_loss(
             student_logits, teacher_logits, self.temperature, self.alpha if fused_hard else 1.0,
-            targets=targets, mask=attention_mask, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+            targets=labels, mask=attention_mask, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
             with_hard=fused_hard, workspace=self._workspace,
         )
         if not fused_hard:

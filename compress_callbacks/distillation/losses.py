@@ -38,12 +38,37 @@ LN_2 = math.log(2.0)
 
 #: Default number of logits (rows x vocabulary) processed at once by the chunked token loss.
 DEFAULT_CHUNK_ELEMENTS = 1 << 21
+#: Above this temperature the row math runs in float64: in float32 the soft term, O(1/T^2) per
+#: position, drowns in the rounding of the O(1) log-normalisers it is the difference of.
+FLOAT64_ABOVE_TEMPERATURE = 32.0
+#: The largest accepted temperature: beyond it even float64 loses the soft term (its T -> inf limit
+#: is half the variance of the logit difference: match logits with an MSE instead).
+MAX_TEMPERATURE = 1e6
 
 
 def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
+    """``temperature`` as a float, or ValueError unless it is a finite number in ``(0, MAX_TEMPERATURE]``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"`temperature` must be a finite number in (0, {MAX_TEMPERATURE:g}], got {temperature!r}")
     return float(temperature)
+
+
+def check_labels(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """ValueError naming the first label outside ``[0, num_classes)`` that is not ``ignore_index``.
+
+    >>> import torch
+    >>> check_labels(torch.tensor([0, 4, -100]), 5, -100)
+    >>> check_labels(torch.tensor([0, -1]), 5, -100)
+    Traceback (most recent call last):
+    ...
+    ValueError: `targets` holds the label -1, outside [0, 5) and not ignore_index=-100
+    """
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"`targets` must be integer class labels, got dtype {targets.dtype}")
+    bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
+    if bool(bad.any()):
+        value = int(targets[bad].reshape(-1)[0])
+        raise ValueError(f"`targets` holds the label {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
 
 
 def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -183,6 +208,8 @@ def _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mas
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be an int >= 1 or None, got {chunk_size!r}")
     vocab = student_logits.shape[-1]
+    if targets is not None:
+        check_labels(targets, vocab, ignore_index)
     weights, _ = position_weights(student_logits.shape[:-1], student_logits.device, targets, mask, ignore_index)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().reshape(-1, vocab)
@@ -199,35 +226,35 @@ class KDWorkspace:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, slot: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        key = (slot, device)
+    def get(self, slot: int, shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (slot, device, dtype)
         buffer, view = self._buffers.get(key, (None, None))
         if view is not None and view.shape == shape:
             return view
         numel = shape.numel()
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            buffer = torch.empty(numel, dtype=dtype, device=device)
         view = buffer[:numel].view(shape)
         self._buffers[key] = (buffer, view)
         return view
 
 
-def _scratch(workspace: KDWorkspace | None, slot: int, like: torch.Tensor) -> torch.Tensor:
+def _scratch(workspace: KDWorkspace | None, slot: int, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if workspace is None:
-        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
-    return workspace.get(slot, like.shape, like.device)
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return workspace.get(slot, like.shape, like.device, dtype)
 
 
 def _exp_rows(logits: torch.Tensor, scale: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``out = exp(scale * (x - max x))`` in float32, the row max of ``scale * x`` **in log2 units**, the row sums.
+    """``out = exp(scale * (x - max x))`` in ``out``'s dtype, the row max of ``scale * x`` **in log2 units**, the row sums.
 
     Computed as ``exp2`` of ``log2(e) * scale * (x - max x)`` (on CPU ``exp2`` is about 3x faster
     than ``exp``), the shift and scale in one pass. The natural-log row max is ``LN_2 * top2``.
     """
     scale2 = scale * LOG2_E
-    top2 = logits.amax(-1, keepdim=True).float().mul_(scale2)
+    top2 = logits.amax(-1, keepdim=True).to(out.dtype).mul_(scale2)
     torch.add(-top2, logits, alpha=scale2, out=out).exp2_()
     return out, top2, out.sum(-1, keepdim=True)
 
@@ -256,6 +283,8 @@ def _rows_kd(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """Over rows of ``[N, V]`` logits, in float32: the weighted sums ``T^2 * KL`` and CE, and gradients.
 
+    Above ``FLOAT64_ABOVE_TEMPERATURE`` the math runs in float64 (the sums come back as float32).
+    Entries of ``-inf`` in both the student and the teacher (a padded vocabulary) weigh nothing.
     With ``z_s = s / T``: ``KL_row = sum_j p_t,j (z_t,j - z_s,j) + lse(z_s) - lse(z_t)``,
     ``d(T^2 KL)/ds = T (p_s - p_t)``, ``CE_row = lse(s) - s_y``, ``dCE/ds = softmax(s) - onehot``.
     For an integer ``T``, ``exp(s - max s) = exp(z_s - max z_s)^T``, so the whole loss takes two
@@ -264,15 +293,18 @@ def _rows_kd(
     ``workspace`` is given.
     """
     T = temperature
-    e_s, top2_s, sum_s = _exp_rows(student, 1.0 / T, torch.empty(student.shape, dtype=torch.float32, device=student.device))
-    e_t, top2_t, sum_t = _exp_rows(teacher, 1.0 / T, _scratch(workspace, 0, teacher))  # p_t = e_t / sum_t
-    diff = _scratch(workspace, 1, teacher)
-    if teacher.dtype == student.dtype == torch.float32:
+    dtype = torch.float64 if T > FLOAT64_ABOVE_TEMPERATURE else torch.float32
+    weights = weights.to(dtype)
+    e_s, top2_s, sum_s = _exp_rows(student, 1.0 / T, torch.empty(student.shape, dtype=dtype, device=student.device))
+    e_t, top2_t, sum_t = _exp_rows(teacher, 1.0 / T, _scratch(workspace, 0, teacher, dtype))  # p_t = e_t / sum_t
+    diff = _scratch(workspace, 1, teacher, dtype)
+    if teacher.dtype == student.dtype == dtype:
         torch.sub(teacher, student, out=diff)
     else:
         diff.copy_(teacher).sub_(student)
-    # KL_row = sum_j p_t (t - s) / T + lse(z_s) - lse(z_t), with lse(z) = LN_2 * top2 + log(sum)
-    kl_rows = diff.mul_(e_t).sum(-1, keepdim=True).div_(sum_t * T).add_(top2_s - top2_t, alpha=LN_2).add_(sum_s.div(sum_t).log_())
+    # KL_row = sum_j p_t (t - s) / T + lse(z_s) - lse(z_t), with lse(z) = LN_2 * top2 + log(sum);
+    # nansum: an entry of -inf in both has p_t = 0 and t - s = nan, and weighs nothing
+    kl_rows = diff.mul_(e_t).nansum(-1, keepdim=True).div_(sum_t * T).add_(top2_s - top2_t, alpha=LN_2).add_(sum_s.div(sum_t).log_())
     soft = torch.dot(kl_rows.view(-1), weights) * T**2
     e_1 = None
     if targets is None:
@@ -281,13 +313,14 @@ def _rows_kd(
         if T == 1.0:
             e_1, top2_1, sum_1 = e_s, top2_s, sum_s
         elif T.is_integer() and T <= 16:  # exp(s - max s) = exp(z_s - max z_s) ** T
-            e_1 = _integer_power(e_s, int(T), _scratch(workspace, 2, student))
+            e_1 = _integer_power(e_s, int(T), _scratch(workspace, 2, student, dtype))
             top2_1, sum_1 = top2_s * T, e_1.sum(-1, keepdim=True)
         else:
-            e_1, top2_1, sum_1 = _exp_rows(student, 1.0, _scratch(workspace, 2, student))
+            e_1, top2_1, sum_1 = _exp_rows(student, 1.0, _scratch(workspace, 2, student, dtype))
         # CE_row = lse(s) - s_y
         ce_rows = sum_1.log().add_(top2_1, alpha=LN_2).sub_(student.gather(1, targets[:, None]))
         hard = torch.dot(ce_rows.view(-1), weights)
+    soft, hard = soft.float(), hard.float()
     if not need_grads:
         return soft, hard, []
     w = weights[:, None]
