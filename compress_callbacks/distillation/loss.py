@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .cache import TopKLogits, inputs_fingerprint
+from .divergences import check_divergence
 from .losses import KDWorkspace, check_temperature, token_kd_loss
 
 __all__ = ["DistillationLoss", "extract_logits", "extract_loss", "is_label_tensor", "trainable_leaves"]
@@ -113,6 +115,10 @@ class DistillationLoss(nn.Module):
             logits' leading shape are labels: they also mark the positions the soft term counts.
         temperature: softening temperature, finite, in ``(0, 1e6]`` (above 32 computed in float64).
         alpha: weight of the soft term in ``[0, 1]``; the hard term gets ``1 - alpha``.
+        divergence: the soft term's ``D``: ``"forward_kl"`` ``KL(p_t || p_s)`` (default),
+            ``"reverse_kl"`` ``KL(p_s || p_t)`` or ``"jsd"``, ``beta * KL(p_t || m) + (1 - beta) *
+            KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``; always times ``T^2``.
+        beta: the teacher's weight in the JSD mixture, in (0, 1).
         ignore_index: target value that carries no loss (token-level logits), default -100.
         shift_labels: for causal LMs given the input ids as ``targets`` (Transformers' ``labels``):
             compare the logits at position ``t`` with the target at ``t + 1``.
@@ -122,7 +128,9 @@ class DistillationLoss(nn.Module):
 
     Call: ``distill(student_outputs, targets=None, inputs=None, teacher_outputs=None,
     attention_mask=None)``. The teacher runs on ``inputs`` (a dict is passed as keyword arguments,
-    without its ``labels``) unless ``teacher_outputs`` is given. Without a hard term
+    without its ``labels``) unless ``teacher_outputs`` is given: logits, outputs holding them, or a
+    :class:`~compress_callbacks.distillation.TopKLogits` from ``cache_teacher_logits`` (then
+    ``teacher=None`` will do, and ``inputs``, when given, is checked against the cached entry's). Without a hard term
     (``targets=None`` and no ``.loss``) the result is the soft term alone. Logits of shape
     ``[B, T, V]`` average over the positions whose target is not ``ignore_index`` and whose
     ``attention_mask`` (argument, or ``inputs["attention_mask"]``) is non-zero.
@@ -137,6 +145,8 @@ class DistillationLoss(nn.Module):
         base_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         temperature: float = 4.0,
         alpha: float = 0.9,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
         *,
         ignore_index: int = -100,
         shift_labels: bool = False,
@@ -149,6 +159,7 @@ class DistillationLoss(nn.Module):
         if base_loss is not None and not callable(base_loss):
             raise TypeError(f"`base_loss` must be callable(logits, targets), got {type(base_loss).__name__}")
         check_temperature(temperature)
+        divergence, beta = check_divergence(divergence, beta)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")
         if not isinstance(ignore_index, int):
@@ -165,6 +176,8 @@ class DistillationLoss(nn.Module):
         self.base_loss = base_loss
         self.temperature = float(temperature)
         self.alpha = float(alpha)
+        self.divergence = divergence
+        self.beta = beta
         self.ignore_index = ignore_index
         self.shift_labels = bool(shift_labels)
         self.chunk_size = chunk_size
@@ -178,7 +191,8 @@ class DistillationLoss(nn.Module):
         return self._teacher_ref[0]
 
     def extra_repr(self) -> str:
-        return f"teacher={type(self.teacher).__name__}, temperature={self.temperature}, alpha={self.alpha}"
+        extra = f", divergence={self.divergence!r}" + (f", beta={self.beta}" if self.divergence == "jsd" else "")
+        return f"teacher={type(self.teacher).__name__}, temperature={self.temperature}, alpha={self.alpha}{extra}"
 
     # ------------------------------------------------------------------ teacher
     def teacher_outputs(self, inputs: Any, like: torch.Tensor) -> Any:
@@ -237,12 +251,7 @@ class DistillationLoss(nn.Module):
             self._freeze_teacher(student_logits)
         if teacher_outputs is None:
             teacher_outputs = self.teacher_outputs(inputs, student_logits)
-        teacher_logits = extract_logits(teacher_outputs, "teacher_outputs")
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(
-                f"`student_outputs` logits and `teacher_outputs` logits differ in shape: {tuple(student_logits.shape)} vs "
-                f"{tuple(teacher_logits.shape)} (batch, positions and vocabulary must match)"
-            )
+        teacher_logits = self._checked_teacher_logits(teacher_outputs, student_logits, inputs)
         # targets are class labels (they mark the counted positions) only when integer and of the logits' leading shape;
         # anything else (regression values, embeddings) goes to `base_loss` untouched
         labels = targets if is_label_tensor(targets, student_logits.shape[:-1]) else None
@@ -266,7 +275,7 @@ class DistillationLoss(nn.Module):
         total, soft, hard = token_kd_loss(
             student_logits, teacher_logits, self.temperature, self.alpha if fused_hard else 1.0,
             targets=labels, mask=attention_mask, ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-            with_hard=fused_hard, workspace=self._workspace,
+            with_hard=fused_hard, workspace=self._workspace, divergence=self.divergence, beta=self.beta,
         )
         if not fused_hard:
             if targets is not None:
@@ -279,6 +288,30 @@ class DistillationLoss(nn.Module):
         if hard is not None:
             self._last["hard"] = hard.detach()
         return total
+
+    @staticmethod
+    def _checked_teacher_logits(teacher_outputs: Any, student_logits: torch.Tensor, inputs: Any) -> torch.Tensor | TopKLogits:
+        """The teacher's logits (or cached top-k entry), refused when they do not fit the student's or its inputs."""
+        if not isinstance(teacher_outputs, TopKLogits):
+            teacher_logits = extract_logits(teacher_outputs, "teacher_outputs")
+            if student_logits.shape != teacher_logits.shape:
+                raise ValueError(
+                    f"`student_outputs` logits and `teacher_outputs` logits differ in shape: {tuple(student_logits.shape)} vs "
+                    f"{tuple(teacher_logits.shape)} (batch, positions and vocabulary must match)"
+                )
+            return teacher_logits
+        entry = teacher_outputs
+        if entry.shape != student_logits.shape[:-1] or entry.vocab_size not in (None, student_logits.shape[-1]):
+            raise ValueError(
+                f"`student_outputs` logits of shape {tuple(student_logits.shape)} and the cached `teacher_outputs` for positions "
+                f"{tuple(entry.shape)} (vocabulary {entry.vocab_size}) differ in shape: a cache written from other data?"
+            )
+        if entry.fingerprint is not None and inputs is not None and inputs_fingerprint(inputs) != entry.fingerprint:
+            raise ValueError(
+                "`teacher_outputs` was cached from other inputs than `inputs` (their fingerprints differ): pair each batch with "
+                "its own entry (same order, no shuffling: `cache.zip(batches)`) and pass as `inputs` what the teacher ran on"
+            )
+        return entry
 
     def log_values(self) -> dict[str, float]:
         """The last call's ``hard`` (when there was one), ``soft`` and ``total`` as floats."""
