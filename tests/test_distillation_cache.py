@@ -168,6 +168,19 @@ def test_top_k_of_the_whole_vocabulary_equals_the_full_logit_loss(tmp_path, dive
         student.zero_grad()
 
 
+def test_left_padding_keeps_the_position_that_predicts_the_first_token(tmp_path):
+    teacher, student = TinyLM(seed=1), TinyLM(seed=2)
+    ids = torch.randint(0, 40, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    cache = cache_teacher_logits(teacher, [batch], tmp_path / "t.topk", top_k=40, value_dtype=torch.float32)
+    assert cache[0].counted[0].tolist() == [False, True, True, True, True, True]  # position 1 predicts token 2
+    live = DistillationLoss(teacher, temperature=1.0, alpha=0.5, shift_labels=True)(student(**batch), batch["labels"], inputs=batch)
+    cached = DistillationLoss(None, temperature=1.0, alpha=0.5, shift_labels=True)(
+        student(**batch), batch["labels"], inputs=batch, teacher_outputs=cache[0])
+    torch.testing.assert_close(cached, live)
+
+
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=IDS)
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_fewer_than_the_vocabulary_is_the_k_plus_one_outcome_divergence(tmp_path, divergence, beta, chunk):
@@ -218,6 +231,10 @@ def test_the_cache_file_is_small_memory_mapped_and_holds_the_teachers_top_k(tmp_
     assert cache.bytes_per_position <= 512 and cache.vocab_size == 1000 and cache.top_k == 64
     reopened = load_teacher_logits(tmp_path / "t.topk")
     assert len(reopened) == 3 and "bytes per position" in repr(reopened)
+    import pickle
+
+    pickled = pickle.dumps(reopened)  # DataLoader workers get the path, not the data
+    assert len(pickled) < 2000 and torch.equal(pickle.loads(pickled)[2].indices, reopened[2].indices)
     for batch, entry in zip(batches, reopened):
         with torch.no_grad():
             logits = teacher(**batch)["logits"]

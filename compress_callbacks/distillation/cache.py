@@ -2,7 +2,7 @@
 
 ``cache_teacher_logits(teacher, batches, path, top_k=64)`` runs the teacher over ``batches``
 (``no_grad``, eval mode, a progress bar on a terminal) and writes, for every counted position
-(those whose ``attention_mask`` is non-zero, when the batch has one), the ``k`` largest logits
+(those whose ``attention_mask`` is non-zero and the one before each, when the batch has a mask), the ``k`` largest logits
 (float16, minus the position's largest: softmax does not see the shift) with their vocabulary
 indices (uint16 up to 65,536 entries, else int32) and the log of the rest's mass at the cache's
 ``temperature`` (float32). At k = 64 that is 260 bytes per position. ``load_teacher_logits(path)``
@@ -229,7 +229,7 @@ def cache_teacher_logits(
         progress: a tqdm progress bar: None shows it on a terminal only, True always, False never.
 
     Counted positions: where a dict's ``"attention_mask"`` of the logits' leading shape is
-    non-zero, else every position. Raises ValueError for ``top_k`` out of range, a vocabulary that
+    non-zero and the position before each (a shifted causal-LM loss counts it), else every position. Raises ValueError for ``top_k`` out of range, a vocabulary that
     changes between batches or non-finite teacher logits; nothing is left at ``path`` then.
     """
     if not callable(teacher):
@@ -344,10 +344,15 @@ def _to_device(value: Any, device: torch.device | None) -> Any:
 
 
 def _counted_positions(teacher_inputs: Any, leading: torch.Size) -> torch.Tensor | None:
+    """Flat bools: where the attention mask is non-zero, and the position before each such one (a causal
+    LM's shifted loss predicts the first real token of a left-padded row from the padding before it)."""
     mask = teacher_inputs.get("attention_mask") if isinstance(teacher_inputs, Mapping) else None
     if not isinstance(mask, torch.Tensor) or mask.shape != leading:
         return None
-    counted = mask.reshape(-1) != 0
+    counted = mask != 0
+    if counted.dim() >= 2:
+        counted[..., :-1] |= counted[..., 1:].clone()
+    counted = counted.reshape(-1)
     return None if bool(counted.all()) else counted
 
 
@@ -391,7 +396,15 @@ class TeacherLogitsCache(Sequence):
         self._index_dtype: str | None = footer["index_dtype"]
         self._entries: list[dict[str, Any]] = footer["batches"]
         self.positions = sum(entry["rows"] for entry in self._entries)
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(footer["data_end"],)) if self._entries else None
+        self._data_end: int = footer["data_end"]
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._data_end,)) if self._entries else None
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: reopen the file, do not pickle its contents
+        return {key: value for key, value in self.__dict__.items() if key != "_data"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._data_end,)) if self._entries else None
 
     @property
     def bytes_per_position(self) -> float:

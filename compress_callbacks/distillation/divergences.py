@@ -109,18 +109,22 @@ def divergence_rows(
     """
     p = log_p.exp() if p is None else p
     q = log_q.exp() if q is None else q
-    zero = log_p.new_zeros(())
     if divergence == "forward_kl":  # sum q (log q - log p); d/d log p = -q
-        return torch.where(q > 0, q * (log_q - log_p), zero).sum(-1), q.neg()
+        return _weighted(q, torch.sub(log_q, log_p)).sum(-1), q.neg()
     if divergence == "reverse_kl":  # sum p (log p - log q); d/d log p = p (log p - log q) (+ p, which softmax cancels)
-        terms = torch.where(p > 0, p * (log_p - log_q), zero)
+        terms = _weighted(p, torch.sub(log_p, log_q))
         return terms.sum(-1), terms
     # jsd: beta sum q (log q - log m) + (1 - beta) sum p (log p - log m); d/d log p = (1 - beta) p (log p - log m)
-    log_m = torch.log((q * beta).add_(p, alpha=1.0 - beta).clamp_min_(torch.finfo(p.dtype).tiny))  # both underflowed: m = tiny
-    student_terms = torch.where(p > 0, p * (log_p - log_m), zero)
-    teacher_terms = torch.where(q > 0, q * (log_q - log_m), zero)
+    log_m = torch.mul(q, beta).add_(p, alpha=1.0 - beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()  # both underflowed: m = tiny
+    student_terms = _weighted(p, torch.sub(log_p, log_m))
+    teacher_terms = _weighted(q, log_m.neg_().add_(log_q))
     rows = teacher_terms.sum(-1).mul_(beta).add_(student_terms.sum(-1), alpha=1.0 - beta)
     return rows, student_terms.mul_(1.0 - beta)
+
+
+def _weighted(probabilities: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """``probabilities * log_ratio`` in ``log_ratio``'s buffer, with ``0 * log 0 = 0`` (an infinite ratio where the weight is 0)."""
+    return log_ratio.mul_(probabilities).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 # ---------------------------------------------------------------------------- scratch and exponentials
