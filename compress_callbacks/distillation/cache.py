@@ -229,8 +229,10 @@ def cache_teacher_logits(
         progress: a tqdm progress bar: None shows it on a terminal only, True always, False never.
 
     Counted positions: where a dict's ``"attention_mask"`` of the logits' leading shape is
-    non-zero and the position before each (a shifted causal-LM loss counts it), else every position. Raises ValueError for ``top_k`` out of range, a vocabulary that
-    changes between batches or non-finite teacher logits; nothing is left at ``path`` then.
+    non-zero and the position before each (a shifted causal-LM loss counts it), else every
+    position. For a bf16 teacher, call this under ``torch.autocast``. Raises ValueError for
+    ``top_k`` out of range, a vocabulary that changes between batches or non-finite teacher
+    logits; nothing is left at ``path`` then.
     """
     if not callable(teacher):
         raise TypeError(f"`teacher` must be an nn.Module or a callable, got {type(teacher).__name__}")
@@ -290,13 +292,9 @@ def _write_entries(handle, teacher, batches, top_k, inputs, temperature, value_d
         rows = logits.reshape(-1, vocab)
         if counted is not None:
             rows = rows[counted.to(rows.device)]
-        parts = [teacher_top_k(rows[start:start + _chunk_rows(vocab)], top_k, temperature)
-                 for start in range(0, rows.shape[0], _chunk_rows(vocab))]
-        values, indices, log_tail = (torch.cat(p) for p in zip(*parts)) if parts else _empty(top_k)
         if rows.numel() and not bool(torch.isfinite(rows.amax(-1)).all()):
             raise ValueError(f"batch {number}: the teacher's logits are not finite (nan or +inf)")
-        arrays = [_numpy_values(values, value_dtype), indices.to(torch.int64).cpu().numpy().astype(_NUMPY[index_name]),
-                  log_tail.cpu().numpy().astype(np.float32)]
+        arrays = _encode_rows(rows, top_k, temperature, value_dtype, index_name)
         if counted is not None:
             arrays.append(np.packbits(counted.cpu().numpy().astype(np.uint8)))
         entry = {"shape": list(leading), "rows": int(rows.shape[0]), "offset": offset, "counted": counted is not None,
@@ -310,17 +308,17 @@ def _write_entries(handle, teacher, batches, top_k, inputs, temperature, value_d
             "value_dtype": value_name, "index_dtype": index_name, "data_end": offset, "batches": entries}
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-
-
-def _empty(top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.int64), torch.zeros(0)
-
-
-def _numpy_values(values: torch.Tensor, value_dtype: torch.dtype) -> np.ndarray:
-    values = values.to(value_dtype).cpu()
-    return values.view(torch.int16).numpy() if value_dtype == torch.bfloat16 else values.numpy()  # numpy has no bfloat16
+def _encode_rows(rows: torch.Tensor, top_k: int, temperature: float, value_dtype: torch.dtype, index_name: str) -> list[np.ndarray]:
+    """The stored arrays of ``[N, V]`` logits: values, indices, tail log-masses (chunk by chunk: one float32 copy at a time)."""
+    step = max(1, DEFAULT_CHUNK_ELEMENTS // rows.shape[1])
+    parts = [teacher_top_k(rows[start:start + step], top_k, temperature) for start in range(0, rows.shape[0], step)]
+    if parts:
+        values, indices, log_tail = (torch.cat(part).cpu() for part in zip(*parts))
+    else:
+        values, indices, log_tail = torch.zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.int64), torch.zeros(0)
+    values = values.to(value_dtype)
+    return [values.view(torch.int16).numpy() if value_dtype == torch.bfloat16 else values.numpy(),  # numpy has no bfloat16
+            indices.numpy().astype(_NUMPY[index_name]), log_tail.numpy().astype(np.float32)]
 
 
 def _select_inputs(batch: Any, inputs: str | Callable[[Any], Any] | None) -> Any:
