@@ -85,15 +85,41 @@ def test_native_kernel_builds_once_privately_and_matches_mul(fresh_native, tmp_p
     assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
-def test_a_cache_folder_others_can_write_is_refused_and_the_kernels_built_privately(fresh_native, tmp_path, mode):
+def give_away(path: Path, monkeypatch) -> str:
+    """Make ``path`` another user's (as root: chown; otherwise this process pretends to be another
+    user, to whom all of this user's files then belong); the reason the loader should give."""
+    if os.getuid() == 0:
+        os.chown(path, 4242, 4242)
+        return "owned by uid 4242"
+    monkeypatch.setattr(os, "getuid", lambda uid=os.getuid(): uid + 1)
+    return "owned by uid"
+
+
+def test_kernels_pickle_and_deepcopy_by_reference():
+    """GMP keeps its kernel on the model: torch.save(model) and copy.deepcopy(model) must take it."""
+    import copy
+    import pickle
+
+    kernels = [_native.mask_multiply_kernel(), _native.fake_quantize_rows_kernel(),
+               *(_native.activation_kernels() or (None,)), *(_native.magnitude_select_kernels() or (None,))]
+    assert all((k is not None) == has_compiler() for k in kernels)
+    assert all(pickle.loads(pickle.dumps(k)) is k and copy.deepcopy(k) is k for k in kernels)
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777, "another user's"])
+def test_a_cache_folder_others_can_write_or_own_is_refused_and_the_kernels_built_privately(fresh_native, tmp_path,
+                                                                                          monkeypatch, mode):
     cache = tmp_path / "cache"
-    cache.mkdir()
-    cache.chmod(mode)
+    cache.mkdir(mode=0o700)
+    if mode == "another user's":
+        reason = give_away(cache, monkeypatch)
+    else:
+        cache.chmod(mode)
+        reason = "writable by group or others"
     loaded, messages = load_warnings(fresh_native)
     assert loaded == has_compiler()
     if loaded:  # built in a fresh private temp folder, loaded, and that folder removed
-        assert len(messages) == 1 and "writable by group or others" in messages[0] and str(cache) in messages[0]
+        assert len(messages) == 1 and reason in messages[0] and str(cache) in messages[0], messages
     assert libraries(cache) == [] and list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -128,12 +154,8 @@ def test_a_cached_library_another_user_could_have_written_is_rebuilt_not_loaded(
     if how == "writable by others":
         library.chmod(0o646)
         reason = "writable by group or others"
-    elif os.getuid() == 0:
-        os.chown(library, 4242, 4242)
-        reason = "owned by uid 4242"
-    else:  # only root can give a file away: pretend to be another user (the cache folder is then refused)
-        monkeypatch.setattr(os, "getuid", lambda uid=os.getuid(): uid + 1)
-        reason = "owned by uid"
+    else:  # not as root, the cache folder is refused first (it is "another user's" too)
+        reason = give_away(library, monkeypatch)
     loaded, messages = load_warnings(fresh_native)
     assert loaded, "the planted file was loaded (that fails) instead of a fresh build"
     assert len(messages) == 1 and reason in messages[0], messages
