@@ -73,6 +73,11 @@ class _LayerState:
         return weight * channel_view(self.bn_factor(), weight.dim())
 
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """``x`` fake-quantized with the layer's range; observed while the observers run.
+
+        The first input with a finite value starts the range (and is recorded even with frozen
+        observers, so that the next update can agree on it over ranks); until then, inputs pass float.
+        """
         if not self.quantize_input or x.numel() == 0:
             return x
         owner = self.owner
@@ -82,8 +87,11 @@ class _LayerState:
                 lo, hi = tensor_range(x)
                 group = self.group
                 if not self.initialized:
+                    if not bool(lo <= hi):  # nothing finite to start from (a host sync, until initialized)
+                        return x
                     group.initialize(self.slot, lo, hi)
                     self.initialized = True
+                    observe = True
                 if observe:
                     group.record(self.slot, lo, hi)
                     owner._observed = True

@@ -1,0 +1,107 @@
+"""QAT and calibration on real input: non-finite values, empty batches under DDP, Transformer
+layers, two techniques of one kind on the same layers (issue 14, "Quantization")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compress_callbacks import CompressionManager, QuantizationAwareTraining
+from compress_callbacks.quantization import fake_quant as FQ
+from compress_callbacks.quantization import observer
+from compress_callbacks.quantization.ptq import calibrate
+from compress_callbacks.quantization.spec import get_qparams
+
+INF, NAN = float("inf"), float("nan")
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def batches(n: int, rows: int = 8, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, 12, generator=g), torch.randint(0, 3, (rows,), generator=g)) for _ in range(n)]
+
+
+def attach_qat(model: nn.Module, lr: float = 0.01, **kwargs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    qat = QuantizationAwareTraining(**kwargs)
+    manager = CompressionManager(qat)
+    manager.attach(model, optimizer)
+    return manager, qat, optimizer
+
+
+def finite_extremes(x: torch.Tensor) -> tuple[float, float]:
+    finite = x[torch.isfinite(x)]
+    return finite.min().item(), finite.max().item()
+
+
+# ------------------------------------------------------------------------------------ non-finite
+@pytest.mark.parametrize("without_host_sync", [False, True], ids=["cpu-check", "masked"])
+def test_tensor_range_keeps_the_finite_values_only(without_host_sync, monkeypatch):
+    if without_host_sync:  # the path taken off the CPU and under torch.compile
+        monkeypatch.setattr(observer, "_compiling", lambda: True)
+    x = torch.tensor([[0.5, -2.0, INF], [NAN, 3.0, -INF]])
+    assert [t.item() for t in observer.tensor_range(x)] == [-2.0, 3.0]
+    assert [t.item() for t in observer.tensor_range(torch.tensor([NAN, INF, -INF]))] == [INF, -INF]
+    clean = torch.randn(5, 7)
+    assert [t.item() for t in observer.tensor_range(clean)] == [clean.min().item(), clean.max().item()]
+
+
+def test_an_overflowed_input_never_enters_a_range_first_batch_included():
+    model = mlp()
+    _, qat, optimizer = attach_qat(model)
+    data = batches(6)
+    first, later = data[0][0].clone(), data[3][0].clone()
+    first[0, 0], first[1, 3] = INF, -INF
+    later[2, 5] = INF
+    data[0], data[3] = (first, data[0][1]), (later, data[3][1])
+    for i, (x, y) in enumerate(data):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if i == 0:  # a first observation is taken as it is: the first batch's finite extremes
+            low, high = qat.ranges["0"]
+            assert (low.item(), high.item()) == finite_extremes(first)
+    for name, (low, high) in qat.ranges.items():
+        assert torch.isfinite(low) and torch.isfinite(high), (name, low, high)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model(batches(1, seed=5)[0][0])).all()
+
+
+def test_a_batch_without_a_finite_value_leaves_every_range_as_it_was():
+    model = mlp()
+    _, qat, optimizer = attach_qat(model)
+    poison = torch.full((8, 12), NAN)
+    poison[:4] = INF
+    poison[4:6] = -INF
+    model(poison)  # first batch: no range can start from it, its inputs pass float
+    optimizer.step()
+    assert dict(qat.ranges) == {}
+    clean = batches(1)[0][0]
+    model(clean)
+    optimizer.step()
+    low, high = qat.ranges["0"]
+    assert (low.item(), high.item()) == finite_extremes(clean)
+    before = {name: (low.clone(), high.clone()) for name, (low, high) in qat.ranges.items()}
+    model(torch.full((8, 12), NAN))  # a later one (NaN all the way through the model): nothing moves
+    optimizer.step()
+    after = dict(qat.ranges)
+    assert after.keys() == before.keys() == {"0", "2", "4"}
+    for name, (low, high) in before.items():
+        assert torch.equal(after[name][0], low) and torch.equal(after[name][1], high), name
+
+
+def test_calibrate_skips_non_finite_values():
+    model = mlp().eval()
+    data = [x.clone() for x, _ in batches(3)]
+    data[0][0, :3] = torch.tensor([INF, -INF, NAN])
+    data[2][4, 7] = INF
+    low, high = finite_extremes(torch.cat(data))
+    spec = get_qparams(calibrate(model, data))["0"]
+    scale, zero_point = FQ.activation_qparams(torch.tensor(low), torch.tensor(high))
+    assert (spec.input_scale, spec.input_zero_point) == (float(scale), int(zero_point))
