@@ -105,3 +105,54 @@ def test_calibrate_skips_non_finite_values():
     spec = get_qparams(calibrate(model, data))["0"]
     scale, zero_point = FQ.activation_qparams(torch.tensor(low), torch.tensor(high))
     assert (spec.input_scale, spec.input_zero_point) == (float(scale), int(zero_point))
+
+
+# ------------------------------------------------------------------------------------ DDP
+def _ddp_ranks_agree_worker(path):
+    """Two ranks, different data. "empty": rank 1's batch has no rows at the first and third steps
+    (every rank still takes part in the range reduction). "frozen": observers frozen before QAT starts
+    (the ranges start from each rank's first batch and are agreed on before they freeze)."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    for scenario, kwargs in (("empty", {"start_step": 0}), ("frozen", {"start_step": 1, "freeze_observers_step": 0})):
+        model = mlp()
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01))
+        qat = QuantizationAwareTraining(**kwargs)
+        manager = CompressionManager(qat, accelerator=accelerator)
+        manager.attach(model, optimizer)
+        g = torch.Generator().manual_seed(100 + rank)
+        first_active = None
+        for step in range(5):
+            rows = 0 if scenario == "empty" and rank == 1 and step in (0, 2) else 8
+            x, y = torch.randn(rows, 12, generator=g) * (1 + 3 * rank), torch.randint(0, 3, (rows,), generator=g)
+            if first_active is None and step >= kwargs["start_step"] and rows:
+                first_active = x
+            accelerator.backward(F.cross_entropy(model(x), y, reduction="sum"))
+            optimizer.step()
+            optimizer.zero_grad()
+        state = qat.state_dict()
+        local = torch.cat([state["running_min"], state["running_max"], torch.tensor(state["initialized"], dtype=torch.float32)])
+        gathered = [torch.zeros_like(local) for _ in range(2)]
+        dist.all_gather(gathered, local)
+        assert torch.equal(gathered[0], gathered[1]), (scenario, gathered)
+        assert all(state["initialized"]) and (state["running_max"] > 0).all(), (scenario, state)
+        if scenario == "frozen":  # the union of the two ranks' first active batches, then fixed
+            low, high = first_active.min().reshape(1), first_active.max().reshape(1)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            assert (state["running_min"][0], state["running_max"][0]) == (low[0], high[0]), (state, low, high)
+        specs = get_qparams(manager.finalize(model))
+        scales = torch.tensor([[spec.input_scale, spec.input_zero_point] for spec in specs.values()])
+        all_scales = [torch.zeros_like(scales) for _ in range(2)]
+        dist.all_gather(all_scales, scales)
+        assert torch.equal(all_scales[0], all_scales[1]), (scenario, all_scales)
+    with open(f"{path}/rank{rank}.txt", "w") as f:
+        f.write("ok")
+
+
+def test_ddp_ranks_agree_with_an_empty_batch_and_with_observers_frozen_before_the_start(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_ranks_agree_worker, tmp_path, timeout=180)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]

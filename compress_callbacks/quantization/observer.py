@@ -115,18 +115,20 @@ class RangeObserver:
         self.observed_max.fill_(float("-inf"))
 
     @torch.no_grad()
-    def fold_moving_average(self, averaging_constant: float, fresh: Sequence[int] = ()) -> None:
+    def fold_moving_average(self, averaging_constant: float, fresh: Sequence[int] | torch.Tensor = ()) -> None:
         """Move each observed slot's running range towards what it observed; then :meth:`reset`.
 
-        Slots in ``fresh`` (observed for the first time) take the observed range as it is; slots that
-        observed nothing keep their running range.
+        Slots in ``fresh`` (observed for the first time: indices, or a bool vector) take the observed
+        range as it is; slots that observed nothing keep their running range.
         """
         low, high, seen = self.observed_min, self.observed_max, self.seen
         ema_min, ema_max = moving_average_range(self.running_min, self.running_max, low, high, averaging_constant)
-        if fresh:
+        if torch.is_tensor(fresh):
+            first = fresh.to(seen.device, torch.bool)
+        else:
             first = torch.zeros_like(seen)
             first[list(fresh)] = True
-            ema_min, ema_max = torch.where(first, low, ema_min), torch.where(first, high, ema_max)
+        ema_min, ema_max = torch.where(first, low, ema_min), torch.where(first, high, ema_max)
         self.running_min.copy_(torch.where(seen, ema_min, self.running_min))
         self.running_max.copy_(torch.where(seen, ema_max, self.running_max))
         self.reset()

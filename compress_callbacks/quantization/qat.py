@@ -182,17 +182,27 @@ class _RangeGroup(RangeObserver):
         self.fresh.append(slot)
 
     @torch.no_grad()
-    def update(self, averaging_constant: float) -> None:
-        """Fold this update's observations (reduced over ranks) into the moving averages."""
+    def update(self, averaging_constant: float) -> torch.Tensor:
+        """Fold this update's observations into the moving averages; return the slots observed for
+        the first time (bool vector).
+
+        Under DDP the observed ranges and the first observations are reduced over ranks first: a
+        collective every rank makes, whatever it saw (an empty batch, nothing at all), after which
+        every rank holds the same ranges.
+        """
+        size = self.observed_min.numel()
+        first = torch.zeros(size, dtype=torch.bool, device=self.device)
+        first[self.fresh] = True
         if _dist.world_size() > 1:
-            size = self.observed_min.numel()
-            packed = torch.cat([-self.observed_min, self.observed_max])
+            packed = torch.cat([-self.observed_min, self.observed_max, first.float()])
             _dist.all_reduce_(packed, "max")
             self.observed_min.copy_(-packed[:size])
-            self.observed_max.copy_(packed[size:])
-        self.fold_moving_average(averaging_constant, self.fresh)
+            self.observed_max.copy_(packed[size : 2 * size])
+            first = packed[2 * size :] > 0
+        self.fold_moving_average(averaging_constant, first)
         self.refresh_qparams()
         self.fresh.clear()
+        return first
 
     def refresh_qparams(self) -> None:
         self.set_qparams(slice(None), self.running_min, self.running_max)
@@ -264,7 +274,9 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             channel's current ``max |w|`` (nothing is clipped; straight-through gradients).
         activation_bits: 8 (layer inputs, per tensor, affine uint8, moving-average min/max
             observers) or None (weight-only).
-        freeze_observers_step: from this step on the input ranges stay fixed.
+        freeze_observers_step: from this step on the input ranges stay fixed. At or before
+            ``start_step``, each range is fixed from the first input the layer gets (under DDP: the
+            union of every rank's first input, agreed on at the first update).
         freeze_bn_step: from this step on every BatchNorm uses its running statistics (and keeps
             them), even after ``model.train()``.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
@@ -272,7 +284,9 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
     A Conv followed by a BatchNorm is trained with the BN folded into the fake-quantized weight
     (``q(w * gamma / sqrt(var + eps))``, running statistics), so the int8 folded conv computes what
     was trained. Observer ranges are updated once per real update with that update's observed
-    min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges.
+    min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges; every
+    rank takes part in that reduction whatever its batch (an empty one included). Values that are not
+    finite (``inf``, NaN) never enter a range.
 
     Modules are switched in place (their class becomes a subclass whose forward fake-quantizes); the
     ``Parameter`` objects, the optimizer and DDP are untouched, and ``state_dict`` keys never change.
@@ -309,6 +323,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._active = False
         self._observing = False
         self._observed = False  # a training forward recorded input ranges since the last update
+        self._ranges_started = False  # every input range started (as of the last update: the same on every rank)
         self._bn_frozen = False
         self._loaded: dict[str, Any] | None = None
         self._final_rows: list[dict[str, Any]] = []
@@ -343,11 +358,24 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._sync(step)
 
     def on_update(self, step: int) -> None:
-        if self._observed or any(g.fresh for g in self._groups):
+        if self._groups and self._must_fold():
             for group in self._groups:
-                group.update(self.averaging_constant)
+                first = group.update(self.averaging_constant)
+                members = [st for st in self._layers if st.group is group]
+                if _dist.world_size() > 1 and not all(st.initialized for st in members):  # started on another rank
+                    started = first.tolist()
+                    for st in members:
+                        st.initialized = st.initialized or started[st.slot]
             self._observed = False
+            self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
         self._sync(step)
+
+    def _must_fold(self) -> bool:
+        """Whether this update folds observations. Under DDP the answer is the same on every rank
+        (the fold reduces over ranks): while active, when the observers run or a range is yet to start."""
+        if _dist.world_size() > 1:
+            return self._active and (self._observing or not self._ranges_started)
+        return self._observed or any(g.fresh for g in self._groups)
 
     def finalize(self, model: nn.Module) -> None:
         specs: dict[str, LayerQuantSpec] = {}
@@ -492,6 +520,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             group.fresh.clear()
             group.refresh_qparams()
         self._observed = False
+        self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
         if self._active:  # pairing may have changed: re-verify on the next forward
             for st in self._layers:
                 self._set_bn_check(st, st.bn is not None)
