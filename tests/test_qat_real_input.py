@@ -107,6 +107,95 @@ def test_calibrate_skips_non_finite_values():
     assert (spec.input_scale, spec.input_zero_point) == (float(scale), int(zero_point))
 
 
+# ------------------------------------------------------------------------------------ Transformer layers
+INT8_TOLERANCE = 0.01  # of max |reference output|, as in test_export
+
+
+class Attention(nn.Module):
+    """A bare nn.MultiheadAttention (its out_proj is never called) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+class Encoder(nn.Module):
+    """Two nn.TransformerEncoderLayer (batch_first: eligible for PyTorch's fused eval path) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.enc(x, src_key_padding_mask=padding).mean(1))
+
+
+def test_multihead_attention_out_proj_is_left_out_with_a_warning_and_refused_by_name():
+    torch.manual_seed(0)
+    model = Attention()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match=r"'attn\.out_proj'.*MultiheadAttention"):
+        CompressionManager(QuantizationAwareTraining(modules=["attn.out_proj", "head"])).attach(model, optimizer)
+    assert [type(m) for m in model.modules()] == [Attention, nn.MultiheadAttention, type(model.attn.out_proj), nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for modules in (None, nn.Linear, "re:.*"):  # selected by default, by type or by a regex: left out, with a warning
+        qat = QuantizationAwareTraining(modules=modules)
+        manager = CompressionManager(qat)
+        with pytest.warns(UserWarning, match=r"attn\.out_proj"):
+            manager.attach(model, optimizer)
+        assert [name for name, _ in qat.target_modules(model)] == ["head"]
+        with pytest.warns(UserWarning, match="never saw an input"):  # no forward ran
+            manager.finalize(model)
+    with pytest.raises(ValueError, match="out_proj"):  # nothing else to quantize
+        CompressionManager(QuantizationAwareTraining(modules="re:.*out_proj")).attach(model, optimizer)
+
+
+@pytest.mark.parametrize("make", [Attention, Encoder])
+def test_transformer_layers_train_finalize_and_convert_to_int8(make, recwarn):
+    from compress_callbacks.export import to_int8
+    from compress_callbacks.export.inductor import _int8_layers_copy
+    from compress_callbacks.quantization.ptq import fake_quantized
+
+    torch.manual_seed(0)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    qat = QuantizationAwareTraining(start_step=0)
+    manager = CompressionManager(qat)
+    manager.attach(model, optimizer)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        F.cross_entropy(model(torch.randn(4, 5, 16, generator=g)), torch.randint(0, 3, (4,), generator=g)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    x = torch.randn(2, 5, 16, generator=g)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    inputs = (x, padding) if make is Encoder else (x,)
+    model.eval()
+    module_path = model(*inputs)  # grad enabled: PyTorch's module path, every fake-quantized layer runs
+    with torch.no_grad():  # eligible for the fused eval path, which would compute those layers in float
+        assert torch.allclose(model(*inputs), module_path, atol=1e-5)
+    expected = {"head"} if make is Attention else {"head"} | {f"enc.layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
+    assert set(qat.ranges) == expected
+    finalized = manager.finalize(model)
+    assert set(get_qparams(finalized)) == expected
+    assert not [w for w in recwarn if "never saw an input" in str(w.message)]
+    assert [type(m) for m in finalized.modules()] == [type(m) for m in make().modules()]
+    with torch.no_grad(), fake_quantized(finalized):
+        reference = finalized(x)
+    int8 = to_int8(finalized, example_inputs=x)  # ONNX Runtime
+    with torch.no_grad():
+        assert (int8(x) - reference).abs().max() <= INT8_TOLERANCE * reference.abs().max()
+        # the Inductor path's layers, run eagerly (compiling them is what to_int8(backend="inductor") adds)
+        assert torch.allclose(_int8_layers_copy(finalized)(x), reference, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ DDP
 def _ddp_ranks_agree_worker(path):
     """Two ranks, different data. "empty": rank 1's batch has no rows at the first and third steps

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -14,9 +14,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
 from ..callback import CompressionTechnique
-from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
+from ..targets import ModuleSpec, require_optimizer_owns_weights
 from . import fake_quant as FQ
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
+from .fast_path import keep_on_module_path, quantizable_modules
 from .grid import bn_fold_factor, channel_view
 from .observer import RangeObserver, tensor_range
 from .spec import LayerQuantSpec, get_qparams, set_qparams
@@ -280,6 +281,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         freeze_bn_step: from this step on every BatchNorm uses its running statistics (and keeps
             them), even after ``model.train()``.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+            ``nn.MultiheadAttention``'s ``out_proj`` is left out with a warning (the attention computes
+            with its weight and never calls it; naming it is an error).
 
     A Conv followed by a BatchNorm is trained with the BN folded into the fake-quantized weight
     (``q(w * gamma / sqrt(var + eps))``, running statistics), so the int8 folded conv computes what
@@ -287,6 +290,10 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
     min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges; every
     rank takes part in that reduction whatever its batch (an empty one included). Values that are not
     finite (``inf``, NaN) never enter a range.
+
+    While fake-quant is active, an ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding a
+    targeted layer runs with PyTorch's fused eval "fast path" off, so its layers are fake-quantized in
+    eval under ``no_grad`` too (see :mod:`compress_callbacks.quantization.fast_path`).
 
     Modules are switched in place (their class becomes a subclass whose forward fake-quantizes); the
     ``Parameter`` objects, the optimizer and DDP are untouched, and ``state_dict`` keys never change.
@@ -325,12 +332,26 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._observed = False  # a training forward recorded input ranges since the last update
         self._ranges_started = False  # every input range started (as of the last update: the same on every rank)
         self._bn_frozen = False
+        self._leave_module_path: Callable[[], None] | None = None  # undoes keep_on_module_path
         self._loaded: dict[str, Any] | None = None
         self._final_rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ lifecycle
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs this callback fake-quantizes on ``model`` (unwrapped).
+
+        The selection of ``modules`` / ``exclude``, less the layers whose parent reads their weight
+        itself (``nn.MultiheadAttention``'s ``out_proj``: see :mod:`.fast_path`).
+        """
+        return self._selection(model)[0]
+
+    def _selection(self, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        names, skipped = quantizable_modules(model, modules=self.modules, exclude=self.exclude)
+        named = dict(model.named_modules())
+        return [(name, named[name]) for name in names], skipped
+
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected = self.target_modules(model)
         for name, module in selected:
             if STATE_ATTR in module.__dict__:
                 raise ValueError(f"`modules`: {name!r} is already fake-quantized by another QuantizationAwareTraining")
@@ -345,7 +366,14 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected, skipped = self._selection(model)
+        if skipped:
+            warnings.warn(
+                f"QuantizationAwareTraining: leaving out {skipped[:5]}{'...' if len(skipped) > 5 else ''}: "
+                "nn.MultiheadAttention computes with its out_proj weight directly, never calling the layer, "
+                "so it cannot be fake-quantized (it stays float); exclude it to silence this warning",
+                stacklevel=3,
+            )
         self._root = model
         self._layers = [_LayerState(self, name, module, _supported_base(module)) for name, module in selected]
         convs = {id(st.module): st.name for st in self._layers if issubclass(st.base, CONV_TYPES)}
@@ -430,6 +458,11 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                 module.__class__ = st.original_class
                 module.__dict__.pop(STATE_ATTR, None)
             self._set_bn_check(st, active and st.bn is not None)
+        if active:  # a Transformer layer's fused eval path would skip the fake-quantized children
+            self._leave_module_path = keep_on_module_path(self._root, [st.name for st in self._layers])
+        elif self._leave_module_path is not None:
+            self._leave_module_path()
+            self._leave_module_path = None
         self._active = active
 
     def _set_bn_frozen(self, frozen: bool) -> None:
