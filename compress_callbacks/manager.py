@@ -12,7 +12,7 @@ from accelerate.state import is_initialized as accelerate_state_initialized
 
 from .callback import CompressionTechnique
 from .config import check_int
-from .targets import require_unsharded, unwrap_model
+from .targets import require_disjoint_targets, require_unsharded, unwrap_model
 
 __all__ = ["CompressionManager", "underlying_optimizer"]
 
@@ -161,6 +161,7 @@ class CompressionManager:
             raise TypeError(f"`optimizer` must be a torch optimizer (or a wrapper of one), got {type(optimizer).__name__}")
         for cb in self.callbacks:
             cb.validate(root, real_optimizer)
+        require_disjoint_targets(root, self.callbacks)
 
         self._model, self._optimizer = root, real_optimizer
         for cb in self.callbacks:

@@ -196,6 +196,63 @@ def test_transformer_layers_train_finalize_and_convert_to_int8(make, recwarn):
         assert torch.allclose(_int8_layers_copy(finalized)(x), reference, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------ one kind, one layer
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+    """What an attach could have touched: module classes and attributes, weights, optimizer hooks."""
+    return ([(name, type(m), sorted(m.__dict__)) for name, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            (len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks)))
+
+
+def assert_unchanged(before: tuple, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    after = snapshot(model, optimizer)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert after[1].keys() == before[1].keys() and all(torch.equal(after[1][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("kind", ["qat", "gmp"])
+def test_two_callbacks_of_one_kind_on_the_same_layers_are_refused_before_anything_is_touched(kind):
+    from compress_callbacks import GradualMagnitudePruning
+
+    def make(**kwargs):
+        if kind == "qat":
+            return QuantizationAwareTraining(start_step=0, **kwargs)
+        return GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2, **kwargs)
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = snapshot(model, optimizer)
+    name = type(make()).__name__
+    for first, second, named in (({}, {}, "'0', '2', '4'"), ({"modules": ["0", "2"]}, {"modules": "re:[24]"}, "'2'")):
+        manager = CompressionManager(make(**first), make(**second))
+        with pytest.raises(ValueError, match=rf"{name} #0 and #1 both target {named};"):
+            manager.attach(model, optimizer)
+        assert not manager.attached
+        assert_unchanged(before, model, optimizer)
+    model[2].weight = model[0].weight = nn.Parameter(torch.randn(32, 12))  # one weight, two layers
+    model[2].in_features = 12
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match=r"both target '2' \(its weight is '0''s\)"):
+        CompressionManager(make(modules=["0"]), make(modules=["2"])).attach(model, optimizer)
+    assert_unchanged(before, model, optimizer)
+
+
+def test_two_quantization_callbacks_on_disjoint_layers_train_together():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    four_bits = QuantizationAwareTraining(weight_bits=4, modules=["0", "2"])
+    manager = CompressionManager(four_bits, QuantizationAwareTraining(weight_bits=8, exclude=["0", "2"]))
+    manager.attach(model, optimizer)
+    for x, y in batches(3):
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    specs = get_qparams(manager.finalize(model))
+    assert {name: spec.weight_bits for name, spec in specs.items()} == {"0": 4, "2": 4, "4": 8}
+    assert all(spec.input_scale is not None for spec in specs.values())
+
+
 # ------------------------------------------------------------------------------------ DDP
 def _ddp_ranks_agree_worker(path):
     """Two ranks, different data. "empty": rank 1's batch has no rows at the first and third steps

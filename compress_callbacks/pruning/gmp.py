@@ -136,6 +136,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             start=self.start_step, end=self.end_step, every=self.update_every,
         )
 
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs whose weights this callback prunes on ``model`` (unwrapped)."""
+        return select_modules(model, modules=self.modules, exclude=self.exclude)
+
     # ------------------------------------------------------------------ lifecycle
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
