@@ -193,7 +193,8 @@ class _RangeGroup(RangeObserver):
         """
         size = self.observed_min.numel()
         first = torch.zeros(size, dtype=torch.bool, device=self.device)
-        first[self.fresh] = True
+        if self.fresh:
+            first[self.fresh] = True
         if _dist.world_size() > 1:
             packed = torch.cat([-self.observed_min, self.observed_max, first.float()])
             _dist.all_reduce_(packed, "max")
