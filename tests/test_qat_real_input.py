@@ -155,6 +155,9 @@ def test_multihead_attention_out_proj_is_left_out_with_a_warning_and_refused_by_
             manager.finalize(model)
     with pytest.raises(ValueError, match="out_proj"):  # nothing else to quantize
         CompressionManager(QuantizationAwareTraining(modules="re:.*out_proj")).attach(model, optimizer)
+    with pytest.warns(UserWarning, match=r"calibrate: leaving out \['attn\.out_proj'\]"):  # post-training alike
+        calibrated = calibrate(model.eval(), [torch.randn(4, 5, 16)])
+    assert set(get_qparams(calibrated)) == {"head"}
 
 
 @pytest.mark.parametrize("make", [Attention, Encoder])

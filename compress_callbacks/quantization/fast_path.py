@@ -26,6 +26,7 @@ Two PyTorch modules compute with their children's weights without calling the ch
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,7 +35,14 @@ import torch.nn as nn
 
 from ..targets import ModuleSpec, normalize_spec, select_modules
 
-__all__ = ["FAST_PATH_TYPES", "fast_path_disabled", "weights_read_by_parent", "quantizable_modules", "keep_on_module_path"]
+__all__ = [
+    "FAST_PATH_TYPES",
+    "fast_path_disabled",
+    "weights_read_by_parent",
+    "quantizable_modules",
+    "warn_left_out",
+    "keep_on_module_path",
+]
 
 #: modules that may compute with their children's weights in one fused kernel (eval, no_grad)
 FAST_PATH_TYPES: tuple[type[nn.Module], ...] = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
@@ -92,6 +100,17 @@ def quantizable_modules(
     if not targets:
         raise ValueError(f"`{argument}`: every selected layer ({skipped[:3]}) is one whose parent reads its weight itself")
     return targets, skipped
+
+
+def warn_left_out(caller: str, skipped: list[str], stacklevel: int) -> None:
+    """Warn that ``caller`` leaves the layers ``skipped`` (from :func:`quantizable_modules`) float."""
+    if skipped:
+        warnings.warn(
+            f"{caller}: leaving out {skipped[:5]}{'...' if len(skipped) > 5 else ''}: nn.MultiheadAttention "
+            "computes with its out_proj weight directly, never calling the layer, so it stays float; "
+            "exclude it to silence this warning",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _module_path_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

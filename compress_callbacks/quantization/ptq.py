@@ -24,7 +24,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch.nn as nn
 from ..targets import ModuleSpec, unwrap_model
 from . import fake_quant as FQ
 from .config import QuantizationConfig
-from .fast_path import fast_path_disabled, quantizable_modules
+from .fast_path import fast_path_disabled, quantizable_modules, warn_left_out
 from .grid import batchnorm_fold_factor, channel_view
 from .observer import RangeObserver
 from .spec import LayerQuantSpec, get_qparams, set_qparams
@@ -147,12 +146,7 @@ def calibrate(
     weight_bits, activation_bits = config.weight_bits, config.activation_bits
     root = unwrap_model(model)
     names, skipped = quantizable_modules(root, modules=config.modules, exclude=config.exclude)
-    if skipped:
-        warnings.warn(
-            f"calibrate: leaving out {skipped[:5]}{'...' if len(skipped) > 5 else ''}: nn.MultiheadAttention "
-            "computes with its out_proj weight directly, never calling the layer (it stays float)",
-            stacklevel=2,
-        )
+    warn_left_out("calibrate", skipped, stacklevel=2)
     named = dict(root.named_modules())
     layers = {name: named[name] for name in names}
     was_training = root.training

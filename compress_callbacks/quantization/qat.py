@@ -17,7 +17,7 @@ from ..callback import CompressionTechnique
 from ..targets import ModuleSpec, require_optimizer_owns_weights
 from . import fake_quant as FQ
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
-from .fast_path import keep_on_module_path, quantizable_modules
+from .fast_path import keep_on_module_path, quantizable_modules, warn_left_out
 from .grid import bn_fold_factor, channel_view
 from .observer import RangeObserver, tensor_range
 from .spec import LayerQuantSpec, get_qparams, set_qparams
@@ -368,13 +368,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
         selected, skipped = self._selection(model)
-        if skipped:
-            warnings.warn(
-                f"QuantizationAwareTraining: leaving out {skipped[:5]}{'...' if len(skipped) > 5 else ''}: "
-                "nn.MultiheadAttention computes with its out_proj weight directly, never calling the layer, "
-                "so it cannot be fake-quantized (it stays float); exclude it to silence this warning",
-                stacklevel=3,
-            )
+        warn_left_out(type(self).__name__, skipped, stacklevel=3)  # at the user's manager.attach
         self._root = model
         self._layers = [_LayerState(self, name, module, _supported_base(module)) for name, module in selected]
         convs = {id(st.module): st.name for st in self._layers if issubclass(st.base, CONV_TYPES)}
