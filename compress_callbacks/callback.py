@@ -108,6 +108,11 @@ class CompressionTechnique:
         return {name: getattr(self, name) for name in parameters if name != "self"}
 
     # -- lifecycle ----------------------------------------------------------------------
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` pairs whose weights this technique changes on ``model`` (unwrapped): two
+        techniques of one kind in a manager may not share one (checked at ``attach``). None by default."""
+        return []
+
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Raise ValueError/TypeError for anything wrong; must not modify the model."""
 

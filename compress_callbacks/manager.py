@@ -15,7 +15,7 @@ from accelerate.state import is_initialized as accelerate_state_initialized
 
 from .callback import CompressionTechnique
 from .config import check_int
-from .targets import require_unsharded, unwrap_model
+from .targets import require_disjoint_targets, require_unsharded, unwrap_model
 
 __all__ = ["CompressionManager", "being_compressed", "technique_plan", "underlying_optimizer"]
 
@@ -206,6 +206,7 @@ class CompressionManager:
         _require_materialized(root)
         for cb in self.callbacks:
             cb.validate(root, real_optimizer)
+        require_disjoint_targets(root, self.callbacks)
         if self._pending_state is not None:
             self._check_callback_states(self._pending_state, root)
 

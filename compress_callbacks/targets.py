@@ -25,6 +25,7 @@ __all__ = [
     "is_default_target",
     "is_transformers_conv1d",
     "normalize_spec",
+    "require_disjoint_targets",
     "require_optimizer_owns_weights",
     "require_unsharded",
     "select_modules",
@@ -293,3 +294,38 @@ def require_optimizer_owns_weights(selected: Sequence[tuple[str, nn.Module]], op
             f"`optimizer` does not own the weights of {missing[:5]}{'...' if len(missing) > 5 else ''}; "
             "attach the optimizer that trains this model (after accelerator.prepare)"
         )
+
+
+def require_disjoint_targets(model: nn.Module, callbacks: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming the layers if two callbacks of one kind (one an instance of the
+    other's class) target the same weight: two fake-quants would wrap a layer twice, two prunings would
+    compose their masks silently. Techniques of different kinds may share layers (prune and quantize).
+
+    Each callback lists its targets with ``target_modules(model)``; weights are compared by identity,
+    so a weight tied between two modules counts once.
+
+    >>> from compress_callbacks import GradualMagnitudePruning
+    >>> def gmp(**kwargs):
+    ...     return GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, **kwargs)
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    >>> require_disjoint_targets(model, [gmp(modules=["0"]), gmp(modules=["1"])])
+    >>> require_disjoint_targets(model, [gmp(), gmp(modules=["1"])])
+    Traceback (most recent call last):
+    ...
+    ValueError: `modules`: GradualMagnitudePruning #0 and #1 both target '1'; give each layer to one of them (`modules` / `exclude`)
+    """
+    earlier: list[tuple[int, Any, dict[int, str]]] = []
+    for index, callback in enumerate(callbacks):
+        weights = {id(module.weight): name for name, module in callback.target_modules(model)}
+        for other_index, other, other_weights in earlier:
+            if not (isinstance(callback, type(other)) or isinstance(other, type(callback))):
+                continue
+            shared = [repr(name) if other_weights[key] == name else f"{name!r} (its weight is {other_weights[key]!r}'s)"
+                      for key, name in weights.items() if key in other_weights]
+            if shared:
+                listed = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+                raise ValueError(
+                    f"`modules`: {type(other).__name__} #{other_index} and #{index} both target {listed}; "
+                    "give each layer to one of them (`modules` / `exclude`)"
+                )
+        earlier.append((index, callback, weights))

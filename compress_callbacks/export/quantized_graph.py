@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quantization.fast_path import keep_on_module_path
 from ..quantization.grid import batchnorm_fold_factor, channel_view, folded_conv_bias
 from ..quantization.spec import QPARAMS_ATTR, LayerQuantSpec, dequantized_weight, get_qparams, quantize_weight
 from ..targets import unwrap_model
@@ -179,4 +180,5 @@ def quantized_copy(model: nn.Module) -> nn.Module:
             bias = folded_conv_bias(layer, bn)
             _set_submodule(root, spec.bn, nn.Identity())
         _set_submodule(root, name, FakeQuantLayer(layer, spec, bias))
+    keep_on_module_path(root, qparams)  # no fused Transformer eval path: it would read the replaced layers' weights
     return root

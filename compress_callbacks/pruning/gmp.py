@@ -148,6 +148,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             start=self.start_step, end=self.end_step, every=self.update_every,
         )
 
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs whose weights this callback prunes on ``model`` (unwrapped)."""
+        return select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)
+
     # ------------------------------------------------------------------ lifecycle
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
@@ -405,7 +409,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         if self._params:
             weights = dict(zip(self._names, self._params))
         elif model is not None:
-            weights = {name: module.weight for name, module in select_modules(model, modules=self.modules, exclude=self.exclude)}
+            weights = {name: module.weight for name, module in select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)}
         else:
             return
         if names != list(weights):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -17,6 +17,7 @@ from ..callback import CompressionTechnique
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, transformers_conv1d_class
 from . import fake_quant as FQ
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
+from .fast_path import keep_on_module_path, quantizable_modules, warn_left_out
 from .grid import bn_fold_factor, channel_view
 from .observer import RangeObserver, tensor_range
 from .spec import LayerQuantSpec, get_qparams, set_qparams
@@ -126,6 +127,11 @@ class _LayerState:
             self.bn_hook = self.bn.register_forward_pre_hook(_BnConsumptionCheck(self))
 
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """``x`` fake-quantized with the layer's range; observed while the observers run.
+
+        The first input with a finite value starts the range (and is recorded even with frozen
+        observers, so that the next update can agree on it over ranks); until then, inputs pass float.
+        """
         if not self.quantize_input or x.numel() == 0:
             return x
         flags = self.observation
@@ -135,8 +141,11 @@ class _LayerState:
                 lo, hi = tensor_range(x)
                 group = self.group
                 if not self.initialized:
+                    if not bool(lo <= hi):  # nothing finite to start from (a host sync, until initialized)
+                        return x
                     group.initialize(self.slot, lo, hi)
                     self.initialized = True
+                    observe = True
                 if observe:
                     group.record(self.slot, lo, hi)
                     flags.observed = True
@@ -246,17 +255,28 @@ class _RangeGroup(RangeObserver):
         self.fresh.append(slot)
 
     @torch.no_grad()
-    def update(self, averaging_constant: float) -> None:
-        """Fold this update's observations (reduced over ranks) into the moving averages."""
+    def update(self, averaging_constant: float) -> torch.Tensor:
+        """Fold this update's observations into the moving averages; return the slots observed for
+        the first time (bool vector).
+
+        Under DDP the observed ranges and the first observations are reduced over ranks first: a
+        collective every rank makes, whatever it saw (an empty batch, nothing at all), after which
+        every rank holds the same ranges.
+        """
+        size = self.observed_min.numel()
+        first = torch.zeros(size, dtype=torch.bool, device=self.device)
+        if self.fresh:
+            first[self.fresh] = True
         if _dist.world_size() > 1:
-            size = self.observed_min.numel()
-            packed = torch.cat([-self.observed_min, self.observed_max])
+            packed = torch.cat([-self.observed_min, self.observed_max, first.float()])
             _dist.all_reduce_(packed, "max")
             self.observed_min.copy_(-packed[:size])
-            self.observed_max.copy_(packed[size:])
-        self.fold_moving_average(averaging_constant, self.fresh)
+            self.observed_max.copy_(packed[size : 2 * size])
+            first = packed[2 * size :] > 0
+        self.fold_moving_average(averaging_constant, first)
         self.refresh_qparams()
         self.fresh.clear()
+        return first
 
     def refresh_qparams(self) -> None:
         self.set_qparams(slice(None), self.running_min, self.running_max)
@@ -329,15 +349,25 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             channel's current ``max |w|`` (nothing is clipped; straight-through gradients).
         activation_bits: 8 (layer inputs, per tensor, affine uint8, moving-average min/max
             observers) or None (weight-only).
-        freeze_observers_step: from this step on the input ranges stay fixed.
+        freeze_observers_step: from this step on the input ranges stay fixed. At or before
+            ``start_step``, each range is fixed from the first input the layer gets (under DDP: the
+            union of every rank's first input, agreed on at the first update).
         freeze_bn_step: from this step on every BatchNorm uses its running statistics (and keeps
             them), even after ``model.train()``.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+            ``nn.MultiheadAttention``'s ``out_proj`` is left out with a warning (the attention computes
+            with its weight and never calls it; naming it is an error).
 
     A Conv followed by a BatchNorm is trained with the BN folded into the fake-quantized weight
     (``q(w * gamma / sqrt(var + eps))``, running statistics), so the int8 folded conv computes what
     was trained. Observer ranges are updated once per real update with that update's observed
-    min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges.
+    min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges; every
+    rank takes part in that reduction whatever its batch (an empty one included). Values that are not
+    finite (``inf``, NaN) never enter a range.
+
+    While fake-quant is active, an ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding a
+    targeted layer runs with PyTorch's fused eval "fast path" off, so its layers are fake-quantized in
+    eval under ``no_grad`` too (see :mod:`compress_callbacks.quantization.fast_path`).
 
     Modules are switched in place (their class becomes a subclass whose forward fake-quantizes); the
     ``Parameter`` objects, the optimizer and DDP are untouched, and ``state_dict`` keys never change.
@@ -375,7 +405,9 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._observation = _Observation()  # shared with the layers' forward (not the callback itself)
         self._observing = False
         self._observed = False  # a training forward recorded input ranges since the last update
+        self._ranges_started = False  # every input range started (as of the last update: the same on every rank)
         self._bn_frozen = False
+        self._leave_module_path: Callable[[], None] | None = None  # undoes keep_on_module_path
         self._loaded: dict[str, Any] | None = None
         self._final_rows: list[dict[str, Any]] = []
 
@@ -396,8 +428,21 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._observation.observed = value
 
     # ------------------------------------------------------------------ lifecycle
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs this callback fake-quantizes on ``model`` (unwrapped).
+
+        The selection of ``modules`` / ``exclude``, less the layers whose parent reads their weight
+        itself (``nn.MultiheadAttention``'s ``out_proj``: see :mod:`.fast_path`).
+        """
+        return self._selection(model, warn_shared=False)[0]
+
+    def _selection(self, model: nn.Module, *, warn_shared: bool) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        names, skipped = quantizable_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=warn_shared)
+        named = dict(model.named_modules())
+        return [(name, named[name]) for name in names], skipped
+
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected = self._selection(model, warn_shared=True)[0]
         for name, module in selected:
             if STATE_ATTR in module.__dict__:
                 raise ValueError(f"`modules`: {name!r} is already fake-quantized by another QuantizationAwareTraining")
@@ -412,7 +457,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)  # validate warned
+        selected, skipped = self._selection(model, warn_shared=False)  # validate warned
+        warn_left_out(type(self).__name__, skipped, stacklevel=3)  # at the user's manager.attach
         self._root = model
         self._layers = [_LayerState(self, name, module, _supported_base(module)) for name, module in selected]
         convs = {id(st.module): st.name for st in self._layers if issubclass(st.base, CONV_TYPES)}
@@ -425,11 +471,24 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._sync(step)
 
     def on_update(self, step: int) -> None:
-        if self._observed or any(g.fresh for g in self._groups):
+        if self._groups and self._must_fold():
             for group in self._groups:
-                group.update(self.averaging_constant)
+                first = group.update(self.averaging_constant)
+                members = [st for st in self._layers if st.group is group]
+                if _dist.world_size() > 1 and not all(st.initialized for st in members):  # started on another rank
+                    started = first.tolist()
+                    for st in members:
+                        st.initialized = st.initialized or started[st.slot]
             self._observed = False
+            self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
         self._sync(step)
+
+    def _must_fold(self) -> bool:
+        """Whether this update folds observations. Under DDP the answer is the same on every rank
+        (the fold reduces over ranks): while active, when the observers run or a range is yet to start."""
+        if _dist.world_size() > 1:
+            return self._active and (self._observing or not self._ranges_started)
+        return self._observed or any(g.fresh for g in self._groups)
 
     def finalize(self, model: nn.Module) -> None:
         specs: dict[str, LayerQuantSpec] = {}
@@ -485,6 +544,11 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                 module.__class__ = st.original_class
                 module.__dict__.pop(STATE_ATTR, None)
             self._set_bn_check(st, active and st.bn is not None)
+        if active:  # a Transformer layer's fused eval path would skip the fake-quantized children
+            self._leave_module_path = keep_on_module_path(self._root, [st.name for st in self._layers])
+        elif self._leave_module_path is not None:
+            self._leave_module_path()
+            self._leave_module_path = None
         self._active = active
 
     def _set_bn_frozen(self, frozen: bool) -> None:
@@ -576,6 +640,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             group.fresh.clear()
             group.refresh_qparams()
         self._observed = False
+        self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
         if self._active:  # pairing may have changed: re-verify on the next forward
             for st in self._layers:
                 self._set_bn_check(st, st.bn is not None)
