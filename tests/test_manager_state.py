@@ -267,6 +267,37 @@ def test_a_model_under_gmp_and_qat_pickles_mid_training():
         assert torch.equal(loaded(x), model(x))  # the copy fake-quantizes with the ranges it was saved with
 
 
+def test_a_model_pickled_mid_training_under_the_old_qat_class_paths_loads_back(monkeypatch):
+    """The per-layer classes moved from ``qat`` to ``qat_layers``; pickles that name them at
+    ``compress_callbacks.quantization.qat`` (QATConv2d, FrozenBatchNorm2d, QATConv1D, _LayerState, ...) load."""
+    from transformers.pytorch_utils import Conv1D
+
+    from compress_callbacks.quantization import qat_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 6), Conv1D(5, 6)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    CompressionManager(qat(freeze_bn_step=2)).attach(model, optimizer)
+    train(model, optimizer, 3)
+    moved = {v for v in vars(qat_layers).values() if isinstance(v, type) and v.__module__ == qat_layers.__name__}
+    for cls in moved | set(qat_layers._QAT_CLASSES.values()):  # pickle as an earlier version did
+        monkeypatch.setattr(cls, "__module__", "compress_callbacks.quantization.qat")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.undo()
+    assert b"compress_callbacks.quantization.qat_layers" not in buffer.getvalue()
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m).__name__ for m in loaded] == ["QATConv2d", "FrozenBatchNorm2d", "ReLU", "Flatten", "QATLinear", "QATConv1D"]
+    assert type(loaded[0]) is type(model[0]) and type(loaded[5]) is type(model[5])
+    model.eval(), loaded.eval()
+    x = batch(9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_a_deepcopy_mid_training_copies_neither_the_manager_nor_the_optimizer_state():
     model, optimizer, manager = trained(steps=3)
     memo = {}
