@@ -14,7 +14,7 @@ from compress_callbacks.pruning.shrink import shrink
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from int8_inference import make_resnet  # noqa: E402
-from test_pruning_groups import ConvBlock, Grouped, Residual  # noqa: E402
+from tests.test_pruning_groups import ConvBlock, Grouped, Residual  # noqa: E402
 
 
 def randomize_bn(model):
@@ -161,3 +161,143 @@ def test_example_inputs_as_tuple_or_dict(form):
 def test_bad_example_inputs_name_the_argument():
     with pytest.raises(TypeError, match="example_inputs"):
         shrink(nn.Linear(2, 2), 3.0)
+
+
+# ------------------------------------------------------------------ GradualMagnitudePruning, channel granularity
+from compress_callbacks import CompressionManager, GradualMagnitudePruning  # noqa: E402
+
+
+def train_channel_gmp(model, x, steps=6, **kwargs):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    options = dict(start_step=0, end_step=4, update_every=2, granularity="channel")
+    options.update(kwargs)
+    gmp = GradualMagnitudePruning(0.5, **options)
+    manager = CompressionManager(gmp)
+    manager.attach(model, optimizer)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        model(torch.randn(x.shape, generator=g)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return gmp, manager
+
+
+def zero_rows(weight):
+    return (weight.detach().reshape(weight.shape[0], -1) == 0).all(1)
+
+
+def test_gmp_channel_prunes_coupled_channels_whole_and_shrink_removes_them():
+    torch.manual_seed(0)
+    model = randomize_bn(Residual()).train()
+    x = torch.randn(2, 3, 6, 6)
+    gmp, manager = train_channel_gmp(model, x, exclude=["head"])
+    model = manager.finalize(model).eval()
+    stem, conv = zero_rows(model.stem.weight), zero_rows(model.conv.weight)
+    assert int(stem.sum()) == 4 and torch.equal(stem, conv)  # the channels that meet at the add go together
+    assert bool((model.bn.weight[stem] == 0).all() and (model.bn.bias[stem] == 0).all())  # BN channel pruned too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = shrink(model, x)
+    assert small.stem.out_channels == small.conv.out_channels == small.bn.num_features == small.head.in_channels == 4
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gmp_channel_bias_and_batchnorm_masked_so_padded_convs_shrink_exactly():
+    torch.manual_seed(0)
+    model = randomize_bn(ConvBlock()).train()
+    x = torch.randn(2, 3, 6, 6)
+    gmp, manager = train_channel_gmp(model, x, exclude=["conv2"])
+    model = manager.finalize(model).eval()
+    pruned = zero_rows(model.conv1.weight)
+    assert int(pruned.sum()) == 3
+    assert bool((model.conv1.bias[pruned] == 0).all() and (model.bn1.bias[pruned] == 0).all())
+    small = shrink(model, x)
+    assert small.conv1.out_channels == 3
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gmp_channel_keeps_per_row_selection_where_groups_cannot_go_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
+    with pytest.warns(UserWarning, match=r"\b2 keep per-row channel selection.*reaches the model's output"):
+        gmp, _ = train_channel_gmp(model, torch.randn(4, 8))
+    assert gmp.layer_sparsities() == {"0": 0.5, "2": 0.5}
+    assert int((model[0].bias == 0).sum()) == 8 and int((model[2].bias == 0).sum()) == 0  # only whole units own biases
+
+
+def test_gmp_channel_global_scope_ranks_units_by_rms_within_the_budget():
+    torch.manual_seed(0)
+    model = make_resnet(8)
+    x = torch.randn(2, 3, 16, 16)
+    gmp, _ = train_channel_gmp(model, x, scope="global", exclude=["13"])
+    total = sum(p.numel() for p in gmp._params)
+    zeros = sum(int((p == 0).sum()) for p in gmp._params)
+    assert 0.4 * total < zeros <= 0.5 * total
+    per_layer = list(gmp.layer_sparsities().values())
+    assert max(per_layer) - min(per_layer) > 0.05  # global: layers differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no family is emptied: everything pruned can go
+        small = shrink(model.eval(), x)
+    assert params(small) < params(model)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gmp_channel_resume_restores_weight_bias_and_batchnorm_masks():
+    torch.manual_seed(0)
+    model = randomize_bn(ConvBlock()).train()
+    x = torch.randn(2, 3, 6, 6)
+    gmp, manager = train_channel_gmp(model, x, steps=3, exclude=["conv2"])
+    state = manager.state_dict()
+    fresh = GradualMagnitudePruning(0.5, start_step=0, end_step=4, update_every=2, granularity="channel", exclude=["conv2"])
+    resumed = CompressionManager(fresh)
+    resumed.load_state_dict(state)
+    resumed.attach(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert all(torch.equal(a, b) for a, b in zip(fresh._keeps, gmp._keeps))
+    assert fresh._owned_keeps.keys() == gmp._owned_keeps.keys() == {"conv1.bias", "bn1.weight", "bn1.bias"}
+    assert all(torch.equal(fresh._owned_keeps[k], gmp._owned_keeps[k]) for k in gmp._owned_keeps)
+
+
+def test_gmp_channel_first_selection_waits_for_the_first_batch():
+    """initial_sparsity at step 0: the groups need inputs, so the masks land just before the first forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))
+    gmp = GradualMagnitudePruning(0.5, start_step=0, end_step=4, initial_sparsity=0.25, granularity="channel", exclude=["2"])
+    CompressionManager(gmp).attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert int(zero_rows(model[0].weight).sum()) == 0
+    x = torch.randn(4, 8)
+    first = model(x)
+    assert int(zero_rows(model[0].weight).sum()) == 4
+    torch.testing.assert_close(first, model(x))  # the first forward already ran on the pruned weights
+
+def _ddp_channel_worker(path):
+    """Two ranks with different batches (so each traces its own first batch): the masks agree."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(randomize_bn(Residual()).train())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gmp = GradualMagnitudePruning(0.5, start_step=0, end_step=4, update_every=2, granularity="channel", exclude=["head"])
+    CompressionManager(gmp).attach(model, optimizer)
+    g = torch.Generator().manual_seed(10 + dist.get_rank())
+    for _ in range(5):
+        model(torch.randn(2, 3, 6, 6, generator=g)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    masks = torch.cat([k.flatten() for k in gmp._keeps] + [gmp._owned_keeps[n].flatten() for n in sorted(gmp._owned_keeps)])
+    gathered = [torch.empty_like(masks) for _ in range(2)]
+    dist.all_gather(gathered, masks)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    all_weights = [torch.empty_like(weights) for _ in range(2)]
+    dist.all_gather(all_weights, weights)
+    ok = torch.equal(gathered[0], gathered[1]) and torch.equal(all_weights[0], all_weights[1]) and int((masks == 0).sum()) > 0
+    with open(f"{path}/rank{dist.get_rank()}.txt", "w") as f:
+        f.write("ok" if ok else "differ")
+
+
+def test_gmp_channel_ranks_agree_under_ddp(tmp_path):
+    from tests.test_distillation import launch_two_processes
+
+    launch_two_processes("tests.test_shrink", "_ddp_channel_worker", tmp_path)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]

@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 from ..targets import unwrap_model
 from .dataflow import Flow, Interpreter, any_but, components
 
-__all__ = ["Unit", "ChannelGroups", "trace_groups", "split_example_inputs"]
+__all__ = ["Unit", "ChannelGroups", "trace_groups", "trace_call", "split_example_inputs"]
 
 @dataclass(eq=False)
 class Unit:
@@ -242,24 +242,28 @@ def _export(model: nn.Module, args: tuple, kwargs: dict):
             config.use_cache = use_cache
 
 
-@torch.no_grad()
 def trace_groups(model: nn.Module, example_inputs: Any) -> ChannelGroups:
     """Trace ``model`` on ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of
     keyword inputs) and find its units (see the module docstring). The model is not changed."""
-    root = unwrap_model(model)
     args, kwargs = split_example_inputs(example_inputs)
+    return trace_call(model, args, kwargs)
+
+
+@torch.no_grad()
+def trace_call(model: nn.Module, args: tuple, kwargs: dict) -> ChannelGroups:
+    """:func:`trace_groups` on the call ``model(*args, **kwargs)``."""
+    root = unwrap_model(model)
     ep = _export(root, args, kwargs)
     tensors = {name: t.detach() for name, t in root.named_parameters(remove_duplicate=False)}
     tensors.update({name: t.detach() for name, t in root.named_buffers(remove_duplicate=False)})
     tensors.update({name: t.detach() for name, t in ep.constants.items() if isinstance(t, torch.Tensor)})
     names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
              if spec.target is not None and spec.target in tensors}
-    user = [leaf for leaf in pytree.tree_leaves((args, kwargs))]
     flow = Flow(tensors)
     modes = {m: m.training for m in root.modules()}
     root.eval()
     try:
-        Interpreter(ep, flow, names, user).run()
+        Interpreter(ep, flow, names, list(pytree.tree_leaves((args, kwargs)))).run()
     finally:
         for module, mode in modes.items():
             module.training = mode
