@@ -301,3 +301,113 @@ def test_gmp_channel_ranks_agree_under_ddp(tmp_path):
 
     launch_two_processes("tests.test_shrink", "_ddp_channel_worker", tmp_path)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
+
+
+# ------------------------------------------------------------------ Transformers: FFN neurons and attention heads
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=64, vocab_size=100))
+
+
+def token_batch(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    mask[-1, 6:] = 0  # padding
+    return {"input_ids": torch.randint(0, 100, (batch, 8), generator=g), "attention_mask": mask}
+
+
+def train_transformer(model, *callbacks, steps=5):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    manager = CompressionManager(*callbacks)
+    manager.attach(model, optimizer)
+    model.train()
+    for step in range(steps):
+        out = model(**token_batch(step, batch=4))
+        (out.logits if hasattr(out, "logits") else out.last_hidden_state).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return manager.finalize(model).eval()
+
+
+def heads_pruned(weight, head_dim):
+    return zero_rows(weight).view(-1, head_dim).all(1)
+
+
+def test_llama_gqa_heads_and_gated_ffn_pruned_whole_shrunk_and_saved(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    heads = GradualMagnitudePruning(0.5, start_step=0, end_step=2, update_every=1, granularity="head",
+                                    modules="re:.*self_attn\\.(q|k|v)_proj")
+    ffn = GradualMagnitudePruning(0.5, start_step=0, end_step=2, update_every=1, granularity="channel",
+                                  modules="re:.*mlp\\.(gate|up)_proj")
+    model = train_transformer(model, heads, ffn)
+    for layer in model.model.layers:
+        kv_gone = heads_pruned(layer.self_attn.k_proj.weight, 8)
+        assert int(kv_gone.sum()) == 1 and torch.equal(kv_gone, heads_pruned(layer.self_attn.v_proj.weight, 8))
+        assert torch.equal(heads_pruned(layer.self_attn.q_proj.weight, 8), kv_gone.repeat_interleave(2))  # its 2 query heads
+        assert torch.equal(zero_rows(layer.mlp.gate_proj.weight), zero_rows(layer.mlp.up_proj.weight))  # gate and up together
+        assert int(zero_rows(layer.mlp.gate_proj.weight).sum()) == 32
+    inputs = token_batch(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = shrink(model, inputs)
+    attention = small.model.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (16, 8, 16)
+    assert small.model.layers[0].mlp.down_proj.in_features == 32
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads, small.config.intermediate_size) == (2, 1, 32)
+    torch.testing.assert_close(small(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_ffn_neurons_shrink_and_the_config_round_trips(tmp_path):
+    from transformers import AutoModel
+
+    model = train_transformer(tiny_bert(), GradualMagnitudePruning(
+        0.5, start_step=0, end_step=2, update_every=1, granularity="channel", modules="re:.*intermediate\\.dense"))
+    inputs = token_batch(3)
+    small = shrink(model, inputs)
+    assert small.config.intermediate_size == 32 and small.encoder.layer[1].output.dense.in_features == 32
+    torch.testing.assert_close(small(**inputs).last_hidden_state, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(**inputs).last_hidden_state, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_heads_shrink_and_load_by_state_dict_when_the_config_cannot_say_it():
+    from compress_callbacks.pruning.shrink import load_shrunk
+
+    model = train_transformer(tiny_bert(), GradualMagnitudePruning(
+        0.25, start_step=0, end_step=2, update_every=1, granularity="head"), steps=3)
+    for layer in model.encoder.layer:
+        assert int(heads_pruned(layer.attention.self.value.weight, 8).sum()) == 1
+    inputs = token_batch(5)
+    with pytest.warns(UserWarning, match="BertConfig cannot describe.*head size.*load_shrunk"):
+        small = shrink(model, inputs)
+    assert small.encoder.layer[0].attention.self.num_attention_heads == 3
+    torch.testing.assert_close(small(**inputs).last_hidden_state, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+    fresh = load_shrunk(tiny_bert().eval(), small.state_dict())
+    torch.testing.assert_close(fresh(**inputs).last_hidden_state, model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_of_different_widths_are_named_in_the_config_warning():
+    model = tiny_llama().eval()
+    with torch.no_grad():  # layer 0 loses 16 FFN neurons, layer 1 none
+        for proj in ("gate_proj", "up_proj"):
+            getattr(model.model.layers[0].mlp, proj).weight[:16] = 0
+    with pytest.warns(UserWarning, match=r"FFN layers keep different widths \[48, 64\]"):
+        small = shrink(model, token_batch(1))
+    assert small.config.intermediate_size == 64 and small.model.layers[0].mlp.intermediate_size == 48

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from ..targets import unwrap_model
 from .groups import ChannelGroups, Unit, split_example_inputs, trace_groups
 
-__all__ = ["shrink", "apply_plan", "pruned_units"]
+__all__ = ["shrink", "load_shrunk", "apply_plan", "pruned_units"]
 
 
 def pruned_units(groups: ChannelGroups, tensors: dict[str, torch.Tensor]) -> list[Unit]:
@@ -71,7 +71,42 @@ def shrink(model: nn.Module, example_inputs: Any) -> nn.Module:
     small = copy.deepcopy(root)
     apply_plan(small, groups.plan(removable))
     _check_same_outputs(root, small, example_inputs)
+    unsaid = _update_config(small, groups, removable)
+    if unsaid:
+        warnings.warn(f"shrink: {type(small.config).__name__} cannot describe the shrunk model ({'; '.join(unsaid)}), so "
+                      "save_pretrained / from_pretrained would not rebuild it. Save `model.state_dict()` instead and load it "
+                      "into a freshly built model with `load_shrunk(fresh_model, state_dict)`", stacklevel=2)
     return small
+
+
+def load_shrunk(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a shrunk ``state_dict`` into ``model``, a freshly built copy of the original architecture:
+    every parameter and buffer takes the saved shape, layer sizes follow, then the values load
+    (``strict``). Returns ``model``. The route for models whose config cannot describe the shrunk
+    sizes (layers of different widths, or a config that derives the head size from the width).
+
+    >>> small = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 3))
+    >>> load_shrunk(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), small.state_dict())[0]
+    Linear(in_features=4, out_features=2, bias=True)
+    """
+    root = unwrap_model(model)
+    before = {id(m): _sizes(m) for m in root.modules()}
+    with torch.no_grad():
+        for name, saved in state_dict.items():
+            module_name, _, attr = name.rpartition(".")
+            module = root.get_submodule(module_name)
+            current = getattr(module, attr, None)
+            if isinstance(current, torch.Tensor) and current.shape != saved.shape:
+                fresh = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+                if attr in module._parameters:
+                    module._parameters[attr] = nn.Parameter(fresh, requires_grad=current.requires_grad)
+                else:
+                    module._buffers[attr] = fresh
+    for module in root.modules():
+        _update_sizes(module, before[id(module)])
+    _sync_attention_attributes(root)
+    root.load_state_dict(state_dict, strict=True)
+    return model
 
 
 def _layer(weight_name: str) -> str:
@@ -137,6 +172,67 @@ def _update_sizes(module: nn.Module, old: dict[str, int]) -> None:
         module.num_features = weight.shape[0]
     elif type(module).__name__ == "Conv1D" and "nf" in old:  # Transformers' Conv1D: weight [in, out]
         module.nf = weight.shape[1]
+
+
+def _sync_attention_attributes(model: nn.Module) -> None:
+    """Transformers attention / MLP modules: head counts and widths follow their (shrunk) layers."""
+    for module in model.modules():
+        query = getattr(module, "q_proj", None) or getattr(module, "query", None)
+        key = getattr(module, "k_proj", None) or getattr(module, "key", None)
+        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+        if isinstance(query, nn.Linear) and isinstance(head_dim, int) and head_dim > 0:
+            heads = query.out_features // head_dim
+            for attr in ("num_attention_heads", "num_heads"):
+                if isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, heads)
+            if isinstance(getattr(module, "all_head_size", None), int):
+                module.all_head_size = heads * head_dim
+            if isinstance(key, nn.Linear) and isinstance(getattr(module, "num_key_value_heads", None), int):
+                module.num_key_value_heads = key.out_features // head_dim
+        up = getattr(module, "up_proj", None)
+        if isinstance(up, nn.Linear) and isinstance(getattr(module, "intermediate_size", None), int):
+            module.intermediate_size = up.out_features
+
+
+def _update_config(small: nn.Module, groups: ChannelGroups, removed: list[Unit]) -> list[str]:
+    """Write the shrunk sizes into a Transformers config; what it cannot describe, in words."""
+    _sync_attention_attributes(small)
+    config = getattr(small, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not removed:
+        return []
+    gone = {u.index for u in removed}
+    families: dict[tuple[str, frozenset], list[Unit]] = defaultdict(list)
+    for unit in groups.units:
+        if unit.producers:
+            families[(unit.kind, frozenset(unit.producers))].append(unit)
+    intermediate = getattr(config, "intermediate_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    ffn, attention = set(), set()
+    for (kind, _), units in families.items():
+        kept = sum(u.index not in gone for u in units)
+        if kind == "channel" and len(units) == intermediate:
+            ffn.add(kept)
+        elif kind == "head" and len(units) == kv_heads:
+            attention.add(kept)
+    unsaid = []
+    if len(ffn) > 1:
+        unsaid.append(f"FFN layers keep different widths {sorted(ffn)}")
+    elif ffn and ffn != {intermediate}:
+        config.intermediate_size = ffn.pop()
+    if len(attention) > 1:
+        unsaid.append(f"attention layers keep different numbers of heads {sorted(attention)}")
+    elif attention and attention != {kv_heads}:
+        kept = attention.pop()
+        if "head_dim" not in config.to_dict():
+            unsaid.append(f"it derives the head size from hidden_size / num_attention_heads, so it cannot hold "
+                          f"{kept * (heads // kv_heads)} heads of the same size")
+        else:
+            config.head_dim = config.head_dim or config.hidden_size // heads
+            config.num_attention_heads = kept * (heads // kv_heads)
+            if getattr(config, "num_key_value_heads", None):
+                config.num_key_value_heads = kept
+    return unsaid
 
 
 def _outputs(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
