@@ -34,13 +34,18 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..targets import unwrap_model
-from .dataflow import Flow, Interpreter, any_but, components
+from ._dataflow import Flow, Interpreter, any_but, components
 
 __all__ = ["Unit", "ChannelGroups", "trace_groups", "trace_call", "split_example_inputs"]
 
 @dataclass(eq=False)
 class Unit:
     """One group of channels that is removed whole or not at all.
+
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    >>> unit = trace_groups(model, torch.randn(1, 3)).units[0]
+    >>> sorted(unit.slices), unit.columns, unit.producers
+    ([('0.bias', 0, 0), ('0.weight', 0, 0)], [('2.weight', 1, 0)], {'0.weight'})
 
     ``slices``: ``(name, dim, index)`` of every parameter / buffer slice the unit owns (its
     producers' weight rows, their biases, BatchNorm channels, per-channel scales); ``columns``: the
@@ -83,7 +88,15 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 # ------------------------------------------------------------------------------------------ result
 @dataclass
 class ChannelGroups:
-    """The units of a traced model and what decides whether each can be removed (see module doc)."""
+    """The units of a traced model and what decides whether each can be removed (see module doc).
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    >>> groups = trace_groups(model, torch.randn(2, 3))
+    >>> with torch.no_grad():
+    ...     model[0].weight[1] = 0; model[0].bias[1] = 0
+    >>> trace_groups(model, torch.randn(2, 3)).plan(trace_groups(model, torch.randn(2, 3)).removable())
+    {'0.bias': {0: tensor([1])}, '0.weight': {0: tensor([1])}, '2.weight': {1: tensor([1])}}
+    """
 
     units: list[Unit]
     unit_of: torch.Tensor  # label id -> unit index

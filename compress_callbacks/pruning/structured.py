@@ -63,6 +63,13 @@ class _Rows:
 class GroupSelection:
     """Channel groups of one model and the masks that prune whole units (see the module docstring).
 
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    >>> selection = GroupSelection(model, ["0.weight"], "channel")
+    >>> _ = model(torch.randn(2, 1, 6, 6))
+    >>> keeps, owned = selection.select([model[0].weight], [None], {}, 0.5, "layer")
+    >>> sorted(owned), int((owned["1.weight"] == 0).sum())    # the BatchNorm channels go with the rows
+    (['0.bias', '1.bias', '1.weight'], 2)
+
     ``names``: the targeted weights, in the order the pruning callback keeps them. ``select``
     returns new keep masks for those weights and for the other parameters the pruned units own.
     """

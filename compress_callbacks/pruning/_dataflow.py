@@ -6,7 +6,7 @@ Each value's state is ``(real, labels, nz_now, nz_pruned)``: ``labels`` (int64, 
 name the producer channel each element belongs to; ``nz_now`` marks elements that may be nonzero
 with the current weights, ``nz_pruned`` those that may be nonzero once every unit is pruned.
 
->>> _components(4, [torch.tensor([[0, 2], [1, 3]])]).tolist()
+>>> components(4, [torch.tensor([[0, 2], [1, 3]])]).tolist()
 [0, 0, 2, 2]
 """
 
