@@ -128,16 +128,21 @@ def time_interleaved(paths: dict[str, Callable[[], torch.Tensor]], rounds: int, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def torch_pruning(masked: nn.Module, example_inputs, ratio: float, ignored: list[nn.Module], **options):
-    """Torch-Pruning's MagnitudePruner (L2) on a copy of the masked model: (pruned model, error text)."""
+def torch_pruning(masked: nn.Module, example_inputs, ratio: float, ignored: Callable[[str, nn.Module], bool],
+                  heads: Callable[[nn.Module], dict] | None = None, **options):
+    """Torch-Pruning's MagnitudePruner (L2) on a copy of the masked model: (pruned model, error text).
+    ``ignored`` picks the layers it must leave alone; ``heads`` gives its ``num_heads`` for the copy."""
     try:
         import torch_pruning as tp
     except ImportError:
         return None, "torch-pruning not installed (pip install torch-pruning)"
     model = copy.deepcopy(masked)
+    if heads is not None:
+        options["num_heads"] = heads(model)
     try:
         pruner = tp.pruner.MagnitudePruner(model, example_inputs, importance=tp.importance.MagnitudeImportance(p=2),
-                                           pruning_ratio=ratio, ignored_layers=ignored, **options)
+                                           pruning_ratio=ratio, ignored_layers=[m for n, m in model.named_modules() if ignored(n, m)],
+                                           **options)
         pruner.step()
         return model, None
     except Exception as err:  # noqa: BLE001 - recorded in the table
@@ -179,8 +184,7 @@ def latency_rows(quick: bool) -> list[str]:
                  "dense compiled": call(compiled_dense, inputs), "shrunk compiled": call(compiled_small, inputs)}
         tp_text, tp_error = "", ""
         if tp_options is not None:
-            ignored = [dict(model.named_modules())[tp_options["last"]]]
-            tp_model, failure = torch_pruning(model, inputs, tp_options["ratio"], ignored)
+            tp_model, failure = torch_pruning(model, inputs, tp_options["ratio"], lambda n, m, last=tp_options["last"]: n == last)
         else:
             tp_model, failure = torch_pruning_encoder(model, inputs)
         if tp_model is not None:
@@ -200,13 +204,14 @@ def latency_rows(quick: bool) -> list[str]:
 
 def torch_pruning_encoder(masked: nn.Module, inputs):
     """Torch-Pruning on the BERT-style encoder, the way its Transformers example does it."""
-    heads = {m.query: m.num_attention_heads for m in masked.modules() if hasattr(m, "query")}
-    heads.update({m.key: m.num_attention_heads for m in masked.modules() if hasattr(m, "query")})
-    heads.update({m.value: m.num_attention_heads for m in masked.modules() if hasattr(m, "query")})
-    ignored = [m for n, m in masked.named_modules() if isinstance(m, nn.Linear) and n.endswith(("attention.output.dense", "output.dense"))
-               and not n.endswith("intermediate.dense")]
-    ignored += [m for n, m in masked.named_modules() if isinstance(m, nn.Embedding) or isinstance(m, nn.LayerNorm)]
-    return torch_pruning(masked, inputs, 0.5, ignored, num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+    def heads(model):
+        return {getattr(m, p): m.num_attention_heads for m in model.modules() if hasattr(m, "query")
+                for p in ("query", "key", "value")}
+
+    def ignored(name, module):  # the residual stream stays whole (LayerNorm); only FFN and heads are pruned
+        return name.endswith(("attention.output.dense", "output.dense")) or isinstance(module, (nn.Embedding, nn.LayerNorm))
+
+    return torch_pruning(masked, inputs, 0.5, ignored, heads, prune_num_heads=True, prune_head_dims=False,
                          head_pruning_ratio=0.25)
 
 
@@ -224,12 +229,14 @@ def gqa_row() -> str:
     with torch.no_grad():
         reference = model(**inputs).logits
     error = relative_error(lambda: small(**inputs).logits, reference)
-    heads = {}
-    for m in model.modules():
-        if hasattr(m, "q_proj"):
-            heads.update({m.q_proj: 8, m.k_proj: 2, m.v_proj: 2})
-    ignored = [model.lm_head] + [m for n, m in model.named_modules() if n.endswith(("o_proj", "down_proj", "gate_proj", "up_proj"))]
-    tp_model, failure = torch_pruning(model, inputs, 0.5, ignored, num_heads=heads, prune_num_heads=True,
+    def heads(copy_):
+        return {getattr(m, p): n for m in copy_.modules() if hasattr(m, "q_proj")
+                for p, n in (("q_proj", 8), ("k_proj", 2), ("v_proj", 2))}
+
+    def ignored(name, module):
+        return name == "lm_head" or name.endswith(("o_proj", "down_proj", "gate_proj", "up_proj"))
+
+    tp_model, failure = torch_pruning(model, inputs, 0.5, ignored, heads, prune_num_heads=True,
                                       prune_head_dims=False, head_pruning_ratio=0.5)
     if tp_model is not None:
         try:
@@ -285,6 +292,7 @@ def accuracy(model, x, y) -> float:
 
 def quality_rows(quick: bool) -> list[str]:
     train_x, train_y, test_x, test_y = digits_split()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and steadiest
     teacher_steps, steps = (200, 200) if quick else (1500, 1500)
     seeds = [0] if quick else [0, 1, 2]
     results: dict[str, list[float]] = {"dense teacher": [], "GMP + distillation, shrunk": [], "one-shot + fine-tuning, shrunk": []}

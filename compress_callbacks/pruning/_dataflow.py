@@ -152,14 +152,20 @@ class Interpreter:
         return arg
 
     def real(self, arg: Any):
+        if isinstance(arg, torch.device):  # everything runs on CPU, whatever device the graph names
+            return torch.device("cpu")
         if isinstance(arg, torch.fx.Node):
             value = self.env[arg.name]
-            return value[0] if _is_state(value) else [v[0] if _is_state(v) else v for v in value]
+            if _is_state(value):
+                return value[0]
+            return [v[0] if _is_state(v) else v for v in value] if isinstance(value, (list, tuple)) else value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.real(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self.real(v) for k, v in arg.items()}
         return arg
 
-    def run(self) -> list:
+    def run(self) -> None:
         users = iter(self.user_values)
         for node in self.ep.graph.nodes:
             if node.op == "placeholder":
@@ -181,12 +187,12 @@ class Interpreter:
                     for item in (value,) if _is_state(value) else value:
                         if _is_state(item):
                             self.flow.blocked.append((item[1], "reaches the model's output"))
-        return []
 
     def call(self, node: torch.fx.Node):
         target, name = node.target, _name(node.target)
         args, kwargs = node.args, node.kwargs
-        real_args, real_kwargs = self.real(args), self.real(kwargs)
+        real_args = self.real(args)
+        real_kwargs = {k: ("cpu" if k == "device" and v is not None else self.real(v)) for k, v in kwargs.items()}
         if target is operator.getitem:
             return self.state(args[0])[args[1]]
         real = target(*real_args, **real_kwargs)
@@ -576,7 +582,7 @@ def _fresh(value: torch.Tensor):
     return (value, torch.full(value.shape, -1, dtype=torch.int64), ones, ones.clone())
 
 
-def _unlabelled(real, inputs):
+def _unlabelled(real, inputs=None):
     if isinstance(real, torch.Tensor):
         return _fresh(real)
     return tuple(_fresh(r) if isinstance(r, torch.Tensor) else r for r in real)

@@ -267,16 +267,18 @@ def trace_call(model: nn.Module, args: tuple, kwargs: dict) -> ChannelGroups:
     """:func:`trace_groups` on the call ``model(*args, **kwargs)``."""
     root = unwrap_model(model)
     ep = _export(root, args, kwargs)
-    tensors = {name: t.detach() for name, t in root.named_parameters(remove_duplicate=False)}
-    tensors.update({name: t.detach() for name, t in root.named_buffers(remove_duplicate=False)})
-    tensors.update({name: t.detach() for name, t in ep.constants.items() if isinstance(t, torch.Tensor)})
+    # the graph is interpreted on CPU (labels and bit-maps live there): weights on an accelerator are copied
+    tensors = {name: t.detach().cpu() for name, t in root.named_parameters(remove_duplicate=False)}
+    tensors.update({name: t.detach().cpu() for name, t in root.named_buffers(remove_duplicate=False)})
+    tensors.update({name: t.detach().cpu() for name, t in ep.constants.items() if isinstance(t, torch.Tensor)})
     names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs
              if spec.target is not None and spec.target in tensors}
     flow = Flow(tensors)
     modes = {m: m.training for m in root.modules()}
     root.eval()
     try:
-        Interpreter(ep, flow, names, list(pytree.tree_leaves((args, kwargs)))).run()
+        user = [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in pytree.tree_leaves((args, kwargs))]
+        Interpreter(ep, flow, names, user).run()
     finally:
         for module, mode in modes.items():
             module.training = mode

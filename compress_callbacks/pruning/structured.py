@@ -154,11 +154,11 @@ class GroupSelection:
         for name, weight, keep in zip(self.names, weights, keeps):
             for dim, (index, unit) in self._rows.get(name, {}).items():
                 w = weight.detach()
-                row_squares = w.to(torch.float64).pow(2).movedim(dim, 0).reshape(w.shape[dim], -1).sum(1)
+                row_squares = w.to(torch.float64).pow(2).movedim(dim, 0).reshape(w.shape[dim], -1).sum(1).cpu()
                 squares.index_add_(0, unit, row_squares[index])
                 sizes.index_add_(0, unit, torch.full_like(unit, w.numel() // max(w.shape[dim], 1)))
                 live = torch.ones(w.shape[dim], dtype=torch.int64) if keep is None else \
-                    keep.movedim(dim, 0).reshape(w.shape[dim], -1).amax(1).to(torch.int64)
+                    keep.movedim(dim, 0).reshape(w.shape[dim], -1).amax(1).to(torch.int64).cpu()
                 alive.index_add_(0, unit, live[index])
         scores = squares.sqrt()
         if scope == "global":
