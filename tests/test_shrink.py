@@ -411,3 +411,20 @@ def test_layers_of_different_widths_are_named_in_the_config_warning():
     with pytest.warns(UserWarning, match=r"FFN layers keep different widths \[48, 64\]"):
         small = shrink(model, token_batch(1))
     assert small.config.intermediate_size == 64 and small.model.layers[0].mlp.intermediate_size == 48
+
+
+def test_gmp_channel_on_a_model_that_cannot_be_traced_falls_back_to_rows_and_says_so():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h if float(h.sum()) > 0 else -h)  # data-dependent: torch.export cannot trace it
+
+    torch.manual_seed(0)
+    model = Branchy()
+    with pytest.warns(UserWarning, match="could not be traced"):
+        gmp, _ = train_channel_gmp(model, torch.randn(4, 8))
+    assert gmp.layer_sparsities() == {"a": 0.5, "b": 0.5} and gmp._owned_keeps == {}

@@ -98,17 +98,28 @@ class GroupSelection:
         self.inputs = first_example(args, kwargs)
         if self.on_inputs is not None:
             pending, self.on_inputs = self.on_inputs, None
-            with torch.autocast(device_type=next(iter(pytree.tree_leaves(args)), torch.empty(0)).device.type, enabled=False):
+            device = next(iter(self.root.parameters())).device.type
+            with torch.autocast(device_type=device, enabled=False):  # the trace and the masks in full precision
                 pending()
 
     # ---------------------------------------------------------------- groups
     def _trace(self) -> None:
         args, kwargs = self.inputs
-        groups = trace_call(self.root, args, kwargs)
         self.inputs = None
+        params = dict(self.root.named_parameters())
+        try:
+            groups = trace_call(self.root, args, kwargs)
+        except ValueError as err:  # the model cannot be traced: no groups
+            if self.granularity == "head":
+                raise ValueError(f"GradualMagnitudePruning(granularity='head') needs the model's attention heads, "
+                                 f"found by tracing it on its first batch, which failed: {err}") from err
+            warnings.warn(f"GradualMagnitudePruning(granularity='channel'): the model could not be traced ({err}); "
+                          "every layer keeps per-row channel selection, and shrink() may leave them as they are", stacklevel=4)
+            self._index([[(n, 0, i)] for n in self.names for i in range(params[n].shape[0])],
+                        [frozenset([n]) for n in self.names for _ in range(params[n].shape[0])])
+            return
         kind = "head" if self.granularity == "head" else "channel"
         units = [u for u in groups.prunable(self.names) if u.kind == kind]
-        params = dict(self.root.named_parameters())
         covered = {(name, dim, index) for u in units for name, dim, index in u.weight_rows()}
         left = [n for n in self.names if not any(c[0] == n for c in covered)]
         slices = [[s for s in u.slices if s[0] in params] for u in units]
@@ -119,11 +130,15 @@ class GroupSelection:
                     slices.append([(name, 0, index)])
                     families.append(frozenset([name]))
         if left:
-            reasons = {self._reason(groups, n) for n in left}
+            reasons = {self._reason(groups, n, self.granularity) for n in left}
             action = "keep per-row channel selection: shrink() will leave them as they are" if self.granularity == "channel" \
                 else "have no attention heads and stay dense"
             warnings.warn(f"GradualMagnitudePruning(granularity={self.granularity!r}): {', '.join(n.rsplit('.', 1)[0] for n in left[:8])}"
                           f"{'...' if len(left) > 8 else ''} {action} ({'; '.join(sorted(reasons))[:300]})", stacklevel=4)
+        self._index(slices, families)
+
+    def _index(self, slices: list[list[tuple[str, int, int]]], families: list[frozenset]) -> None:
+        """Index the units' slices by tensor, and number their families."""
         rows: dict[str, _Rows] = {}
         for unit_index, unit_slices in enumerate(slices):
             for name, dim, index in unit_slices:
@@ -134,11 +149,14 @@ class GroupSelection:
         self.owned_names = [n for n in self._rows if n not in self.names]
 
     @staticmethod
-    def _reason(groups, name: str) -> str:
+    def _reason(groups, name: str, granularity: str) -> str:
+        """Why no unit of ``name`` can be pruned whole (the first reason found)."""
+        if granularity == "head":
+            return "not part of any attention head"
         for unit in groups.units:
-            if name in unit.producers and (unit.problems or unit.unsupported or not unit.zero_if_pruned):
-                return (unit.problems + unit.unsupported or ["not zero once pruned"])[0]
-        return "not part of any attention head" if name else ""
+            if name in unit.producers and (unit.problems or unit.unsupported):
+                return (unit.problems + unit.unsupported)[0]
+        return "its channels are not exactly zero once pruned"
 
     # ---------------------------------------------------------------- selection
     @torch.no_grad()
