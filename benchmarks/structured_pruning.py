@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from compress_callbacks import CompressionManager, DistillationLoss, GradualMagnitudePruning  # noqa: E402
 from compress_callbacks.pruning.groups import split_example_inputs  # noqa: E402
-from compress_callbacks.pruning.shrink import shrink  # noqa: E402
+from compress_callbacks.export import shrink  # noqa: E402
 from compress_callbacks.pruning.structured import GroupSelection  # noqa: E402
 
 

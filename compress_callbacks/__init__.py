@@ -16,9 +16,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first use, so optional parts stay optional)
 _PUBLIC = {
     "CompressionManager": ".manager",
-    "CompressionCallback": ".callback",
+    "CompressionTechnique": ".callback",
     "GradualMagnitudePruning": ".pruning",
+    "PruningConfig": ".pruning",
     "QuantizationAwareTraining": ".quantization",
+    "QuantizationConfig": ".quantization",
     "DistillationLoss": ".distillation",
     "FeatureDistillation": ".distillation",
     "TeacherStudentAgreement": ".metrics",

@@ -1,6 +1,7 @@
 """The base class every compression technique implements: lifecycle events plus state.
 
-A callback is a thin stateful shell around pure tensor math. The manager drives it:
+A technique is a thin stateful shell around pure tensor math, configured by a small dataclass
+(its ``config_class``, see :mod:`compress_callbacks.config`). The manager drives it:
 
 1. ``validate(model, optimizer)``: check everything, touch nothing (raise ValueError/TypeError).
 2. ``on_attach(model, optimizer, step)``: install (hooks, masks, fake-quant) for the current step.
@@ -8,7 +9,7 @@ A callback is a thin stateful shell around pure tensor math. The manager drives 
 4. ``on_update(step)``: right after the ``step``-th real optimizer update.
 5. ``finalize(model)``: bake the result into plain modules and remove every hook.
 
->>> class CountUpdates(CompressionCallback):
+>>> class CountUpdates(CompressionTechnique):
 ...     def __init__(self):
 ...         super().__init__()
 ...         self.updates = 0
@@ -24,36 +25,83 @@ A callback is a thin stateful shell around pure tensor math. The manager drives 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["CompressionCallback"]
+from .config import TechniqueConfig
+
+__all__ = ["CompressionTechnique"]
 
 
-class CompressionCallback:
+def _config_field(name: str) -> property:
+    return property(lambda self: getattr(self.settings, name), doc=f"``{name}`` of ``self.settings`` (read-only).")
+
+
+class CompressionTechnique:
     """Base class for one compression technique driven by :class:`CompressionManager`.
 
-    Subclasses override the events they need. ``config()`` returns the constructor keyword
-    arguments (the recipe form); ``state_dict()`` holds only tensors and plain Python values, so
-    checkpoints load with ``torch.load(weights_only=True)``.
+    >>> import dataclasses
+    >>> from compress_callbacks.config import TechniqueConfig, check_int
+    >>> @dataclasses.dataclass
+    ... class EveryConfig(TechniqueConfig):
+    ...     every: int = 1
+    ...     def validate(self):
+    ...         self.every = check_int(self.every, "every", minimum=1)
+    >>> class Every(CompressionTechnique, config_class=EveryConfig):
+    ...     def __init__(self, every: int = 1):
+    ...         super().__init__()
+    ...         self.settings = EveryConfig(every=every)
+    >>> Every(every=3).every, Every(every=3).config()
+    (3, {'every': 3})
+
+    Subclasses override the events they need. A technique declared with ``config_class=`` keeps its
+    validated keyword arguments in ``self.settings`` (an instance of that dataclass) and exposes
+    each field as a read-only attribute of the same name. ``config()`` returns the constructor
+    keyword arguments (the recipe form); ``state_dict()`` holds only tensors and plain Python
+    values, so checkpoints load with ``torch.load(weights_only=True)``.
     """
+
+    #: The dataclass of this technique's keyword arguments (None: read them from same-named attributes).
+    config_class: type[TechniqueConfig] | None = None
 
     #: Whether ``on_before_update`` must run (it costs a hook call per update when True).
     needs_before_update: bool = False
     supports_sharded_weights: bool = False  # handles FSDP2 (DTensor) weights; see targets.require_unsharded
 
+    def __init_subclass__(cls, config_class: type[TechniqueConfig] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if config_class is not None:
+            if not (isinstance(config_class, type) and issubclass(config_class, TechniqueConfig)):
+                raise TypeError(f"`config_class` must be a TechniqueConfig dataclass, got {config_class!r}")
+            cls.config_class = config_class
+            for field in dataclasses.fields(config_class):
+                if field.init and field.name not in cls.__dict__:
+                    setattr(cls, field.name, _config_field(field.name))
+
     def __init__(self) -> None:
         self.manager = None  # set by CompressionManager.attach
 
     # -- recipe -------------------------------------------------------------------------
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this callback (used by recipes).
+    @classmethod
+    def from_config(cls, config: TechniqueConfig) -> CompressionTechnique:
+        """The technique ``config`` (an instance of ``config_class``) describes."""
+        if cls.config_class is None or not isinstance(config, cls.config_class):
+            expected = cls.config_class.__name__ if cls.config_class else "no config dataclass"
+            raise TypeError(f"`config` must be a {expected} for {cls.__name__}, got {type(config).__name__}")
+        return cls(**config.to_kwargs())
 
-        Every constructor argument is read back from the attribute of the same name.
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this technique (used by recipes).
+
+        With a ``config_class``: the fields of ``self.settings``; otherwise every constructor
+        argument is read back from the attribute of the same name.
         """
+        if self.config_class is not None:
+            return self.settings.to_kwargs()
         parameters = inspect.signature(type(self).__init__).parameters
         return {name: getattr(self, name) for name in parameters if name != "self"}
 

@@ -1,37 +1,23 @@
-"""The event loop: counts real optimizer updates and drives every compression callback.
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
->>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
->>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
->>> manager.attach(model, optimizer)
->>> for _ in range(4):
-...     model(torch.randn(4, 8)).sum().backward()
-...     optimizer.step()
-...     optimizer.zero_grad()
->>> manager.step
-4
->>> compressed = manager.finalize(model)
->>> float((compressed[0].weight == 0).float().mean())
-0.5
-"""
+"""The event loop: counts real optimizer updates and drives every compression callback."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from accelerate.logging import get_logger
+from accelerate.state import is_initialized as accelerate_state_initialized
 
-from .callback import CompressionCallback
+from .callback import CompressionTechnique
+from .config import check_int
 from .targets import require_unsharded, unwrap_model
 
 __all__ = ["CompressionManager", "underlying_optimizer"]
 
-logger = logging.getLogger("compress_callbacks")
+# Accelerate's multi-process logger: logs on the main process only, once an Accelerator exists
+logger = get_logger("compress_callbacks")
 
 
 def underlying_optimizer(optimizer: Any) -> Any:
@@ -52,11 +38,6 @@ def underlying_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def optimizer_parameters(optimizer: Any) -> set[int]:
-    """ids of every parameter the optimizer updates."""
-    return {id(p) for group in underlying_optimizer(optimizer).param_groups for p in group["params"]}
-
-
 def update_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
     """True inside a step hook when the grad scaler told a fused optimizer to skip this step.
 
@@ -73,9 +54,25 @@ def update_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
 class CompressionManager:
     """Wires compression callbacks into an existing training loop.
 
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import GradualMagnitudePruning
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
+    >>> manager.attach(model, optimizer)   # the loop itself stays as it is
+    >>> for _ in range(4):
+    ...     model(torch.randn(4, 8)).sum().backward()
+    ...     optimizer.step()
+    ...     optimizer.zero_grad()
+    >>> manager.step
+    4
+    >>> compressed = manager.finalize(model)
+    >>> float((compressed[0].weight == 0).float().mean())
+    0.5
+
     Args:
         *callbacks: ``GradualMagnitudePruning``, ``QuantizationAwareTraining``, ... (any
-            :class:`CompressionCallback`). They run in the order given.
+            :class:`CompressionTechnique`). They run in the order given.
         accelerator: optional ``accelerate.Accelerator``: the manager registers itself for
             ``save_state``/``load_state``, logs through ``accelerator.log`` and keeps ranks in sync.
         log_every: log callback and loss values every this many real updates (0: only on events).
@@ -84,29 +81,20 @@ class CompressionManager:
     micro-step, not an update the AMP grad scaler skipped) advances ``manager.step`` by one and
     runs the callbacks. Loops that cannot be hooked attach with ``hook=False`` and call
     ``manager.record_update()`` once after each real update.
-
-    Example::
-
-        manager = CompressionManager(GradualMagnitudePruning(0.9, start_step=100, end_step=1000),
-                                     accelerator=accelerator)
-        manager.attach(model, optimizer)
-        ...  # the loop stays as it is
-        compressed = manager.finalize(model)
     """
 
-    def __init__(self, *callbacks: CompressionCallback, accelerator: Any = None, log_every: int = 50) -> None:
+    def __init__(self, *callbacks: CompressionTechnique, accelerator: Any = None, log_every: int = 50) -> None:
         if len(callbacks) == 1 and isinstance(callbacks[0], (list, tuple)):
             callbacks = tuple(callbacks[0])
         for cb in callbacks:
-            if not isinstance(cb, CompressionCallback):
+            if not isinstance(cb, CompressionTechnique):
                 raise TypeError(
-                    f"`callbacks` must be CompressionCallback instances (e.g. GradualMagnitudePruning); got {cb!r}"
+                    f"`callbacks` must be CompressionTechnique instances (e.g. GradualMagnitudePruning); got {cb!r}"
                 )
         if len({id(cb) for cb in callbacks}) != len(callbacks):
             raise ValueError("`callbacks`: the same callback instance was given twice")
-        if not isinstance(log_every, int) or log_every < 0:
-            raise ValueError(f"`log_every` must be an int >= 0, got {log_every!r}")
-        self.callbacks: list[CompressionCallback] = list(callbacks)
+        log_every = check_int(log_every, "log_every", minimum=0)
+        self.callbacks: list[CompressionTechnique] = list(callbacks)
         self.accelerator = accelerator
         self.log_every = log_every
         self._step = 0
@@ -271,14 +259,20 @@ class CompressionManager:
         trackers = getattr(self.accelerator, "trackers", None) if self.accelerator is not None else None
         if trackers:
             self.accelerator.log(values, step=step)
-        elif self.is_main_process:
-            text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            logger.info("step %d: %s", step, text)
+        else:
+            self._info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def _log_event(self, event: str, values: dict[str, float]) -> None:
-        if self.is_main_process:
-            logger.info("%s at step %d", event, self._step)
+        self._info("%s at step %d", event, self._step)
         self.log({f"compress/{k}": float(v) for k, v in values.items()})
+
+    def _info(self, message: str, *args: Any) -> None:
+        """Log on the main process: through Accelerate's logger once an Accelerator exists (it knows
+        the ranks), else (a Lightning or hand-written loop) when ``is_main_process``."""
+        if accelerate_state_initialized():
+            logger.info(message, *args)
+        elif self.is_main_process:
+            logger.logger.info(message, *args)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -351,22 +345,26 @@ class CompressionManager:
     # ------------------------------------------------------------------ recipes
     @classmethod
     def from_recipe(cls, recipe: dict | str | Path, *, accelerator: Any = None, **kwargs: Any) -> CompressionManager:
-        """Build a manager from a recipe dict, YAML text or a YAML file path."""
-        from .recipes import callbacks_from_recipe
+        """Build a manager from a recipe dict, YAML text or a YAML file path.
 
-        return cls(*callbacks_from_recipe(recipe), accelerator=accelerator, **kwargs)
+        Keyword arguments (``log_every``) override the recipe's manager-level keys.
+        """
+        from .recipes import read_recipe
+
+        callbacks, options = read_recipe(recipe)
+        return cls(*callbacks, accelerator=accelerator, **{**options, **kwargs})
 
     def to_recipe(self) -> dict[str, Any]:
-        """The callbacks as a recipe dict (round-trips through ``from_recipe``)."""
+        """The manager's plan (``log_every`` and the callbacks) as a recipe dict (round-trips through ``from_recipe``)."""
         from .recipes import callbacks_to_recipe
 
-        return callbacks_to_recipe(self.callbacks)
+        return callbacks_to_recipe(self.callbacks, log_every=self.log_every)
 
     def to_recipe_yaml(self) -> str:
         """``to_recipe()`` dumped as YAML text."""
-        import yaml
+        from .recipes import dump_recipe
 
-        return yaml.safe_dump(self.to_recipe(), sort_keys=False)
+        return dump_recipe(self.to_recipe())
 
     def __repr__(self) -> str:
         return f"CompressionManager({', '.join(map(repr, self.callbacks))}, step={self._step})"

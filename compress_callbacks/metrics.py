@@ -2,19 +2,6 @@
 
 Both keep their state as sums (``dist_reduce_fx="sum"``), so ``compute()`` gives the same,
 all-rank answer on every DDP rank.
-
->>> import torch, torch.nn as nn
->>> agreement = TeacherStudentAgreement()
->>> agreement.update(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
->>> float(agreement.compute()["agreement"])
-0.5
->>> model = nn.Linear(4, 2)
->>> with torch.no_grad():
-...     model.weight[0] = 0.0
->>> sparsity = Sparsity()
->>> sparsity.update(model)
->>> float(sparsity.compute())
-0.5
 """
 
 from __future__ import annotations
@@ -24,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from .targets import DEFAULT_TARGET_TYPES, ModuleSpec, normalize_spec, select_modules, unwrap_model
+from .targets import ModuleSpec, normalize_spec, select_modules
 
 __all__ = ["Sparsity", "TeacherStudentAgreement"]
 
@@ -32,19 +19,22 @@ __all__ = ["Sparsity", "TeacherStudentAgreement"]
 class TeacherStudentAgreement(Metric):
     """Top-1 agreement and mean ``KL(p_teacher || p_student)`` per sample, over ``[..., V]`` logits.
 
+    >>> import torch
+    >>> agreement = TeacherStudentAgreement()
+    >>> student, teacher = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> agreement.update(student, teacher)
+    >>> float(agreement.compute()["agreement"])   # the second row's argmax differs
+    0.5
+    >>> agreement.reset(); agreement.update(student, student)
+    >>> {k: round(float(v), 4) for k, v in agreement.compute().items()}
+    {'agreement': 1.0, 'kl': 0.0}
+
     Args:
         temperature: softening temperature for the KL (1.0: the models' own distributions).
 
     ``update(student_logits, teacher_logits, mask=None)``: ``mask`` (shape of the logits without
     the class dim, non-zero = counted) drops padding or ignored positions. ``compute()`` returns
     ``{"agreement": fraction of positions with the same argmax, "kl": mean KL per position}``.
-
-    >>> import torch
-    >>> metric = TeacherStudentAgreement()
-    >>> logits = torch.randn(8, 5)
-    >>> metric.update(logits, logits)
-    >>> {k: round(float(v), 4) for k, v in metric.compute().items()}
-    {'agreement': 1.0, 'kl': 0.0}
     """
 
     is_differentiable = False
@@ -89,18 +79,21 @@ class TeacherStudentAgreement(Metric):
 class Sparsity(Metric):
     """Fraction of exact zeros over the weights of the selected modules of a model.
 
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2))
+    >>> with torch.no_grad():
+    ...     model[0].weight[0] = 0.0
+    >>> sparsity = Sparsity(modules=["0"])
+    >>> sparsity.update(model)
+    >>> float(sparsity.compute())
+    0.5
+
     Args:
         modules, exclude: as everywhere in the package (names, ``re:`` regexes, module types, on
             the unwrapped model); ``modules=None`` means every ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
 
     ``update(model)`` counts zeros and elements of each selected ``.weight``; ``compute()`` is
     zeros / elements over every update since the last ``reset()``.
-
-    >>> import torch.nn as nn
-    >>> metric = Sparsity(modules=["0"])
-    >>> metric.update(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)))
-    >>> float(metric.compute()) < 0.5
-    True
     """
 
     is_differentiable = False
@@ -117,12 +110,7 @@ class Sparsity(Metric):
     def update(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        root = unwrap_model(model)
-        if self.modules_spec is None and isinstance(root, DEFAULT_TARGET_TYPES):
-            selected = [("", root)]  # a bare layer: the named-module search skips the root
-        else:
-            selected = select_modules(root, modules=self.modules_spec, exclude=self.exclude_spec)
-        for _, module in selected:
+        for _, module in select_modules(model, modules=self.modules_spec, exclude=self.exclude_spec):
             weight = module.weight.detach()
             self.zeros += (weight == 0).sum().to(device=self.zeros.device, dtype=self.zeros.dtype)
             self.total += weight.numel()

@@ -15,9 +15,14 @@ A recipe names callback classes and their keyword arguments (exactly the constru
 
 ``callbacks`` is a mapping (class name -> keyword arguments, run in file order) or, to use two
 callbacks of one class, a list of one-key mappings (``- GradualMagnitudePruning: {...}``). Module
-types in ``modules`` / ``exclude`` are written ``"type:<module path>.<class name>"``. Every key is
-checked against the constructor's signature and type hints, then the constructor's own checks run;
-an error names the key's path (``callbacks.GradualMagnitudePruning.end_step: ...``).
+types in ``modules`` / ``exclude`` are written ``"type:<module path>.<class name>"``. ``log_every``
+(optional, top level) is the manager's. Every key is checked against the constructor's signature,
+then the technique's config dataclass validates the values; an error names the key's path
+(``callbacks.GradualMagnitudePruning.end_step: ...``).
+
+YAML is read as YAML 1.1 with three of its traps closed: ``5e-1`` and ``1e3`` are numbers (YAML 1.1
+reads them as strings), an unquoted ``2:4`` (a base-60 number there) is refused with the advice to
+quote it, and a key given twice in one mapping is refused (YAML would keep the last silently).
 
 >>> from compress_callbacks import CompressionManager
 >>> manager = CompressionManager.from_recipe('''
@@ -36,34 +41,37 @@ ValueError: callbacks.GradualMagnitudePruning.end_step: `end_step` (5) must be >
 
 from __future__ import annotations
 
-import collections.abc
 import importlib
 import inspect
 import os
 import re
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
+import yaml
 
-from .callback import CompressionCallback
+from .callback import CompressionTechnique
+from .config import ArgumentError, check_int
 
 __all__ = [
     "RECIPE_VERSION",
     "TYPE_PREFIX",
+    "RecipeDumper",
+    "RecipeLoader",
     "callback_class",
     "callbacks_from_recipe",
     "callbacks_to_recipe",
+    "dump_recipe",
     "load_recipe",
+    "read_recipe",
     "register_callback",
 ]
 
 RECIPE_VERSION = 1
 TYPE_PREFIX = "type:"
-TOP_LEVEL_KEYS = ("version", "callbacks")
+TOP_LEVEL_KEYS = ("version", "log_every", "callbacks")
 
 # class name -> module defining it (imported only when a recipe names the class)
 _BUILTIN_CALLBACKS = {
@@ -75,12 +83,12 @@ _REGISTERED: dict[str, type] = {}
 
 # ------------------------------------------------------------------------------------ registry
 def register_callback(cls: type, name: str | None = None) -> type:
-    """Make a custom :class:`CompressionCallback` usable in recipes under ``name`` (default: its class name).
+    """Make a custom :class:`CompressionTechnique` usable in recipes under ``name`` (default: its class name).
 
     Usable as a decorator. Its ``config()`` must return the constructor's keyword arguments.
 
     >>> @register_callback
-    ... class Noop(CompressionCallback):
+    ... class Noop(CompressionTechnique):
     ...     def __init__(self, every: int = 1):
     ...         super().__init__()
     ...         self.every = every
@@ -89,8 +97,8 @@ def register_callback(cls: type, name: str | None = None) -> type:
     >>> callbacks_from_recipe({"callbacks": {"Noop": {"every": 3}}})[0].every
     3
     """
-    if not (isinstance(cls, type) and issubclass(cls, CompressionCallback)):
-        raise TypeError(f"`cls` must be a CompressionCallback subclass, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, CompressionTechnique)):
+        raise TypeError(f"`cls` must be a CompressionTechnique subclass, got {cls!r}")
     _REGISTERED[name or cls.__name__] = cls
     return cls
 
@@ -166,49 +174,89 @@ def _encode_types(value: Any) -> Any:
     return value
 
 
-# ------------------------------------------------------------------------------------ type checks
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (YAML data, module types decoded) fits the type hint ``hint``."""
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    if hint is None or hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
-    if hint is type or origin is type:
-        return isinstance(value, type)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
+# ------------------------------------------------------------------------------------ YAML
+# YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot or without a sign
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 
 
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return " | ".join(_describe(arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = typing.get_args(hint)
-        return f"list of ({_describe(args[0])})" if args else "list"
-    if hint is type or origin is type:
-        return "'type:...' module type"
-    if hint is None or hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with ``1e3`` / ``5e-1`` read as floats, base-60 numbers (an unquoted
+    ``2:4``) and duplicate keys refused.
+
+    >>> yaml.load("lr: 5e-1\\nsteps: 1e3", Loader=RecipeLoader)
+    {'lr': 0.5, 'steps': 1000.0}
+    >>> yaml.load("granularity: 2:4", Loader=RecipeLoader)
+    Traceback (most recent call last):
+    ...
+    ValueError: recipe line 1: YAML 1.1 reads the unquoted 2:4 as the base-60 number 124; write "2:4" in quotes
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    seen = key in first_line
+                except TypeError:  # an unhashable key: the base class explains it
+                    continue
+                if seen:
+                    raise ValueError(
+                        f"recipe line {line}: duplicate key {key!r} (first at line {first_line[key]}); "
+                        "YAML would silently keep only the last one"
+                    )
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_base_60(self, node: yaml.ScalarNode, number: Any) -> Any:
+        text = node.value
+        if ":" in text:
+            raise ValueError(
+                f"recipe line {node.start_mark.line + 1}: YAML 1.1 reads the unquoted {text} as the base-60 number "
+                f"{number:g}; write \"{text}\" in quotes"
+            )
+        return number
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        return self._refuse_base_60(node, super().construct_yaml_int(node))
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        return self._refuse_base_60(node, super().construct_yaml_float(node))
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting the strings :class:`RecipeLoader` would read as numbers (``"1e3"``).
+
+    >>> yaml.dump({"name": "1e3", "lr": 0.5}, Dumper=RecipeDumper)
+    "lr: 0.5\\nname: '1e3'\\n"
+    """
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+RecipeLoader.add_constructor(_FLOAT_TAG, RecipeLoader.construct_yaml_float)
+for _resolver in (RecipeLoader, RecipeDumper):
+    _resolver.add_implicit_resolver(_FLOAT_TAG, _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    """A recipe dict as YAML text that :func:`load_recipe` reads back unchanged.
+
+    >>> print(dump_recipe({"version": 1, "callbacks": {"QuantizationAwareTraining": {"start_step": 10}}}), end="")
+    version: 1
+    callbacks:
+      QuantizationAwareTraining:
+        start_step: 10
+    """
+    return yaml.dump(recipe, Dumper=RecipeDumper, sort_keys=False)
 
 
 # ------------------------------------------------------------------------------------ reading
 def load_recipe(recipe: dict | str | Path) -> dict[str, Any]:
-    """A recipe as a dict, from a dict, YAML text or a path to a YAML file."""
-    import yaml
-
+    """A recipe as a dict, from a dict, YAML text or a path to a YAML file (read with :class:`RecipeLoader`)."""
     if isinstance(recipe, dict):
         return recipe
     if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and os.path.isfile(recipe)):
@@ -219,7 +267,7 @@ def load_recipe(recipe: dict | str | Path) -> dict[str, Any]:
     else:
         raise TypeError(f"`recipe` must be a dict, YAML text or a path, got {type(recipe).__name__}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as err:
         raise ValueError(f"`recipe` is not valid YAML: {err}") from None
     if isinstance(data, str) or data is None:
@@ -244,7 +292,9 @@ def _entries(callbacks: Any) -> list[tuple[str, str, Any]]:
     raise TypeError(f"callbacks: expected a mapping (or a list of one-key mappings), got {type(callbacks).__name__}")
 
 
-def _build(path: str, name: str, kwargs: Any) -> CompressionCallback:
+def _build(path: str, name: str, kwargs: Any) -> CompressionTechnique:
+    """The callback one recipe entry describes: keys checked against the constructor's signature, values
+    validated by the constructor (the technique's config dataclass), errors prefixed with the key's path."""
     if not isinstance(name, str):
         raise TypeError(f"{path}: callback names must be strings, got {name!r}")
     try:
@@ -255,36 +305,36 @@ def _build(path: str, name: str, kwargs: Any) -> CompressionCallback:
         kwargs = {}
     if not isinstance(kwargs, dict):
         raise TypeError(f"{path}: expected a mapping of keyword arguments, got {type(kwargs).__name__}")
-    signature = inspect.signature(cls.__init__)
     parameters = {
-        n: p for n, p in list(signature.parameters.items())[1:]
+        n: p for n, p in list(inspect.signature(cls.__init__).parameters.items())[1:]
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
-    hints = typing.get_type_hints(cls.__init__)
-    decoded = {}
-    for key, value in kwargs.items():
+    for key in kwargs:
         if key not in parameters:
             raise ValueError(f"{path}.{key}: unknown key; {name} accepts {', '.join(parameters)}")
-        value = _decode_types(value, f"{path}.{key}")
-        hint = hints.get(key, Any)
-        if not _conforms(value, hint):
-            raise TypeError(f"{path}.{key}: expected {_describe(hint)}, got {type(value).__name__} {value!r}")
-        decoded[key] = value
-    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in decoded]
+    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in kwargs]
     if missing:
         raise ValueError(f"{path}: missing required key(s) {', '.join(missing)}")
+    decoded = {key: _decode_types(value, f"{path}.{key}") for key, value in kwargs.items()}
     try:
         return cls(**decoded)
+    except ArgumentError as err:  # the config dataclass names the argument
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"{path}.{err.argument}: {err}") from None
     except (ValueError, TypeError) as err:
-        named = [n for n in re.findall(r"`(\w+)`", str(err)) if n in parameters]
-        where = f"{path}.{named[0]}" if named else path  # the first argument a message names is the culprit
-        raise type(err)(f"{where}: {err}") from None
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"{path}: {err}") from None
 
 
-def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionCallback]:
-    """Build the callbacks a recipe (dict, YAML text or path) describes, in order.
+def read_recipe(recipe: dict | str | Path) -> tuple[list[CompressionTechnique], dict[str, Any]]:
+    """The callbacks a recipe (dict, YAML text or path) describes, in order, and its manager-level
+    keyword arguments (``log_every`` when given).
 
-    Everything is checked before any callback is returned; errors name the key's path.
+    Everything is checked before anything is returned; errors name the key's path.
+
+    >>> callbacks, options = read_recipe("log_every: 10\\ncallbacks: {QuantizationAwareTraining: {start_step: 5}}")
+    >>> callbacks[0].start_step, options
+    (5, {'log_every': 10})
     """
     data = load_recipe(recipe)
     for key in data:
@@ -293,14 +343,26 @@ def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionCallback
     version = data.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
         raise ValueError(f"version: this package reads recipe version {RECIPE_VERSION}, got {version!r}")
+    options = {}
+    if "log_every" in data:
+        try:
+            options["log_every"] = check_int(data["log_every"], "log_every", minimum=0)
+        except ArgumentError as err:
+            raise type(err)(err.argument, f"log_every: {err}") from None
     if "callbacks" not in data:
         raise ValueError("callbacks: missing; a recipe lists its callbacks under `callbacks:`")
-    return [_build(path, name, kwargs) for path, name, kwargs in _entries(data["callbacks"])]
+    return [_build(path, name, kwargs) for path, name, kwargs in _entries(data["callbacks"])], options
+
+
+def callbacks_from_recipe(recipe: dict | str | Path) -> list[CompressionTechnique]:
+    """Build the callbacks a recipe (dict, YAML text or path) describes, in order (see :func:`read_recipe`)."""
+    return read_recipe(recipe)[0]
 
 
 # ------------------------------------------------------------------------------------ writing
-def callbacks_to_recipe(callbacks: list[CompressionCallback]) -> dict[str, Any]:
-    """The recipe dict that rebuilds ``callbacks`` (mapping form; list form when a class repeats)."""
+def callbacks_to_recipe(callbacks: list[CompressionTechnique], *, log_every: int | None = None) -> dict[str, Any]:
+    """The recipe dict that rebuilds ``callbacks`` (mapping form; list form when a class repeats),
+    with the manager's ``log_every`` when given."""
     entries = []
     for cb in callbacks:
         name = next((n for n, c in _REGISTERED.items() if type(cb) is c), type(cb).__name__)
@@ -316,4 +378,8 @@ def callbacks_to_recipe(callbacks: list[CompressionCallback]) -> dict[str, Any]:
         section: Any = dict(entries)
     else:
         section = [{name: kwargs} for name, kwargs in entries]
-    return {"version": RECIPE_VERSION, "callbacks": section}
+    recipe: dict[str, Any] = {"version": RECIPE_VERSION}
+    if log_every is not None:
+        recipe["log_every"] = log_every
+    recipe["callbacks"] = section
+    return recipe

@@ -11,7 +11,7 @@ callbacks stay thin and the math is tested directly.
 
 from __future__ import annotations
 
-__all__ = ["cubic_sparsity", "last_grid_point", "schedule_grid", "linear_ramp"]
+__all__ = ["cubic_sparsity", "last_grid_point", "schedule_grid"]
 
 
 def last_grid_point(step: int, *, start: int, end: int, every: int) -> int | None:
@@ -56,16 +56,3 @@ def schedule_grid(*, start: int, end: int, every: int) -> list[int]:
     points = list(range(start, end, every))
     points.append(end)
     return points
-
-
-def linear_ramp(step: int, *, start: int, end: int) -> float:
-    """0 before ``start``, 1 from ``end`` on, linear in between.
-
-    >>> linear_ramp(5, start=0, end=10)
-    0.5
-    """
-    if step <= start:
-        return 0.0
-    if step >= end:
-        return 1.0
-    return (step - start) / (end - start)

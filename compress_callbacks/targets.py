@@ -13,6 +13,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import torch.nn as nn
+from accelerate.utils import extract_model_from_parallel
+
+from .config import ArgumentTypeError, ArgumentValueError
 
 __all__ = [
     "DEFAULT_TARGET_TYPES",
@@ -26,11 +29,15 @@ __all__ = [
 
 DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-ModuleSpec = Union[str, type, Sequence[Union[str, type]], None]
+ModuleSpec = Union[str, type, Iterable[Union[str, type]], None]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / ``torch.compile`` / FSDP-style wrappers.
+    """Strip DDP / DataParallel / ``torch.compile`` / FSDP / DeepSpeed wrappers, nested in any order.
+
+    Each layer is removed by Accelerate's ``extract_model_from_parallel``; repeating it also unwraps
+    what Accelerate leaves in one pass (a compiled model inside DDP). FSDP2 (``fully_shard``) wraps
+    nothing: its model is already the module itself.
 
     >>> import torch.nn as nn
     >>> unwrap_model(nn.DataParallel(nn.Linear(2, 2))).__class__.__name__
@@ -39,40 +46,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ in {"FullyShardedDataParallel", "DeepSpeedEngine"} and hasattr(model, "module"):
-            model = model.module
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
     return model
 
 
 def normalize_spec(spec: ModuleSpec, *, argument: str) -> list[str | type]:
-    """Validate a ``modules`` / ``exclude`` argument and return it as a list.
+    """Validate a ``modules`` / ``exclude`` argument and return it as a new list (read once: a
+    generator is consumed here, and only here).
 
     >>> normalize_spec("re:.*attn.*", argument="modules")
     ['re:.*attn.*']
+    >>> normalize_spec((name for name in ["0", "2"]), argument="exclude")
+    ['0', '2']
     """
     if spec is None:
         return []
-    items: Iterable = [spec] if isinstance(spec, (str, type)) else spec
-    out: list[str | type] = []
+    if isinstance(spec, (str, type)):
+        items: list = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, dict, nn.Module)):
+        items = list(spec)
+    else:
+        raise ArgumentTypeError(
+            argument, f"`{argument}` takes a module name, a 're:' regex, an nn.Module subclass or a list of them; got {spec!r}"
+        )
     for item in items:
         if isinstance(item, str):
             if item.startswith("re:"):
                 try:
                     re.compile(item[3:])
                 except re.error as err:
-                    raise ValueError(f"`{argument}`: invalid regex {item!r}: {err}") from None
-            out.append(item)
-        elif isinstance(item, type) and issubclass(item, nn.Module):
-            out.append(item)
-        else:
-            raise TypeError(
-                f"`{argument}` takes module names, 're:' regexes or nn.Module subclasses; got {item!r}"
+                    raise ArgumentValueError(argument, f"`{argument}`: invalid regex {item!r}: {err}") from None
+        elif not (isinstance(item, type) and issubclass(item, nn.Module)):
+            raise ArgumentTypeError(
+                argument, f"`{argument}` takes module names, 're:' regexes or nn.Module subclasses; got {item!r}"
             )
-    return out
+    return items
 
 
 def _matches(name: str, module: nn.Module, item: str | type) -> bool:
@@ -81,6 +89,27 @@ def _matches(name: str, module: nn.Module, item: str | type) -> bool:
     if item.startswith("re:"):
         return re.fullmatch(item[3:], name) is not None
     return name == item
+
+
+def _has_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _require_every_name_matches(
+    named: list[tuple[str, nn.Module]], items: list[str | type], argument: str, root: nn.Module, *, with_weight: bool
+) -> None:
+    """Each name or regex in ``items`` must match a module (``with_weight``: a regex, one with a weight)."""
+    for item in items:
+        if isinstance(item, type):
+            continue
+        matched = [(n, m) for n, m in named if _matches(n, m, item)]
+        if not matched:
+            raise ValueError(f"`{argument}`: {item!r} matches no module of {type(root).__name__}")
+        if with_weight and item.startswith("re:") and not any(_has_weight(m) for _, m in matched):
+            raise ValueError(
+                f"`{argument}`: {item!r} matches only modules without a `weight` parameter "
+                f"({', '.join(repr(n) for n, _ in matched[:3])}{', ...' if len(matched) > 3 else ''})"
+            )
 
 
 def select_modules(
@@ -93,17 +122,22 @@ def select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified_name, module)`` pairs the callback should touch, in model order.
 
-    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` that
-    matches nothing raises ``ValueError`` (a typo should not silently compress nothing), and so does
-    a selection that ends up empty.
+    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` or
+    ``exclude`` that matches nothing raises ``ValueError`` (a typo should not silently compress
+    nothing, or compress what was meant to be kept), and so does a selection that ends up empty.
+    A module named in ``modules`` must have a ``weight``; a regex or a type may also match
+    containers without one, which are skipped. The model itself is named ``""``: a bare layer
+    (the model is an ``nn.Linear``) is selected by default, by its type, or as ``""``.
+
+    >>> [name for name, _ in select_modules(nn.Linear(4, 2))]
+    ['']
     """
     include = normalize_spec(modules, argument=argument)
     excluded = normalize_spec(exclude, argument="exclude")
     root = unwrap_model(model)
-    named = [(name, mod) for name, mod in root.named_modules() if name]
-    for item in include:
-        if isinstance(item, str) and not any(_matches(n, m, item) for n, m in named):
-            raise ValueError(f"`{argument}`: {item!r} matches no module of {type(root).__name__}")
+    named = list(root.named_modules())
+    _require_every_name_matches(named, include, argument, root, with_weight=require_weight)
+    _require_every_name_matches(named, excluded, "exclude", root, with_weight=False)
     chosen = []
     for name, mod in named:
         if include:
@@ -113,9 +147,8 @@ def select_modules(
             continue
         if any(_matches(name, mod, item) for item in excluded):
             continue
-        weight = getattr(mod, "weight", None)
-        if require_weight and not isinstance(weight, nn.Parameter):
-            if include and any(isinstance(i, str) and _matches(name, mod, i) for i in include):
+        if require_weight and not _has_weight(mod):
+            if name in include:  # named exactly: a regex or a type may also match containers, skipped
                 raise ValueError(f"`{argument}`: module {name!r} has no `weight` parameter to compress")
             continue
         chosen.append((name, mod))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -407,24 +405,8 @@ def _ddp_features_worker(path):
         json.dump({"identical": bool(torch.equal(gathered[0], gathered[1])), "weight": weight.flatten()[:4].tolist()}, handle)
 
 
-def launch_two_processes(module: str, function: str, path) -> None:
-    """``accelerate.debug_launcher(fn, num_processes=2)`` from a fresh interpreter.
-
-    debug_launcher forks; forking this pytest process after torch has started its thread pools
-    can deadlock the children, so the launch happens in a clean Python process.
-    """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (
-        "import sys; from accelerate import debug_launcher; "
-        f"from {module} import {function}; debug_launcher({function}, args=({str(path)!r},), num_processes=2)"
-    )
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-def test_feature_projection_stays_identical_across_two_ddp_ranks(tmp_path):
-    launch_two_processes("tests.test_distillation", "_ddp_features_worker", tmp_path)
+def test_feature_projection_stays_identical_across_two_ddp_ranks(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_features_worker, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["identical"] for r in results)
     assert results[0]["weight"] == results[1]["weight"]

@@ -123,19 +123,15 @@ def test_nm_granularity_implies_its_sparsity():
     assert example.parse_args([]).sparsity == 0.8
 
 
-def test_two_processes_match_one(tiny_run, tmp_path):
+def test_two_processes_match_one(tiny_run, tmp_path, run_python):
     """The documented command: ``accelerate launch --multi_gpu --num_processes 2`` on the CPU."""
-    import subprocess
-
     _, single = tiny_run
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    done = run_python(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO / "examples" / "compress_digits.py"), *TINY, "--output-dir", str(tmp_path),
-    ]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
     assert done.stdout.count("| teacher") == 1  # only the main process prints the table
     double = json.loads((tmp_path / "metrics.json").read_text())
     assert double["processes"] == 2 and single["processes"] == 1

@@ -29,7 +29,8 @@ from compress_callbacks.export import (
     save_compressed,
     to_int8,
 )
-from compress_callbacks.quantization.ptq import bn_fold_factor, calibrate, fake_quantized
+from compress_callbacks.quantization.grid import batchnorm_fold_factor
+from compress_callbacks.quantization.ptq import calibrate, fake_quantized
 from compress_callbacks.quantization.spec import LayerQuantSpec, get_qparams, quantize_weight
 
 INT8_TOLERANCE = 0.01  # of max |reference output|
@@ -106,7 +107,7 @@ def test_calibrate_snaps_weights_folds_bn_and_records_ranges(ptq_cnn, cnn_batche
     assert specs["0"].bn == "1" and specs["3"].bn == "4" and specs["8"].bn is None
     for name, spec in specs.items():
         weight = ptq_cnn.get_submodule(name).weight.detach()
-        grid = weight * bn_fold_factor(ptq_cnn.get_submodule(spec.bn)).view(-1, 1, 1, 1) if spec.bn else weight
+        grid = weight * batchnorm_fold_factor(ptq_cnn.get_submodule(spec.bn)).view(-1, 1, 1, 1) if spec.bn else weight
         codes = grid / spec.weight_scale.view((-1,) + (1,) * (grid.dim() - 1))
         assert torch.allclose(codes, codes.round(), atol=1e-3)
         assert codes.abs().max() <= 127.001
@@ -155,7 +156,7 @@ def test_export_onnx_has_int8_weights_and_learned_activation_qparams(ptq_cnn, cn
     assert len(weight_codes) == 3 and all(codes.dtype == np.int8 for codes in weight_codes)
     specs = get_qparams(ptq_cnn)
     first_codes = quantize_weight(
-        ptq_cnn[0].weight.detach() * bn_fold_factor(ptq_cnn[1]).view(-1, 1, 1, 1), specs["0"]
+        ptq_cnn[0].weight.detach() * batchnorm_fold_factor(ptq_cnn[1]).view(-1, 1, 1, 1), specs["0"]
     ).numpy()
     assert any(codes.shape == first_codes.shape and (codes == first_codes).all() for codes in weight_codes)
     assert all((codes == 0).mean() >= 0.45 for codes in weight_codes)  # pruned zeros stay zero
@@ -251,7 +252,7 @@ def test_classifier_head_runs_as_integer_matmul(weight_dtype):
 def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(monkeypatch):
     """The last conv feeds a float global pooling, so ONNX Runtime cannot fuse it into QLinearConv:
     its weight is dequantized once at conversion (ORT then prepacks it) instead of at every call."""
-    import compress_callbacks.export as export
+    import compress_callbacks.export.int8 as int8_path
 
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -265,7 +266,7 @@ def test_layers_ort_leaves_in_float_get_constant_weights_with_unchanged_outputs(
     convs = [node for node in graph.node if node.op_type == "Conv"]
     weight_kinds = [inits[c.input[1]].dtype if c.input[1] in inits else "from DequantizeLinear" for c in convs]
     assert weight_kinds == ["from DequantizeLinear", np.float32], weight_kinds  # the first fuses; the last cannot
-    monkeypatch.setattr(export, "_constant_weights", lambda onnx_model, layers: None)
+    monkeypatch.setattr(int8_path, "_constant_weights", lambda onnx_model, layers: None)
     unchanged = to_int8(model, example_inputs=batches[0])
     assert torch.equal(int8_model(batches[1]), unchanged(batches[1]))
     assert_int8_close(int8_model(batches[1]), reference(model, batches[1]))

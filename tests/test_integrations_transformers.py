@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +13,18 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
+    BertModel,
     Trainer,
     TrainingArguments,
 )
 
-from compress_callbacks import CompressionManager, DistillationLoss, GradualMagnitudePruning
-from compress_callbacks.integrations.transformers import STATE_FILE, CompressionCallback, DistillationTrainer
+from compress_callbacks import CompressionManager, DistillationLoss, FeatureDistillation, GradualMagnitudePruning
+from compress_callbacks.integrations.transformers import (
+    FEATURE_STATE_FILE,
+    STATE_FILE,
+    CompressionCallback,
+    DistillationTrainer,
+)
 
 VOCAB = 100
 
@@ -25,14 +32,14 @@ VOCAB = 100
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_bert(cls=BertForSequenceClassification, seed=0, hidden=32, num_labels=2):
+def tiny_bert(cls=BertForSequenceClassification, seed=0, hidden=32, num_labels=2, layers=2, **model_kwargs):
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=2 * hidden,
         vocab_size=VOCAB, max_position_embeddings=32, num_labels=num_labels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    return cls(config)
+    return cls(config, **model_kwargs)
 
 
 def classification_data(n=64, length=12, seed=1):
@@ -58,7 +65,9 @@ def gmp(**overrides):
 
 
 def pruned_weights(model, manager):
-    return {name: module.weight.detach().clone() for name, module in model.named_modules() if name in manager.callbacks[0]._names}
+    names = list(manager.callbacks[0].weights)
+    assert names, "the pruning callback targets no weight"
+    return {name: model.get_submodule(name).weight.detach().clone() for name in names}
 
 
 def test_callback_counts_real_updates_reaches_sparsity_and_logs(tmp_path):
@@ -231,3 +240,208 @@ def test_updates_the_grad_scaler_skips_are_not_counted(tmp_path):
     assert trainer.state.global_step == 6
     assert manager.step == 6 - len(skipped_at)
     assert manager.callbacks[0].overall_sparsity() == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------------------------ feature distillation
+def sentences(n=32, length=10, seed=4):
+    """Unlabelled token sequences of uneven lengths (attention mask 0 on the padding)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(1, VOCAB, (length,), generator=g)
+        mask = (torch.arange(length) < 3 + (i * 7) % (length - 2)).long()
+        rows.append({"input_ids": ids * mask, "attention_mask": mask})
+    return rows
+
+
+def embedding_distance(student, features, teacher, data):
+    """Mean 1 - cosine between the projected mean-pooled student embedding and the teacher's."""
+    ids = torch.stack([row["input_ids"] for row in data])
+    mask = torch.stack([row["attention_mask"] for row in data])
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask).last_hidden_state
+        t = teacher(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask[..., None].float()
+        s, t = (s * weights).sum(1) / weights.sum(1), (t * weights).sum(1) / weights.sum(1)
+        s = features.project(-1, s)
+    return float((1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).mean())
+
+
+def test_distillation_trainer_distils_a_sentence_embedding_student_without_labels(tmp_path):
+    student = tiny_bert(BertModel, seed=0, hidden=16, layers=1)
+    teacher = tiny_bert(BertModel, seed=5, hidden=32, layers=2)
+    features = FeatureDistillation(student, teacher, layers=[-1], pooling="mean", loss="cosine")
+    data = sentences()
+    before = embedding_distance(student, features, teacher, data)
+    trainer = DistillationTrainer(
+        model=student, args=arguments(tmp_path, max_steps=30, learning_rate=3e-3, save_strategy="steps", save_steps=30),
+        train_dataset=data, features=features,
+    )
+    trainer.train()
+
+    assert embedding_distance(student, features, teacher, data) < 0.5 * before
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in features.parameters()} <= optimized
+    assert not ({id(p) for p in teacher.parameters()} & optimized)
+    saved = torch.load(tmp_path / "checkpoint-30" / FEATURE_STATE_FILE, weights_only=True)
+    assert torch.equal(saved["projections.hidden_states_1.weight"], features.projections["hidden_states_1"].weight.cpu())
+    assert set(load_file(tmp_path / "checkpoint-30" / "model.safetensors")) <= set(student.state_dict())
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1]["distill/feature/total"] < logged[0]["distill/feature/total"]
+
+
+def hidden_state_mse(student, teacher, features, data):
+    ids = torch.stack([row["input_ids"] for row in data])
+    mask = torch.stack([row["attention_mask"] for row in data])
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+        projected = features.project(1, s)
+    return float(((projected - t)[mask.bool()] ** 2).mean())
+
+
+def test_distillation_trainer_adds_hidden_state_losses_to_logit_distillation(tmp_path):
+    student = tiny_bert(seed=0, hidden=16, layers=1)
+    teacher = tiny_bert(seed=5, hidden=32, layers=2)
+    distill = DistillationLoss(teacher, temperature=2.0, alpha=0.5)
+    features = FeatureDistillation(student, teacher, layers=lambda i: 2 * i, loss="mse")
+    labelled = classification_data(n=32, length=10)
+    data = [{**row, **text} for row, text in zip(labelled, sentences())]  # padded and labelled
+    batch = {key: torch.stack([row[key] for row in data]) for key in data[0]}
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    expected = distill(student(**inputs), batch["labels"], inputs=inputs) + 0.5 * features()  # the whole set at once
+    before_mse = hidden_state_mse(student, teacher, features, data)
+    first = DistillationTrainer(  # one step over the whole set, learning rate 0: its logged loss is the formula's
+        model=student, args=arguments(tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=32,
+                                      logging_steps=1), train_dataset=data, distillation=distill, features=features,
+        feature_weight=0.5,
+    )
+    first.train()
+    assert first.state.log_history[0]["loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
+
+    trainer = DistillationTrainer(
+        model=student, args=arguments(tmp_path, max_steps=30, learning_rate=3e-3), train_dataset=data,
+        distillation=distill, features=features, feature_weight=0.5,
+    )
+    trainer.train()
+    assert hidden_state_mse(student, teacher, features, data) < 0.5 * before_mse
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+    assert {"distill/soft", "distill/hard", "distill/feature/hidden_states_1", "distill/feature/total"} <= set(logged)
+
+
+def test_feature_loss_under_gradient_accumulation_equals_the_full_batch_loss(tmp_path):
+    teacher = tiny_bert(BertForTokenClassification, seed=7, num_labels=3, layers=2)
+    distill = DistillationLoss(teacher, temperature=2.0, alpha=0.5)
+    rows = token_batches()
+    lengths = [10, 3, 6, 9]  # uneven padding: the micro-batches hold 13 and 15 real tokens
+    data = [{**row, "attention_mask": (torch.arange(10) < n).long()} for row, n in zip(rows, lengths)]
+
+    def gradients(accumulation):
+        student = tiny_bert(BertForTokenClassification, seed=0, hidden=16, num_labels=3, layers=1)
+        features = FeatureDistillation(student, teacher, layers={1: 2, 0: 0})
+        args = arguments(tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=4 // accumulation,
+                         gradient_accumulation_steps=accumulation, max_grad_norm=0.0)
+        trainer = DistillationTrainer(model=student, args=args, train_dataset=data, distillation=distill, features=features)
+        grads = {}
+        named = [*student.named_parameters(), *(("features." + n, p) for n, p in features.named_parameters())]
+        for name, p in named:
+            p.register_hook(lambda g, name=name: grads.__setitem__(name, grads.get(name, 0) + g))
+        trainer.train()
+        return grads
+
+    full, accumulated = gradients(1), gradients(2)
+    assert set(full) == set(accumulated) and "features.projections.hidden_states_1.weight" in full
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
+
+
+def feature_run(output_dir, *, resume=None, save_steps=None, max_steps=6):
+    student = tiny_bert(BertModel, seed=0, hidden=16, layers=1)
+    teacher = tiny_bert(BertModel, seed=5, hidden=32, layers=2)
+    features = FeatureDistillation(student, teacher, layers=[-1], pooling="mean")
+    options = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
+    trainer = DistillationTrainer(
+        model=student, args=arguments(output_dir, max_steps=max_steps, learning_rate=3e-3, **options),
+        train_dataset=sentences(), features=features,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return features
+
+
+def test_resume_restores_the_projections_and_matches_an_uninterrupted_run(tmp_path):
+    uninterrupted = feature_run(tmp_path / "a", save_steps=3)
+    resumed = feature_run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    fresh = feature_run(tmp_path / "c", max_steps=3)  # what resuming without the projections would continue from
+    weight = "projections.hidden_states_1.weight"
+    torch.testing.assert_close(resumed.state_dict()[weight], uninterrupted.state_dict()[weight], rtol=0, atol=1e-6)
+    assert not torch.allclose(fresh.state_dict()[weight], uninterrupted.state_dict()[weight])
+    (tmp_path / "a" / "checkpoint-3" / FEATURE_STATE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=FEATURE_STATE_FILE):
+        feature_run(tmp_path / "d", resume=str(tmp_path / "a" / "checkpoint-3"))
+
+
+def test_projection_gradients_are_clipped_with_the_model_and_cleared_after_each_update(tmp_path):
+    from transformers import TrainerCallback
+
+    student = tiny_bert(BertModel, seed=0, hidden=16, layers=1)
+    teacher = tiny_bert(BertModel, seed=5, hidden=32, layers=2)
+    features = FeatureDistillation(student, teacher, layers=[-1])
+    norms, leftovers = [], []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            leftovers.append(features.projections["hidden_states_1"].weight.grad)
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads = [p.grad for p in (*student.parameters(), *features.parameters()) if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    trainer = DistillationTrainer(
+        model=student, args=arguments(tmp_path, max_steps=4, max_grad_norm=0.01), train_dataset=sentences(),
+        features=features, callbacks=[Watch()],
+    )
+    trainer.train()
+    assert len(norms) == 4 and max(norms) <= 0.01 * (1 + 1e-4)
+    assert all(grad is None for grad in leftovers)
+
+
+def test_distillation_trainer_rejects_features_that_do_not_fit(tmp_path):
+    student, teacher = tiny_bert(hidden=16, layers=1), tiny_bert(seed=5)
+    features = FeatureDistillation(student, teacher, layers=[-1])
+    args = arguments(tmp_path)
+    with pytest.raises(TypeError, match="`distillation=.*`features="):
+        DistillationTrainer(model=student, args=args)
+    with pytest.raises(ValueError, match="`features` was built for another student"):
+        DistillationTrainer(model=tiny_bert(hidden=16, layers=1), args=args, features=features)
+    with pytest.raises(ValueError, match="share one teacher"):
+        DistillationTrainer(model=student, args=args, features=features, distillation=DistillationLoss(tiny_bert(seed=6)))
+    with pytest.raises(ValueError, match="`optimizers`"):
+        DistillationTrainer(model=student, args=args, features=features,
+                            optimizers=(torch.optim.SGD(student.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="`feature_weight`"):
+        DistillationTrainer(model=student, args=args, features=features, feature_weight=0)
+    with pytest.raises(TypeError, match="`features`"):
+        DistillationTrainer(model=student, args=args, features=torch.nn.MSELoss())
+
+
+def _ddp_trainer_features_worker(path):
+    student = tiny_bert(BertModel, seed=0, hidden=16, layers=1, add_pooling_layer=False)
+    teacher = tiny_bert(BertModel, seed=5, hidden=32, layers=2)
+    args = arguments(path, max_steps=2, learning_rate=1e-2, ddp_find_unused_parameters=False)
+    torch.manual_seed(100 + args.process_index)  # different projections on each rank: rank 0's must be broadcast
+    features = FeatureDistillation(student, teacher, layers=[-1], pooling="mean")
+    initial = features.projections["hidden_states_1"].weight.detach().clone()
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=sentences(), features=features)
+    trainer.train()
+    weight = features.projections["hidden_states_1"].weight.detach()
+    result = {"world": args.world_size, "weight": weight.flatten().tolist(), "initial": initial.flatten().tolist()}
+    (Path(path) / f"rank{args.process_index}.json").write_text(json.dumps(result))
+
+
+def test_projections_stay_identical_across_two_ddp_ranks_in_the_trainer(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_trainer_features_worker, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["initial"] != ranks[1]["initial"]  # each rank drew its own
+    assert ranks[0]["weight"] == ranks[1]["weight"]  # broadcast at wrapping, gradients averaged since
+    assert ranks[0]["weight"] != ranks[0]["initial"]

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress_callbacks.metrics import Sparsity, TeacherStudentAgreement
-from tests.test_distillation import launch_two_processes
 
 
 def test_agreement_and_kl_against_a_reference_over_several_updates():
@@ -85,8 +84,8 @@ def _ddp_metrics_worker(path):
         json.dump(result, handle)
 
 
-def test_metrics_reduce_over_two_ddp_ranks(tmp_path):
-    launch_two_processes("tests.test_metrics", "_ddp_metrics_worker", tmp_path)
+def test_metrics_reduce_over_two_ddp_ranks(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_metrics_worker, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 6, 5), torch.randn(2, 6, 5)

@@ -1,5 +1,6 @@
 """Pure math: the cubic schedule and exact, deterministic mask selection."""
 
+import inspect
 import math
 
 import pytest
@@ -255,13 +256,20 @@ def test_native_kernel_off_switch_and_broken_compiler_fall_back(fresh_native, mo
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     gmp = GradualMagnitudePruning(0.75, start_step=0, end_step=2, update_every=1)
+    apply_keep, kernels = M.apply_keep_, []
+
+    def recording_apply_keep(*args, **kwargs):  # every masking pass GMP makes, with the kernel it passes
+        kernels.append(inspect.signature(apply_keep).bind(*args, **kwargs).arguments.get("kernel"))
+        apply_keep(*args, **kwargs)
+
+    monkeypatch.setattr(M, "apply_keep_", recording_apply_keep)
     CompressionManager(gmp).attach(model, optimizer)
-    assert gmp._kernel is None
     for _ in range(4):
         model(torch.randn(8, 16)).pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
     assert [round(s, 4) for s in gmp.layer_sparsities().values()] == [0.75, 0.75]
+    assert kernels and all(kernel is None for kernel in kernels)
 
 
 class _ThreadRanks:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from compress_callbacks.pruning.groups import trace_groups
-from compress_callbacks.pruning.shrink import shrink
+from compress_callbacks.export import shrink
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from int8_inference import make_resnet  # noqa: E402
@@ -388,7 +388,7 @@ def test_bert_ffn_neurons_shrink_and_the_config_round_trips(tmp_path):
 
 
 def test_bert_heads_shrink_and_load_by_state_dict_when_the_config_cannot_say_it():
-    from compress_callbacks.pruning.shrink import load_shrunk
+    from compress_callbacks.export import load_shrunk
 
     model = train_transformer(tiny_bert(), GradualMagnitudePruning(
         0.25, start_step=0, end_step=2, update_every=1, granularity="head"), steps=3)

@@ -1,17 +1,4 @@
-"""``DistillationLoss``: wrap the loss you already have with a frozen teacher's soft targets.
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import DistillationLoss
->>> teacher, student = nn.Linear(8, 4), nn.Linear(8, 4)
->>> distill = DistillationLoss(teacher, temperature=4.0, alpha=0.9)
->>> x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
->>> loss = distill(student(x), y, inputs=x)
->>> loss.backward()
->>> sorted(distill.log_values())
-['hard', 'soft', 'total']
->>> teacher.weight.grad is None and student.weight.grad is not None
-True
-"""
+"""``DistillationLoss``: wrap the loss you already have with a frozen teacher's soft targets."""
 
 from __future__ import annotations
 
@@ -61,6 +48,17 @@ def extract_loss(outputs: Any) -> torch.Tensor | None:
 
 class DistillationLoss(nn.Module):
     """``alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * base_loss``, the teacher run for you.
+
+    >>> import torch, torch.nn as nn
+    >>> teacher, student = nn.Linear(8, 4), nn.Linear(8, 4)
+    >>> distill = DistillationLoss(teacher, temperature=4.0, alpha=0.9)
+    >>> x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    >>> loss = distill(student(x), y, inputs=x)   # the teacher runs on `inputs` under no_grad
+    >>> loss.backward()
+    >>> sorted(distill.log_values())
+    ['hard', 'soft', 'total']
+    >>> teacher.weight.grad is None and student.weight.grad is not None
+    True
 
     Args:
         teacher: the trained model. It is frozen (``requires_grad=False``), kept in eval mode, run

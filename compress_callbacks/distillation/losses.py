@@ -194,6 +194,12 @@ def _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mas
 class KDWorkspace:
     """Reusable float32 scratch buffers for the KD row math, grown on demand.
 
+    >>> workspace = KDWorkspace()
+    >>> first = workspace.get(0, torch.Size([4, 8]), torch.device("cpu"))
+    >>> second = workspace.get(0, torch.Size([2, 8]), torch.device("cpu"))   # fits: the same memory, no allocation
+    >>> second.data_ptr() == first.data_ptr(), tuple(second.shape), second.dtype
+    (True, (2, 8), torch.float32)
+
     Fresh ``N x V`` temporaries cost page faults on every call on CPU (large blocks go back to the
     OS when freed); a ``DistillationLoss`` keeps one workspace, so only the gradient is new memory.
     """

@@ -25,26 +25,6 @@ of the checkpoints, and it follows the student's device on first use::
             loss = self.distill(self.student(x), y, inputs=x)
             self.log_dict({f"distill/{k}": v for k, v in self.distill.log_values().items()})
             return loss
-
->>> import torch, torch.nn as nn
->>> import lightning.pytorch as L
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> class Regression(L.LightningModule):
-...     def __init__(self):
-...         super().__init__()
-...         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
-...     def training_step(self, batch, batch_idx):
-...         x, y = batch
-...         return nn.functional.mse_loss(self.net(x), y)
-...     def configure_optimizers(self):
-...         return torch.optim.AdamW(self.parameters(), lr=1e-2)
->>> data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
->>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
->>> trainer = L.Trainer(max_steps=6, callbacks=[CompressionCallback(manager)], accelerator="cpu", logger=False,
-...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
->>> trainer.fit(Regression(), torch.utils.data.DataLoader(data, batch_size=8))
->>> manager.step, manager.callbacks[0].overall_sparsity()
-(6, 0.5)
 """
 
 from __future__ import annotations
@@ -63,6 +43,26 @@ __all__ = ["CompressionCallback"]
 
 class CompressionCallback(L.Callback):
     """Drive a :class:`CompressionManager` from a Lightning ``Trainer``.
+
+    >>> import torch, torch.nn as nn
+    >>> import lightning.pytorch as L
+    >>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
+    >>> class Regression(L.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    ...     def training_step(self, batch, batch_idx):
+    ...         x, y = batch
+    ...         return nn.functional.mse_loss(self.net(x), y)
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+    >>> data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    >>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, update_every=2))
+    >>> trainer = L.Trainer(max_steps=6, callbacks=[CompressionCallback(manager)], accelerator="cpu", logger=False,
+    ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(Regression(), torch.utils.data.DataLoader(data, batch_size=8))
+    >>> manager.step, manager.callbacks[0].overall_sparsity()
+    (6, 0.5)
 
     * ``on_fit_start``: attaches the manager to the LightningModule and to the real torch optimizer.
       Lightning has no hook after an optimizer step, so the manager hooks the optimizer itself: an

@@ -1,5 +1,6 @@
-"""Gradual magnitude pruning: pure mask math (``masks``) and the callback (``gmp``)."""
+"""Gradual magnitude pruning: pure mask math (``masks``), the plan (``config``) and the callback (``gmp``)."""
 
+from .config import PruningConfig
 from .gmp import GradualMagnitudePruning
 
-__all__ = ["GradualMagnitudePruning"]
+__all__ = ["GradualMagnitudePruning", "PruningConfig"]

@@ -1,23 +1,11 @@
-"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates.
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, GradualMagnitudePruning
->>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
->>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
->>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
->>> manager = CompressionManager(gmp)
->>> manager.attach(model, optimizer)
->>> for _ in range(12):
-...     model(torch.randn(8, 16)).pow(2).mean().backward()
-...     optimizer.step(); optimizer.zero_grad()
->>> [round(s, 4) for s in gmp.layer_sparsities().values()]
-[0.75, 0.75]
-"""
+"""Gradual magnitude pruning (Zhu & Gupta, 2017) by real optimizer updates."""
 
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -25,17 +13,14 @@ import torch.nn as nn
 
 from .. import _dist as D
 from .._native import mask_multiply_kernel
-from ..callback import CompressionCallback
+from ..callback import CompressionTechnique
 from ..schedules import cubic_sparsity, last_grid_point
-from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import masks as M
+from .config import PruningConfig
 from .structured import GroupSelection
 
 __all__ = ["GradualMagnitudePruning"]
-
-GRANULARITIES = ("unstructured", "channel", "head")
-SCOPES = ("layer", "global")
-MASK_GRADIENTS = ("backward", "step")
 
 # Optimizers whose update of a parameter with zero gradient and zero state is exactly zero (also with
 # weight decay, momentum, Nesterov, AMSGrad, maximize). For these, masking gradients before each
@@ -48,18 +33,6 @@ ZERO_PRESERVING_OPTIMIZERS = tuple(
 )
 
 
-def _check_unit_interval(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"`{argument}` must be a float in [0, 1), got {value!r}")
-
-
-def _check_step(value: Any, argument: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an int >= {minimum}, got {value!r}")
-
-
 # Id of the running backward pass (0 where torch cannot tell: then every pass looks the same).
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
@@ -69,8 +42,24 @@ def _queue_end_of_backward(callback) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-class GradualMagnitudePruning(CompressionCallback):
+class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
     """Raise sparsity along the cubic schedule while training; pruned weights stay exactly zero.
+
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import CompressionManager
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    >>> gmp = GradualMagnitudePruning(target_sparsity=0.75, start_step=2, end_step=10, update_every=2)
+    >>> manager = CompressionManager(gmp)
+    >>> manager.attach(model, optimizer)
+    >>> for _ in range(12):
+    ...     model(torch.randn(8, 16)).pow(2).mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad()
+    >>> [round(s, 4) for s in gmp.layer_sparsities().values()]
+    [0.75, 0.75]
+    >>> keep = gmp.masks["0"]   # read-only views: gmp.masks, gmp.weights
+    >>> keep.dtype, bool((gmp.weights["0"][~keep] == 0).all())
+    (torch.bool, True)
 
     Args:
         target_sparsity: final fraction of zeros in [0, 1) (for ``"N:M"``: ``1 - N/M`` or None).
@@ -99,11 +88,8 @@ class GradualMagnitudePruning(CompressionCallback):
     sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
     (``fully_shard``) each rank holds its block of the masks a single process would select.
 
-    Example::
-
-        gmp = GradualMagnitudePruning(target_sparsity=0.9, start_step=100, end_step=1000, update_every=50)
-        manager = CompressionManager(gmp, accelerator=accelerator)
-        manager.attach(model, optimizer)
+    Read-only views: ``weights`` (module name -> targeted weight) and ``masks`` (module name -> bool
+    keep mask, a copy) while attached.
     """
 
     needs_before_update = True
@@ -123,49 +109,12 @@ class GradualMagnitudePruning(CompressionCallback):
         mask_gradients: str = "backward",
     ) -> None:
         super().__init__()
-        if mask_gradients not in MASK_GRADIENTS:
-            raise ValueError(f"`mask_gradients` must be 'backward' or 'step', got {mask_gradients!r}")
-        if not isinstance(granularity, str):
-            raise TypeError(f"`granularity` must be a string, got {granularity!r}")
-        nm = M.parse_nm(granularity)
-        if nm is None and granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be 'unstructured', 'channel', 'head' or 'N:M' (e.g. '2:4'), got {granularity!r}")
-        if nm is not None:
-            implied = 1.0 - nm[0] / nm[1]
-            if target_sparsity is None:
-                target_sparsity = implied
-            elif not math.isclose(float(target_sparsity), implied, abs_tol=1e-9):
-                raise ValueError(
-                    f"`target_sparsity` must be 1 - N/M = {implied:g} for granularity {granularity!r} (or None), "
-                    f"got {target_sparsity!r}"
-                )
-        _check_unit_interval(target_sparsity, "target_sparsity")
-        _check_unit_interval(initial_sparsity, "initial_sparsity")
-        if initial_sparsity > target_sparsity:
-            raise ValueError(
-                f"`initial_sparsity` ({initial_sparsity}) must be <= `target_sparsity` ({target_sparsity})"
-            )
-        _check_step(start_step, "start_step", 0)
-        _check_step(end_step, "end_step", 0)
-        if end_step <= start_step:
-            raise ValueError(f"`end_step` ({end_step}) must be > `start_step` ({start_step})")
-        _check_step(update_every, "update_every", 1)
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be 'layer' or 'global', got {scope!r}")
-        normalize_spec(modules, argument="modules")
-        normalize_spec(exclude, argument="exclude")
-
-        self.target_sparsity = float(target_sparsity)
-        self.start_step = start_step
-        self.end_step = end_step
-        self.update_every = update_every
-        self.initial_sparsity = float(initial_sparsity)
-        self.granularity = granularity
-        self.scope = scope
-        self.modules = modules
-        self.exclude = exclude
-        self.mask_gradients = mask_gradients
-        self._nm = nm
+        self.settings = PruningConfig(
+            target_sparsity=target_sparsity, start_step=start_step, end_step=end_step, update_every=update_every,
+            initial_sparsity=initial_sparsity, granularity=granularity, scope=scope, modules=modules,
+            exclude=exclude, mask_gradients=mask_gradients,
+        )
+        self._nm = self.settings.nm
 
         self._names: list[str] = []
         self._params: list[nn.Parameter] = []
@@ -497,3 +446,28 @@ class GradualMagnitudePruning(CompressionCallback):
             }
             for name, p in zip(self._names, self._params)
         ]
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def weights(self) -> Mapping[str, nn.Parameter]:
+        """The targeted weights by module name, in selection order (a read-only mapping).
+
+        The live ``Parameter`` objects (under FSDP2 the sharded ones); empty before ``attach`` and
+        after ``finalize``.
+        """
+        return MappingProxyType(dict(zip(self._names, self._params)))
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """The keep masks by module name (a read-only mapping): bool tensors shaped like the weights,
+        ``True`` where a weight is kept.
+
+        Copies: changing one changes no pruning. A weight with nothing pruned yet is all ``True``.
+        Under FSDP2 each is this rank's block (the shape of the local shard; ``state_dict()`` holds
+        the whole masks). Empty before ``attach`` and after ``finalize``.
+        """
+        masks = {}
+        for name, param, keep in zip(self._names, self._params, self._keeps):
+            block = D.local(param.detach())
+            masks[name] = torch.ones(block.shape, dtype=torch.bool, device=block.device) if keep is None else keep.bool()
+        return MappingProxyType(masks)

@@ -1,4 +1,4 @@
-"""Quantization-aware training: fake-quant math (``fake_quant``), the callback (``qat``), post-training
+"""Quantization-aware training: fake-quant math (``fake_quant``), the plan (``config``), the callback (``qat``), post-training
 calibration (``ptq``) and the side-attribute contract with ``export`` (``spec``).
 
 >>> from compress_callbacks.quantization import QuantizationAwareTraining
@@ -6,6 +6,7 @@ calibration (``ptq``) and the side-attribute contract with ``export`` (``spec``)
 QuantizationAwareTraining(start_step=800, weight_bits=4, activation_bits=8, freeze_observers_step=None, freeze_bn_step=None, modules=None, exclude=None)
 """
 
+from .config import QuantizationConfig
 from .qat import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["QuantizationAwareTraining", "QuantizationConfig"]

@@ -2,7 +2,9 @@
 
 Conventions are those of :mod:`compress_callbacks.quantization.spec`: weights are symmetric with the
 restricted signed range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``; activations are affine uint8 ``[0, 255]``
-with a zero point that makes 0.0 exactly representable.
+with a zero point that makes 0.0 exactly representable. The weight grid itself (codes, the BN fold
+factor) is :mod:`compress_callbacks.quantization.grid`; range observers are
+:mod:`compress_callbacks.quantization.observer`.
 
 The weight scale comes from the current ``max |w|`` of each output channel, so no weight is ever
 clipped and the straight-through gradient is exactly the identity (no mask pass in backward).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .._native import activation_kernels, fake_quantize_rows_kernel
-from .spec import weight_qmax
+from .grid import channel_view, weight_codes, weight_qmax
 
 __all__ = [
     "WEIGHT_SCALE_EPS",
@@ -32,12 +34,10 @@ __all__ = [
     "fake_quantize_weight_with_scale",
     "fake_quantize_weight",
     "fold_bn_fake_quantize_weight",
-    "bn_scale_factor",
     "activation_qparams",
     "activation_bounds",
     "fake_quantize_activation",
     "fake_quantize_activation_with_bounds",
-    "moving_average_range",
 ]
 
 #: smallest weight scale (an all-zero channel gets it; any floor only coarsens, never clips)
@@ -50,11 +50,6 @@ def _compiling() -> bool:
     """Under ``torch.compile`` tracing the native (ctypes) kernels would break the graph: use torch ops."""
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(is_compiling()) if is_compiling is not None else False
-
-
-def _channel_view(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` (one value per output channel) shaped to broadcast against a ``dim``-dimensional weight."""
-    return t.reshape((-1,) + (1,) * (dim - 1))
 
 
 def per_channel_weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -74,17 +69,19 @@ def per_channel_weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fake_quantize_weight_with_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``round(w / scale) * scale`` per output channel (no clamp: ``scale`` must come from ``max |w|``).
+def fake_quantize_weight_with_scale(weight: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``codes * scale`` per output channel, the codes from :func:`~compress_callbacks.quantization.grid.weight_codes`.
 
-    Rounds half to even, like ``torch.round`` and the ATen fake-quant kernels.
+    ``scale`` must come from ``max |w|`` (:func:`per_channel_weight_scale` with at most ``bits``), so
+    no code reaches the grid's ends and the native one-pass kernel, which does not clamp, computes
+    the same values. Rounds half to even, like ``torch.round`` and the ATen fake-quant kernels.
     """
     kernel = fake_quantize_rows_kernel() if weight.device.type == "cpu" and not _compiling() else None
     if (kernel is not None and weight.dtype == torch.float32 and scale.dtype == torch.float32 and weight.dim() >= 1
             and weight.is_contiguous() and scale.is_contiguous() and scale.numel() == weight.shape[0]):
         return kernel(weight, scale)  # the same values in one pass (compress_callbacks._native)
-    scale = _channel_view(scale, weight.dim())
-    return (weight * scale.reciprocal()).round_().mul_(scale).to(weight.dtype)
+    codes = weight_codes(weight, scale, bits)  # a temporary: dequantized in place (dequantize_codes allocates)
+    return codes.mul_(channel_view(scale, codes.dim())).to(weight.dtype)
 
 
 class _WeightFakeQuantSTE(torch.autograd.Function):
@@ -92,7 +89,7 @@ class _WeightFakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
-        return fake_quantize_weight_with_scale(weight, per_channel_weight_scale(weight, bits))
+        return fake_quantize_weight_with_scale(weight, per_channel_weight_scale(weight, bits), bits)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
@@ -102,16 +99,6 @@ class _WeightFakeQuantSTE(torch.autograd.Function):
 def fake_quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Fake-quantize ``weight`` per output channel (symmetric, restricted range), straight-through."""
     return _WeightFakeQuantSTE.apply(weight, bits)
-
-
-def bn_scale_factor(gamma: torch.Tensor | None, running_var: torch.Tensor, eps: float) -> torch.Tensor:
-    """``gamma / sqrt(running_var + eps)``: what eval-mode BatchNorm multiplies each channel by.
-
-    >>> bn_scale_factor(torch.tensor([2.0]), torch.tensor([3.0]), eps=1.0).tolist()
-    [1.0]
-    """
-    inv_std = torch.rsqrt(running_var + eps)
-    return inv_std if gamma is None else gamma * inv_std
 
 
 def fold_bn_fake_quantize_weight(weight: torch.Tensor, factor: torch.Tensor, bits: int) -> torch.Tensor:
@@ -125,7 +112,7 @@ def fold_bn_fake_quantize_weight(weight: torch.Tensor, factor: torch.Tensor, bit
     >>> fold_bn_fake_quantize_weight(w, f, bits=2).tolist()   # q([2.0, 0.6]) = [2, 0] over 2
     [[1.0, 0.0]]
     """
-    f = _channel_view(factor, weight.dim())
+    f = channel_view(factor, weight.dim())
     return fake_quantize_weight(weight * f, bits) / f
 
 
@@ -201,19 +188,3 @@ def fake_quantize_activation(
     [-0.20000000298023224, 0.30000001192092896, 0.800000011920929]
     """
     return fake_quantize_activation_with_bounds(x, scale, *activation_bounds(scale, zero_point, qmin, qmax))
-
-
-def moving_average_range(
-    running_min: torch.Tensor,
-    running_max: torch.Tensor,
-    observed_min: torch.Tensor,
-    observed_max: torch.Tensor,
-    averaging_constant: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exponential moving average of observed ranges (torch.ao's MovingAverageMinMaxObserver update).
-
-    >>> moving_average_range(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([-1.0]), torch.tensor([3.0]), 0.5)
-    (tensor([-0.5000]), tensor([2.]))
-    """
-    c = averaging_constant
-    return running_min + c * (observed_min - running_min), running_max + c * (observed_max - running_max)

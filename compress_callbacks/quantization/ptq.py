@@ -32,51 +32,20 @@ import torch.nn as nn
 
 from ..targets import ModuleSpec, select_modules, unwrap_model
 from . import fake_quant as FQ
+from .config import QuantizationConfig
+from .grid import batchnorm_fold_factor, channel_view
+from .observer import RangeObserver
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
-__all__ = [
-    "calibrate",
-    "fake_quantized",
-    "bn_fold_factor",
-    "folded_conv_bias",
-    "dequantized_weight",
-]
+__all__ = ["calibrate", "fake_quantized"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def bn_fold_factor(bn: nn.Module) -> torch.Tensor:
-    """``gamma / sqrt(running_var + eps)`` of an eval BatchNorm module (float32, one per channel)."""
-    gamma = bn.weight.detach().float() if bn.weight is not None else None
-    return FQ.bn_scale_factor(gamma, bn.running_var.float(), bn.eps)
-
-
-def folded_conv_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
-    """Bias of the single conv equal to ``bn(conv(x))`` in eval."""
-    factor = bn_fold_factor(bn)
-    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(factor)
-    shift = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(factor)
-    return (bias - bn.running_mean.float()) * factor + shift
-
-
-def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
-    """``codes * weight_scale`` per output channel, in float32.
-
-    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
-    >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
-    [[1.0, -0.5], [0.25, 31.75]]
-    """
-    return codes.float() * _channel_view(spec.weight_scale.float(), codes)
-
-
-def _channel_view(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return vector.to(like.device).reshape((-1,) + (1,) * (like.dim() - 1))
-
-
 def _spec_for(module: nn.Module, bn: nn.Module | None, bn_name: str | None, weight_bits: int) -> LayerQuantSpec:
     weight = module.weight.detach().float()
-    grid_weight = weight * _channel_view(bn_fold_factor(bn), weight) if bn is not None else weight
+    grid_weight = weight * channel_view(batchnorm_fold_factor(bn).to(weight.device), weight.dim()) if bn is not None else weight
     scale = FQ.per_channel_weight_scale(grid_weight, weight_bits)
     return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name)
 
@@ -87,7 +56,7 @@ def _snap_weight(module: nn.Module, spec: LayerQuantSpec, bn: nn.Module | None) 
     if bn is None:
         on_grid = FQ.fake_quantize_weight(weight, spec.weight_bits)
     else:
-        on_grid = FQ.fold_bn_fake_quantize_weight(weight, bn_fold_factor(bn).to(weight.device), spec.weight_bits)
+        on_grid = FQ.fold_bn_fake_quantize_weight(weight, batchnorm_fold_factor(bn).to(weight.device), spec.weight_bits)
     with torch.no_grad():
         module.weight.copy_(on_grid.to(module.weight.dtype))
 
@@ -98,19 +67,17 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]):
-    """Run the batches once; return input min/max per layer and the conv -> BatchNorm edges seen."""
-    ranges: dict[str, list[float]] = {}
+    """Run the batches once; return input ``(min, max)`` per layer that saw one and the conv -> BatchNorm edges."""
+    observer = RangeObserver(len(layers))
     producer: dict[int, str] = {}
     conv_to_bn: dict[str, set[str]] = {}
     handles = []
 
-    def on_input(name):
+    def on_input(slot):
         def hook(_module, args):
             x = _first_tensor(args)
-            if x is not None and x.numel():
-                low, high = float(x.detach().min()), float(x.detach().max())
-                old = ranges.get(name, [low, high])
-                ranges[name] = [min(old[0], low), max(old[1], high)]
+            if x is not None:
+                observer.observe(slot, x)
         return hook
 
     def on_conv_output(name):
@@ -125,8 +92,8 @@ def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[A
                 conv_to_bn.setdefault(producer[id(x)], set()).add(name)
         return hook
 
-    for name, module in layers.items():
-        handles.append(module.register_forward_pre_hook(on_input(name)))
+    for slot, (name, module) in enumerate(layers.items()):
+        handles.append(module.register_forward_pre_hook(on_input(slot)))
         if isinstance(module, _CONV_TYPES):
             handles.append(module.register_forward_hook(on_conv_output(name)))
     for name, module in model.named_modules():
@@ -150,6 +117,9 @@ def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[A
     if count == 0:
         raise ValueError("`batches`: expected at least one calibration batch, got none")
     edges = {conv: next(iter(bns)) for conv, bns in conv_to_bn.items() if len(bns) == 1}
+    seen = observer.seen.tolist()
+    ranges = {name: (observer.observed_min[slot], observer.observed_max[slot])
+              for slot, name in enumerate(layers) if seen[slot]}
     return ranges, edges
 
 
@@ -171,12 +141,10 @@ def calibrate(
     (``activation_bits=None``: weight-only). A Conv whose output is the input of a single BatchNorm
     is quantized BN-folded (``fold_bn=False`` turns that off). Returns the (unwrapped) model.
     """
-    if not isinstance(weight_bits, int) or not 2 <= weight_bits <= 8:
-        raise ValueError(f"`weight_bits` must be an int in 2..8, got {weight_bits!r}")
-    if activation_bits not in (8, None):
-        raise ValueError(f"`activation_bits` must be 8 or None, got {activation_bits!r}")
+    config = QuantizationConfig(weight_bits=weight_bits, activation_bits=activation_bits, modules=modules, exclude=exclude)
+    weight_bits, activation_bits = config.weight_bits, config.activation_bits
     root = unwrap_model(model)
-    layers = dict(select_modules(root, modules=modules, exclude=exclude))
+    layers = dict(select_modules(root, modules=config.modules, exclude=config.exclude))
     was_training = root.training
     root.eval()
     try:
@@ -190,7 +158,7 @@ def calibrate(
         bn = named[bn_name] if bn_name is not None else None
         spec = _spec_for(module, bn, bn_name, weight_bits)
         if activation_bits is not None and name in ranges:
-            low, high = (torch.tensor(v) for v in ranges[name])
+            low, high = ranges[name]
             scale, zero_point = FQ.activation_qparams(low, high, spec.activation_qmin, spec.activation_qmax)
             spec.activation_bits = activation_bits
             spec.input_scale, spec.input_zero_point = float(scale), int(zero_point)

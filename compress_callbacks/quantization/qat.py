@@ -1,28 +1,10 @@
-"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor).
-
->>> import torch, torch.nn as nn
->>> from compress_callbacks import CompressionManager, QuantizationAwareTraining
->>> from compress_callbacks.quantization.spec import get_qparams
->>> torch.manual_seed(0) and None
->>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
->>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
->>> qat = QuantizationAwareTraining(start_step=2, weight_bits=4)
->>> manager = CompressionManager(qat)
->>> manager.attach(model, optimizer)
->>> for _ in range(5):
-...     model(torch.randn(4, 8)).pow(2).mean().backward()
-...     optimizer.step(); optimizer.zero_grad()
->>> compressed = manager.finalize(model)
->>> type(compressed[0]).__name__, sorted(get_qparams(compressed))
-('Linear', ['0', '2'])
->>> spec = get_qparams(compressed)["0"]
->>> bool((compressed[0].weight / spec.weight_scale[:, None]).round().abs().max() <= 7)   # 4-bit grid
-True
-"""
+"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor)."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -31,9 +13,12 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
-from ..callback import CompressionCallback
-from ..targets import ModuleSpec, normalize_spec, require_optimizer_owns_weights, select_modules
+from ..callback import CompressionTechnique
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import fake_quant as FQ
+from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
+from .grid import bn_fold_factor, channel_view
+from .observer import RangeObserver, tensor_range
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = ["QuantizationAwareTraining"]
@@ -41,9 +26,6 @@ __all__ = ["QuantizationAwareTraining"]
 STATE_ATTR = "_compress_qat"  # plain attribute on a fake-quantized module (not a buffer: state_dict unchanged)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
-WEIGHT_BITS = range(2, 9)
-ACTIVATION_BITS = (8, None)
-ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -70,7 +52,7 @@ class _LayerState:
 
     def bn_factor(self) -> torch.Tensor:
         bn = self.bn
-        return FQ.bn_scale_factor(_dist.whole(bn.weight), bn.running_var, bn.eps)
+        return bn_fold_factor(_dist.whole(bn.weight), bn.running_var, bn.eps)
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         """The fake-quantized weight the layer computes with (BN-folded grid when paired).
@@ -88,7 +70,7 @@ class _LayerState:
         weight = _dist.whole(module.weight)
         if self.bn is None:
             return weight
-        return weight * self.bn_factor().reshape((-1,) + (1,) * (weight.dim() - 1))
+        return weight * channel_view(self.bn_factor(), weight.dim())
 
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not self.quantize_input or x.numel() == 0:
@@ -97,7 +79,7 @@ class _LayerState:
         observe = training and owner._observing
         if observe or not self.initialized:
             with torch.no_grad():
-                lo, hi = torch.aminmax(x.detach())
+                lo, hi = tensor_range(x)
                 group = self.group
                 if not self.initialized:
                     group.initialize(self.slot, lo, hi)
@@ -156,15 +138,19 @@ FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm = (
 
 
 # ---------------------------------------------------------------------------------------- observers
-class _RangeGroup:
-    """Input-range observers of the layers on one device, packed so a real update costs a few ops."""
+class _RangeGroup(RangeObserver):
+    """Input-range observers of the layers on one device, packed so a real update costs a few ops.
+
+    Adds to the shared :class:`~compress_callbacks.quantization.observer.RangeObserver` the layers'
+    activation qparams (views of which the forward reads) and the reduction over ranks.
+    """
 
     def __init__(self, size: int, device: torch.device) -> None:
+        super().__init__(size, device)
+
         def full(value: float) -> torch.Tensor:
             return torch.full((size,), value, dtype=torch.float32, device=device)
 
-        self.running_min, self.running_max = full(0.0), full(0.0)
-        self.observed_min, self.observed_max = full(float("inf")), full(float("-inf"))
         self.scale, self.inv_scale, self.qlo, self.qhi = full(1.0), full(1.0), full(0.0), full(0.0)
         self.zero_point = torch.zeros(size, dtype=torch.int32, device=device)
         self.fresh: list[int] = []  # slots first initialized since the last update
@@ -187,30 +173,17 @@ class _RangeGroup:
         self.set_qparams(slot, lo, hi)
         self.fresh.append(slot)
 
-    def record(self, slot: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        view_min, view_max = self.observed_min[slot : slot + 1], self.observed_max[slot : slot + 1]
-        torch.minimum(view_min, lo, out=view_min)
-        torch.maximum(view_max, hi, out=view_max)
-
     @torch.no_grad()
     def update(self, averaging_constant: float) -> None:
         """Fold this update's observations (reduced over ranks) into the moving averages."""
-        lo, hi = self.observed_min, self.observed_max
         if _dist.world_size() > 1:
-            packed = torch.cat([-lo, hi])
+            size = self.observed_min.numel()
+            packed = torch.cat([-self.observed_min, self.observed_max])
             _dist.all_reduce_(packed, "max")
-            lo, hi = -packed[: lo.numel()], packed[lo.numel() :]
-        seen = lo <= hi
-        ema_min, ema_max = FQ.moving_average_range(self.running_min, self.running_max, lo, hi, averaging_constant)
-        if self.fresh:
-            fresh = torch.zeros_like(seen)
-            fresh[self.fresh] = True
-            ema_min, ema_max = torch.where(fresh, lo, ema_min), torch.where(fresh, hi, ema_max)
-        self.running_min.copy_(torch.where(seen, ema_min, self.running_min))
-        self.running_max.copy_(torch.where(seen, ema_max, self.running_max))
+            self.observed_min.copy_(-packed[:size])
+            self.observed_max.copy_(packed[size:])
+        self.fold_moving_average(averaging_constant, self.fresh)
         self.refresh_qparams()
-        self.observed_min.fill_(float("inf"))
-        self.observed_max.fill_(float("-inf"))
         self.fresh.clear()
 
     def refresh_qparams(self) -> None:
@@ -218,14 +191,6 @@ class _RangeGroup:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _check_step(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        accepted = "an int >= 0" + (" or None" if allow_none else "")
-        raise ValueError(f"`{argument}` must be {accepted}, got {value!r}")
-
-
 def _supported_base(module: nn.Module) -> type | None:
     """The Linear/Conv base whose forward ``module`` uses unchanged (None: unsupported)."""
     for base in SUPPORTED_TYPES:
@@ -259,8 +224,30 @@ def _find_conv_bn_pairs(root: nn.Module, convs: dict[int, str]) -> dict[str, str
 
 
 # ---------------------------------------------------------------------------------------- callback
-class QuantizationAwareTraining(CompressionCallback):
+class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationConfig):
     """Fake-quantize Linear/Conv weights and inputs from ``start_step`` on; ``finalize`` snaps to the grid.
+
+    >>> import torch, torch.nn as nn
+    >>> from compress_callbacks import CompressionManager
+    >>> from compress_callbacks.quantization.spec import get_qparams
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> qat = QuantizationAwareTraining(start_step=2, weight_bits=4)
+    >>> manager = CompressionManager(qat)
+    >>> manager.attach(model, optimizer)
+    >>> for _ in range(5):
+    ...     model(torch.randn(4, 8)).pow(2).mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad()
+    >>> lo, hi = qat.ranges["2"]   # read-only view: the input range each layer's scale comes from
+    >>> float(lo)   # layer 2's input comes out of a ReLU
+    0.0
+    >>> compressed = manager.finalize(model)
+    >>> type(compressed[0]).__name__, sorted(get_qparams(compressed))
+    ('Linear', ['0', '2'])
+    >>> spec = get_qparams(compressed)["0"]
+    >>> bool((compressed[0].weight / spec.weight_scale[:, None]).round().abs().max() <= 7)   # 4-bit grid
+    True
 
     Args:
         start_step: real optimizer updates after which fake-quant is active (before it, the model
@@ -284,10 +271,7 @@ class QuantizationAwareTraining(CompressionCallback):
     Under FSDP2 (``fully_shard``) the forward sees the whole weights FSDP2 gathers for it, and
     ``finalize`` gathers each weight, snaps it and writes each rank's block back.
 
-    Example::
-
-        manager = CompressionManager(QuantizationAwareTraining(start_step=800), accelerator=accelerator)
-        manager.attach(model, optimizer)
+    Read-only view: ``ranges`` (module name -> observed input range ``(lo, hi)``) while attached.
     """
 
     #: weight of a new observation in the moving-average input range (torch.ao's default)
@@ -305,22 +289,10 @@ class QuantizationAwareTraining(CompressionCallback):
         exclude: ModuleSpec = None,
     ) -> None:
         super().__init__()
-        _check_step(start_step, "start_step")
-        if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or weight_bits not in WEIGHT_BITS:
-            raise ValueError(f"`weight_bits` must be an int from 2 to 8, got {weight_bits!r}")
-        if isinstance(activation_bits, bool) or activation_bits not in ACTIVATION_BITS:
-            raise ValueError(f"`activation_bits` must be 8 or None (weight-only), got {activation_bits!r}")
-        _check_step(freeze_observers_step, "freeze_observers_step", allow_none=True)
-        _check_step(freeze_bn_step, "freeze_bn_step", allow_none=True)
-        normalize_spec(modules, argument="modules")
-        normalize_spec(exclude, argument="exclude")
-        self.start_step = start_step
-        self.weight_bits = weight_bits
-        self.activation_bits = activation_bits
-        self.freeze_observers_step = freeze_observers_step
-        self.freeze_bn_step = freeze_bn_step
-        self.modules = modules
-        self.exclude = exclude
+        self.settings = QuantizationConfig(
+            start_step=start_step, weight_bits=weight_bits, activation_bits=activation_bits,
+            freeze_observers_step=freeze_observers_step, freeze_bn_step=freeze_bn_step, modules=modules, exclude=exclude,
+        )
 
         self._root: nn.Module | None = None
         self._layers: list[_LayerState] = []
@@ -545,3 +517,19 @@ class QuantizationAwareTraining(CompressionCallback):
                 }
             )
         return rows
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def ranges(self) -> Mapping[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The learned input ranges by module name (a read-only mapping): ``(lo, hi)``, the float32
+        moving-average min/max from which each layer's input scale and zero point are computed.
+
+        Copies (0-dim tensors on the layer's device). Only layers whose input has been observed are
+        listed: none with ``activation_bits=None``, none before ``start_step``, none after
+        ``finalize`` (the ranges then live in the model's specs, ``get_qparams(model)``).
+        """
+        return MappingProxyType({
+            st.name: (st.group.running_min[st.slot].clone(), st.group.running_max[st.slot].clone())
+            for st in self._layers
+            if st.group is not None and st.initialized
+        })

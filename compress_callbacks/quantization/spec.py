@@ -28,11 +28,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, check_activation_bits, check_weight_bits
+from .grid import dequantize_codes, weight_codes, weight_qmax
+
 __all__ = [
     "QPARAMS_ATTR",
     "LayerQuantSpec",
     "weight_qmax",
     "quantize_weight",
+    "dequantized_weight",
     "get_qparams",
     "set_qparams",
     "qparams_to_state",
@@ -42,27 +46,27 @@ __all__ = [
 QPARAMS_ATTR = "compress_qparams"
 
 
-def weight_qmax(bits: int) -> int:
-    """Largest code of a symmetric signed ``bits``-bit weight (int8: 127).
-
-    >>> weight_qmax(4)
-    7
-    """
-    return 2 ** (bits - 1) - 1
-
-
 @dataclass
 class LayerQuantSpec:
-    """Quantization of one Linear/Conv layer, as learned in training."""
+    """Quantization of one Linear/Conv layer, as learned in training.
+
+    >>> spec = LayerQuantSpec(weight_bits=4, weight_scale=torch.tensor([0.1, 0.2]))   # one scale per output channel
+    >>> spec.weight_only, weight_qmax(spec.weight_bits)   # no input range: weight-only; codes in [-7, 7]
+    (True, 7)
+    """
 
     weight_bits: int
     weight_scale: torch.Tensor  # [out_channels] float32
     activation_bits: int | None = None  # None: weight-only
     input_scale: float | None = None
     input_zero_point: int | None = None
-    activation_qmin: int = 0
-    activation_qmax: int = 255
+    activation_qmin: int = ACTIVATION_QMIN
+    activation_qmax: int = ACTIVATION_QMAX
     bn: str | None = None  # qualified name of the BatchNorm folded into this conv during training
+
+    def __post_init__(self) -> None:  # the bit widths QuantizationConfig accepts, checked the same way
+        self.weight_bits = check_weight_bits(self.weight_bits)
+        self.activation_bits = check_activation_bits(self.activation_bits)
 
     @property
     def weight_only(self) -> bool:
@@ -71,10 +75,17 @@ class LayerQuantSpec:
 
 def quantize_weight(weight: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
     """Integer codes (int8 tensor) of a (BN-folded, if ``spec.bn``) weight on the spec's grid."""
-    qmax = weight_qmax(spec.weight_bits)
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    scale = spec.weight_scale.to(weight.device, torch.float32).reshape(shape)
-    return torch.clamp(torch.round(weight.float() / scale), -qmax, qmax).to(torch.int8)
+    return weight_codes(weight.float(), spec.weight_scale.float(), spec.weight_bits).to(torch.int8)
+
+
+def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
+    """``codes * weight_scale`` per output channel, in float32 (the inverse of :func:`quantize_weight`).
+
+    >>> spec = LayerQuantSpec(weight_bits=8, weight_scale=torch.tensor([0.5, 0.25]))
+    >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
+    [[1.0, -0.5], [0.25, 31.75]]
+    """
+    return dequantize_codes(codes, spec.weight_scale)
 
 
 def get_qparams(model: nn.Module) -> dict[str, LayerQuantSpec]:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..targets import unwrap_model
-from .groups import ChannelGroups, Unit, split_example_inputs, trace_groups
+from ..pruning.groups import ChannelGroups, Unit, split_example_inputs, trace_groups
 
 __all__ = ["shrink", "load_shrunk", "apply_plan", "pruned_units"]
 
@@ -75,7 +75,7 @@ def shrink(model: nn.Module, example_inputs: Any) -> nn.Module:
     if unsaid:
         warnings.warn(f"shrink: {type(small.config).__name__} cannot describe the shrunk model ({'; '.join(unsaid)}), so "
                       "save_pretrained / from_pretrained would not rebuild it. Save `model.state_dict()` instead and load it "
-                      "into a freshly built model with `load_shrunk(fresh_model, state_dict)`", stacklevel=2)
+                      "into a freshly built model with `compress_callbacks.export.load_shrunk(fresh_model, state_dict)`", stacklevel=2)
     return small
 
 

@@ -1,0 +1,95 @@
+"""ONNX export: the portable QuantizeLinear/DequantizeLinear graph of a model with specs.
+
+>>> import os, tempfile, onnx, torch, torch.nn as nn
+>>> from compress_callbacks.quantization.ptq import calibrate
+>>> torch.manual_seed(0) and None
+>>> model = calibrate(nn.Sequential(nn.Linear(8, 4), nn.ReLU()).eval(), [torch.randn(16, 8)])
+>>> path = export_onnx(model, example_inputs=torch.randn(1, 8), path=os.path.join(tempfile.mkdtemp(), "m.onnx"))
+>>> [node.op_type for node in onnx.load(path).graph.node if node.op_type != "Constant"]
+['QuantizeLinear', 'DequantizeLinear', 'DequantizeLinear', 'Gemm', 'Relu']
+>>> sorted(str(i.data_type) for i in onnx.load(path).graph.initializer if len(i.dims) == 2)   # int8 weight codes
+['3']
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from .onnx_passes import _fold_weight_quantizers
+from .ort import _check_calibration, _layers_ort_computes_float, _quantize_outputs
+from .quantized_graph import _as_tuple, _require_qparams, quantized_copy
+
+__all__ = ["export_onnx"]
+
+ONNX_OPSET = 17
+
+
+def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8"):
+    """The portable Q/DQ ONNX model (a ``ModelProto``) of a model with specs."""
+    import onnx
+
+    inputs = _as_tuple(example_inputs)
+    graph_model = quantized_copy(model)
+    with torch.no_grad():
+        outputs = graph_model(*inputs)
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    input_names = [f"input_{i}" for i in range(len(inputs))]
+    output_names = [f"output_{i}" for i in range(n_out)]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated in favour of dynamo; it is the one
+        warnings.simplefilter("ignore", DeprecationWarning)  # that maps fake-quant ops to Q/DQ directly
+        torch.onnx.export(
+            graph_model,
+            inputs,
+            buffer,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
+            do_constant_folding=True,
+        )
+    onnx_model = onnx.load_from_string(buffer.getvalue())
+    _fold_weight_quantizers(onnx_model, weight_dtype)
+    return onnx_model
+
+
+def export_onnx(
+    model: nn.Module,
+    *,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    weight_dtype: str = "int8",
+    calibration: Iterable[Any] | None = None,
+) -> str:
+    """Write an ONNX file (opset 17) with QuantizeLinear/DequantizeLinear nodes and return its path.
+
+    Weights are int8 initializers (per-channel scales) feeding DequantizeLinear; each quantized layer's
+    input goes through QuantizeLinear/DequantizeLinear with its learned scale and zero point; a
+    BatchNorm folded in training is folded into its conv. The batch dimension is dynamic. Uses the
+    TorchScript exporter (``dynamo=False``): fast, and it maps the fake-quant ops to Q/DQ directly.
+    ``weight_dtype="uint8"`` stores the same weight grid as uint8 codes + 128 (zero point 128), which
+    x86 CPUs without VNNI run without u8 x s8 saturation. ``calibration`` (input batches; needs
+    onnxruntime) adds calibrated Q/DQ on the outputs of layers that nothing else quantizes, as in
+    ``to_int8``, so ONNX Runtime runs them in int8 too. Raises ``ValueError`` for a model without
+    specs (quantize it with ``calibrate`` first).
+    """
+    if weight_dtype not in ("int8", "uint8"):
+        raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
+    _check_calibration(calibration)
+    _require_qparams(model, "export_onnx")
+    onnx_model = _onnx_model(model, example_inputs, weight_dtype=weight_dtype)
+    float_layers = _layers_ort_computes_float(onnx_model) if calibration is not None else None
+    if float_layers:  # the file needs the calibrated points, not a second look at what stays float
+        _quantize_outputs(onnx_model, float_layers, calibration)
+    data = onnx_model.SerializeToString()
+    path = os.fspath(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path

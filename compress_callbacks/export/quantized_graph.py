@@ -1,0 +1,122 @@
+"""The quantized graph in float: BatchNorms folded, weights and inputs fake-quantized with the specs.
+
+``quantized_copy`` is where every export path starts: the ONNX exporter traces it into
+QuantizeLinear/DequantizeLinear, and the Inductor path swaps its layers for ``Int8Layer``.
+
+>>> import torch, torch.nn as nn
+>>> from compress_callbacks.quantization.ptq import calibrate, fake_quantized
+>>> torch.manual_seed(0) and None
+>>> model = calibrate(nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU()).eval(), [torch.randn(8, 2, 9)])
+>>> copy = quantized_copy(model)
+>>> [type(m).__name__ for m in copy]
+['FakeQuantLayer', 'Identity', 'ReLU']
+>>> x = torch.randn(2, 2, 9)
+>>> with torch.no_grad(), fake_quantized(model):
+...     bool((copy(x) - model(x)).abs().max() < 1e-4)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quantization.grid import batchnorm_fold_factor, channel_view, folded_conv_bias
+from ..quantization.spec import QPARAMS_ATTR, LayerQuantSpec, dequantized_weight, get_qparams, quantize_weight
+from ..targets import unwrap_model
+
+__all__ = ["FakeQuantLayer", "quantized_copy"]
+
+
+class FakeQuantLayer(nn.Module):
+    """A Linear/Conv whose weight and input pass through fake-quant with fixed (learned) qparams.
+
+    >>> layer = nn.Linear(2, 1, bias=False)
+    >>> layer.weight.data = torch.tensor([[0.5, -0.26]])
+    >>> spec = LayerQuantSpec(weight_bits=2, weight_scale=torch.tensor([0.5]), activation_bits=8,
+    ...                       input_scale=0.1, input_zero_point=0)
+    >>> FakeQuantLayer(layer, spec)(torch.tensor([[1.04, 1.0]])).tolist()   # x -> [1.0, 1.0], w -> [0.5, -0.5]
+    [[0.0]]
+
+    Traced by ``torch.onnx.export`` this becomes QuantizeLinear/DequantizeLinear around the layer.
+    The weight it holds is already on its grid (``codes * scale``), so fake-quant is exact on it.
+    """
+
+    def __init__(self, layer: nn.Module, spec: LayerQuantSpec, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        weight = layer.weight.detach()
+        codes = quantize_weight(weight, spec)
+        self.register_buffer("weight_scale", spec.weight_scale.to(weight.device, torch.float32).clone())
+        self.register_buffer("weight_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32, device=weight.device))
+        with torch.no_grad():
+            layer.weight.copy_(dequantized_weight(codes, spec).to(weight.dtype))
+            if bias is not None:
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(bias.to(weight.dtype))
+                else:
+                    layer.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if not spec.weight_only:
+            x = torch.fake_quantize_per_tensor_affine(
+                x, spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax
+            )
+        weight = torch.fake_quantize_per_channel_affine(
+            self.layer.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127
+        )
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _require_qparams(model: nn.Module, function: str) -> dict[str, LayerQuantSpec]:
+    qparams = get_qparams(unwrap_model(model))
+    if not qparams:
+        raise ValueError(
+            f"`model` has no quantization specs (`compress_qparams`): {function} needs a model finalized "
+            "after QuantizationAwareTraining, or one calibrated with "
+            "compress_callbacks.quantization.ptq.calibrate(model, batches)"
+        )
+    return qparams
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def quantized_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with BatchNorms folded into their convs and every spec'd layer a ``FakeQuantLayer``.
+
+    Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold).
+    """
+    qparams = _require_qparams(model, "quantized_copy")
+    root = copy.deepcopy(unwrap_model(model)).eval()
+    root.__dict__.pop(QPARAMS_ATTR, None)
+    for name, spec in qparams.items():
+        layer = root.get_submodule(name)
+        bias = None
+        if spec.bn is not None:
+            bn = root.get_submodule(spec.bn)
+            factor = batchnorm_fold_factor(bn).to(layer.weight.device, layer.weight.dtype)
+            with torch.no_grad():
+                layer.weight.mul_(channel_view(factor, layer.weight.dim()))
+            bias = folded_conv_bias(layer, bn)
+            _set_submodule(root, spec.bn, nn.Identity())
+        _set_submodule(root, name, FakeQuantLayer(layer, spec, bias))
+    return root

@@ -1,0 +1,82 @@
+"""The quantization plan as a dataclass: ``QuantizationAwareTraining``'s keyword arguments, validated here only.
+
+``calibrate`` (post-training quantization) and the per-layer spec check their bit widths with the
+same functions, and read the activation grid from here.
+
+>>> QuantizationConfig(start_step=800, weight_bits=4).to_kwargs()["weight_bits"]
+4
+>>> QuantizationConfig(activation_bits=8.0)
+Traceback (most recent call last):
+...
+compress_callbacks.config.ArgumentTypeError: `activation_bits` must be 8 or None (weight-only), got 8.0 (a float: write 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import TechniqueConfig, check_int
+from ..targets import ModuleSpec, normalize_spec
+
+__all__ = [
+    "ACTIVATION_QMAX",
+    "ACTIVATION_QMIN",
+    "MAX_WEIGHT_BITS",
+    "MIN_WEIGHT_BITS",
+    "QuantizationConfig",
+    "check_activation_bits",
+    "check_weight_bits",
+]
+
+MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8  # symmetric signed per-channel weights
+ACTIVATION_BITS = 8  # layer inputs: per tensor, affine uint8 ...
+ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255  # ... on this grid
+
+
+def check_weight_bits(value: object) -> int:
+    """``weight_bits`` checked: an int from 2 to 8.
+
+    >>> check_weight_bits(4)
+    4
+    """
+    return check_int(value, "weight_bits", minimum=MIN_WEIGHT_BITS, maximum=MAX_WEIGHT_BITS)
+
+
+def check_activation_bits(value: object) -> int | None:
+    """``activation_bits`` checked: 8, or None for weight-only.
+
+    >>> check_activation_bits(None) is None
+    True
+    """
+    return check_int(
+        value, "activation_bits", minimum=ACTIVATION_BITS, maximum=ACTIVATION_BITS, allow_none=True, note=" (weight-only)"
+    )
+
+
+@dataclasses.dataclass
+class QuantizationConfig(TechniqueConfig):
+    """When and how to fake-quantize (see ``QuantizationAwareTraining`` for each field's meaning).
+
+    >>> from compress_callbacks import QuantizationAwareTraining
+    >>> QuantizationAwareTraining.from_config(QuantizationConfig(start_step=800, activation_bits=None)).activation_bits is None
+    True
+
+    Validation normalizes ``modules`` / ``exclude`` to lists (a generator is read once, here).
+    """
+
+    start_step: int = 0
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    freeze_observers_step: int | None = None
+    freeze_bn_step: int | None = None
+    modules: ModuleSpec = None
+    exclude: ModuleSpec = None
+
+    def validate(self) -> None:
+        self.start_step = check_int(self.start_step, "start_step", minimum=0)
+        self.weight_bits = check_weight_bits(self.weight_bits)
+        self.activation_bits = check_activation_bits(self.activation_bits)
+        self.freeze_observers_step = check_int(self.freeze_observers_step, "freeze_observers_step", minimum=0, allow_none=True)
+        self.freeze_bn_step = check_int(self.freeze_bn_step, "freeze_bn_step", minimum=0, allow_none=True)
+        self.modules = None if self.modules is None else normalize_spec(self.modules, argument="modules")
+        self.exclude = None if self.exclude is None else normalize_spec(self.exclude, argument="exclude")

@@ -1,0 +1,122 @@
+"""The integer grid of a quantized weight and the BatchNorm fold: the one home of this math.
+
+Fake-quant (training), the spec (``quantize_weight``), post-training calibration and every export
+path call these functions, so the codes the int8 model holds are the ones training simulated:
+
+- :func:`weight_codes`: ``round_half_even(w * (1 / s))`` clamped to ``[-qmax, qmax]`` (symmetric,
+  restricted range, zero point 0), the scale broadcast along the channel dim;
+- :func:`bn_fold_factor`: ``gamma / sqrt(running_var + eps)``, what eval BatchNorm multiplies each
+  channel by (a conv followed by it computes the conv of ``w * factor``);
+- :func:`channel_view`: one value per channel shaped to broadcast against a weight (torch or numpy).
+
+>>> import torch
+>>> w = torch.tensor([[0.6, -1.0, 0.26], [0.5, 0.375, -0.125]])
+>>> scale = torch.tensor([0.5, 0.25])
+>>> weight_codes(w, scale, bits=2).tolist()          # 2-bit: codes in {-1, 0, 1}
+[[1.0, -1.0, 1.0], [1.0, 1.0, -0.0]]
+>>> dequantize_codes(weight_codes(w, scale, bits=8), scale).tolist()
+[[0.5, -1.0, 0.5], [0.5, 0.5, -0.0]]
+>>> bn_fold_factor(torch.tensor([2.0]), torch.tensor([3.0]), eps=1.0).tolist()
+[1.0]
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "weight_qmax",
+    "channel_view",
+    "weight_codes",
+    "dequantize_codes",
+    "bn_fold_factor",
+    "batchnorm_fold_factor",
+    "folded_conv_bias",
+]
+
+Array = TypeVar("Array")  # a torch.Tensor or a numpy.ndarray (both have .reshape)
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest code of a symmetric signed ``bits``-bit weight (int8: 127).
+
+    >>> weight_qmax(4)
+    7
+    """
+    return 2 ** (bits - 1) - 1
+
+
+def channel_view(values: Array, ndim: int, dim: int = 0) -> Array:
+    """``values`` (one per channel along ``dim``) shaped to broadcast against an ``ndim``-dim tensor.
+
+    Works on torch tensors and numpy arrays alike (a view, no copy).
+
+    >>> channel_view(torch.tensor([1.0, 2.0]), 4).shape
+    torch.Size([2, 1, 1, 1])
+    >>> channel_view(torch.tensor([1.0, 2.0]), 3, dim=-1).shape
+    torch.Size([1, 1, 2])
+    """
+    shape = [1] * ndim
+    shape[dim] = -1
+    return values.reshape(shape)
+
+
+def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Integer codes (as floats) of ``weight`` on the grid ``scale`` (one per channel along ``dim``).
+
+    ``round_half_even(w * (1 / s))`` clamped to ``[-qmax, qmax]``: the multiplication by the
+    reciprocal is what ``torch.fake_quantize_per_channel_affine`` and the native kernel compute, so a
+    weight snapped by fake-quant gives back exactly its codes. Computed in at least float32; a scale
+    taken from ``max |w|`` never reaches the clamp. ``-0.0`` stays ``-0.0`` (``torch.round``).
+    """
+    inverse = channel_view(scale.to(weight.device).reciprocal(), weight.dim(), dim)
+    qmax = weight_qmax(bits)
+    return (weight * inverse).round_().clamp_(-qmax, qmax)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``codes * scale`` per channel along ``dim``, in float32 or wider (the inverse of :func:`weight_codes`).
+
+    >>> dequantize_codes(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), torch.tensor([0.5, 0.25])).tolist()
+    [[1.0, -0.5], [0.25, 31.75]]
+    """
+    values = codes.to(torch.promote_types(codes.dtype, torch.float32))
+    return values * channel_view(scale.to(codes.device, torch.float32), codes.dim(), dim)
+
+
+def bn_fold_factor(gamma: torch.Tensor | None, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)`` (``1 / sqrt(...)`` without affine ``gamma``).
+
+    Differentiable in ``gamma``: QAT trains through it.
+    """
+    inv_std = torch.rsqrt(running_var + eps)
+    return inv_std if gamma is None else gamma * inv_std
+
+
+def batchnorm_fold_factor(bn: nn.Module) -> torch.Tensor:
+    """:func:`bn_fold_factor` of an eval BatchNorm module's statistics (detached, float32).
+
+    >>> bn = nn.BatchNorm1d(2, eps=1.0).eval()
+    >>> _ = bn.running_var.fill_(3.0), bn.weight.data.fill_(4.0)
+    >>> batchnorm_fold_factor(bn).tolist()
+    [2.0, 2.0]
+    """
+    gamma = bn.weight.detach().float() if bn.weight is not None else None
+    return bn_fold_factor(gamma, bn.running_var.float(), bn.eps)
+
+
+def folded_conv_bias(conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """Bias of the single conv equal to ``bn(conv(x))`` in eval: ``(b - mean) * factor + beta``.
+
+    >>> conv, bn = nn.Conv1d(1, 1, 1), nn.BatchNorm1d(1).eval()
+    >>> _ = conv.bias.data.fill_(2.0), bn.running_mean.fill_(1.0), bn.bias.data.fill_(0.5)
+    >>> round(folded_conv_bias(conv, bn).item(), 4)   # (2 - 1) * 1 / sqrt(1 + 1e-5) + 0.5
+    1.5
+    """
+    factor = batchnorm_fold_factor(bn)
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(factor)
+    shift = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(factor)
+    return (bias - bn.running_mean.float()) * factor + shift
