@@ -1,52 +1,22 @@
 """Channel groups found from the traced data flow (compress_callbacks.pruning.groups)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 
 from compress_callbacks.pruning.groups import trace_groups
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from structured_models import ConvBlock, Grouped, Residual  # noqa: E402
+
 
 def unit_with(groups, name, dim, index):
     found = [u for u in groups.units if (name, dim, index) in u.slices]
     assert len(found) == 1
     return found[0]
-
-
-class ConvBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(torch.relu(self.bn1(self.conv1(x))))
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 2, 1)
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.head(torch.relu(self.bn(self.conv(x)) + x))
-
-
-class Grouped(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 4, 1)
-        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)  # depthwise, multiplier 2
-        self.gc = nn.Conv2d(8, 6, 3, padding=1, groups=2)  # 2 groups of 4 inputs -> 3 outputs
-        self.fc = nn.Linear(6 * 2 * 2, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.dw(torch.relu(self.c1(x))))
-        return self.fc(torch.flatten(torch.relu(self.gc(x)), 1))
 
 
 def test_linear_channel_owns_its_row_bias_and_the_next_layers_column():

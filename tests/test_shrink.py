@@ -13,8 +13,9 @@ from compress_callbacks.pruning.groups import trace_groups
 from compress_callbacks.export import shrink
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_inference import make_resnet  # noqa: E402
-from tests.test_pruning_groups import ConvBlock, Grouped, Residual  # noqa: E402
+from structured_models import ConvBlock, Grouped, Residual  # noqa: E402
 
 
 def randomize_bn(model):
@@ -296,10 +297,8 @@ def _ddp_channel_worker(path):
         f.write("ok" if ok else "differ")
 
 
-def test_gmp_channel_ranks_agree_under_ddp(tmp_path):
-    from tests.test_distillation import launch_two_processes
-
-    launch_two_processes("tests.test_shrink", "_ddp_channel_worker", tmp_path)
+def test_gmp_channel_ranks_agree_under_ddp(tmp_path, launch_two_processes):
+    launch_two_processes(_ddp_channel_worker, tmp_path)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
 
 
