@@ -38,3 +38,22 @@ class Grouped(nn.Module):
     def forward(self, x):
         x = torch.relu(self.dw(torch.relu(self.c1(x))))
         return self.fc(torch.flatten(torch.relu(self.gc(x)), 1))
+
+
+class HeadNormAttention(nn.Module):
+    """Four heads of four; a per-head-dim scale shared by every head (like Qwen3's q_norm weight).
+    ``fixed_heads``: the code hard-codes the head count, so a shrunk copy cannot run."""
+
+    def __init__(self, fixed_heads=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.scale = nn.Parameter(torch.ones(4))
+        self.heads = 4 if fixed_heads else -1
+
+    def forward(self, x):
+        def split(t):
+            return t.view(*x.shape[:2], self.heads, 4).transpose(1, 2)
+
+        q = split(self.q(x)) * self.scale
+        out = torch.nn.functional.scaled_dot_product_attention(q, split(self.k(x)), split(self.v(x)))
+        return self.o(out.transpose(1, 2).reshape(*x.shape[:2], -1))

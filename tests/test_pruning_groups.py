@@ -10,7 +10,7 @@ import torch.nn as nn
 from compress_callbacks.pruning.groups import trace_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from structured_models import ConvBlock, Grouped, Residual  # noqa: E402
+from structured_models import ConvBlock, Grouped, HeadNormAttention, Residual  # noqa: E402
 
 
 def unit_with(groups, name, dim, index):
@@ -118,3 +118,13 @@ def test_an_op_the_tracer_does_not_know_is_reported():
 def test_example_inputs_must_be_tensor_tuple_or_dict():
     with pytest.raises(TypeError, match="example_inputs"):
         trace_groups(nn.Linear(2, 2), [[1.0, 2.0]].__iter__())
+
+
+def test_attention_heads_are_units_and_a_shared_scale_does_not_merge_them():
+    groups = trace_groups(HeadNormAttention(), torch.randn(2, 5, 16))
+    heads = [u for u in groups.prunable() if u.kind == "head"]
+    assert len(heads) == 4
+    head = unit_with(groups, "v.weight", 0, 5)  # head 1: rows 4..7 of q, k and v, columns 4..7 of o
+    assert {(n, i) for n, _, i in head.slices if n.endswith("weight")} == {(n, i) for n in ("q.weight", "k.weight", "v.weight") for i in range(4, 8)}
+    assert sorted(c[2] for c in head.columns) == [4, 5, 6, 7]
+    assert not any(s[0] == "scale" for u in heads for s in u.slices)  # shared by all heads: owned by none

@@ -15,7 +15,7 @@ from compress_callbacks.export import shrink
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_inference import make_resnet  # noqa: E402
-from structured_models import ConvBlock, Grouped, Residual  # noqa: E402
+from structured_models import ConvBlock, Grouped, HeadNormAttention, Residual  # noqa: E402
 
 
 def randomize_bn(model):
@@ -53,6 +53,7 @@ PATTERNS = {
     "residual": (lambda: randomize_bn(Residual()), lambda: torch.randn(2, 3, 6, 6)),
     "depthwise-grouped-flatten": (lambda: Grouped(), lambda: torch.randn(2, 3, 2, 2)),
     "resnet": (lambda: randomize_bn(make_resnet(8)), lambda: torch.randn(2, 3, 16, 16)),
+    "attention-heads": (lambda: HeadNormAttention(), lambda: torch.randn(2, 5, 16)),
 }
 
 
@@ -134,6 +135,16 @@ def test_unsupported_pattern_raises_before_any_change():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"\['a'\].*sort"):
         shrink(model, torch.randn(2, 4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_code_that_fixes_a_size_is_caught_before_anything_is_returned():
+    model = HeadNormAttention(fixed_heads=True)  # view(..., 4, 4): the head count is written in the code
+    x = torch.randn(2, 5, 16)
+    prune_whole(model, x)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="does not run.*fixes a size"):
+        shrink(model, x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

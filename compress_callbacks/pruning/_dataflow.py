@@ -326,11 +326,10 @@ class Interpreter:
         keep = torch.ones(pairs.shape[1], dtype=torch.bool)
         for row in (0, 1):
             values, counts = torch.unique(pairs[row], return_counts=True)
-            param_like = values >= 0
-            many = values[(counts > 1) & param_like]
-            if many.numel():
-                owned_by_producer = self._is_param_slot(many)
-                keep &= ~torch.isin(pairs[row], many[owned_by_producer])
+            met_by_several = values[counts > 1]
+            if met_by_several.numel():
+                shared = met_by_several[self._is_param_slot(met_by_several)]
+                keep &= ~torch.isin(pairs[row], shared)
         pairs = pairs[:, keep]
         if pairs.numel():
             self.flow.edges.append(pairs)

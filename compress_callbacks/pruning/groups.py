@@ -159,7 +159,7 @@ class ChannelGroups:
                 continue
             for operand in operands:
                 offset = labels.ndim - operand.ndim
-                if dim - offset >= 0 and operand.shape[dim - offset] == 1:
+                if dim - offset < 0 or operand.shape[dim - offset] == 1:  # broadcast along the removed dim
                     continue
                 if not torch.equal(self._removed(torch.broadcast_to(operand, labels.shape), chosen), removed):
                     failed |= self._units_in(labels, removed)
