@@ -440,3 +440,12 @@ def test_gmp_channel_on_a_model_that_cannot_be_traced_falls_back_to_rows_and_say
     with pytest.warns(UserWarning, match="could not be traced"):
         gmp, _ = train_channel_gmp(model, torch.randn(4, 8))
     assert gmp.layer_sparsities() == {"a": 0.5, "b": 0.5} and gmp._owned_keeps == {}
+
+
+def test_gmp_channel_leaves_attention_projections_to_head_pruning():
+    with pytest.warns(UserWarning, match=r"query.*project attention heads and stay dense"):
+        model = train_transformer(tiny_bert(), GradualMagnitudePruning(
+            0.5, start_step=0, end_step=2, update_every=1, granularity="channel"), steps=3)
+    attention = model.encoder.layer[0].attention.self
+    assert all(int(zero_rows(layer.weight).sum()) == 0 for layer in (attention.query, attention.key, attention.value))
+    assert int(zero_rows(model.encoder.layer[0].intermediate.dense.weight).sum()) == 32  # FFN neurons: pruned whole

@@ -119,13 +119,21 @@ class GroupSelection:
                         [frozenset([n]) for n in self.names for _ in range(params[n].shape[0])])
             return
         kind = "head" if self.granularity == "head" else "channel"
-        units = [u for u in groups.prunable(self.names) if u.kind == kind]
+        candidates = groups.prunable(self.names)
+        units = [u for u in candidates if u.kind == kind]
         covered = {(name, dim, index) for u in units for name, dim, index in u.weight_rows()}
         left = [n for n in self.names if not any(c[0] == n for c in covered)]
         slices = [[s for s in u.slices if s[0] in params] for u in units]
         families = [frozenset(u.producers) for u in units]
-        if self.granularity == "channel":  # per-row selection where no group can be removed whole
-            for name in left:
+        if self.granularity == "channel":
+            in_heads = {n for u in candidates if u.kind == "head" for n in u.producers}
+            projections = [n for n in left if n in in_heads]
+            if projections:  # their rows go by whole heads: zeroing single rows would leave them unremovable
+                warnings.warn(f"GradualMagnitudePruning(granularity='channel'): {', '.join(n.rsplit('.', 1)[0] for n in projections[:8])}"
+                              f"{'...' if len(projections) > 8 else ''} project attention heads and stay dense; prune their "
+                              "heads with granularity='head'", stacklevel=4)
+            left = [n for n in left if n not in in_heads]
+            for name in left:  # per-row selection where no group can be removed whole
                 for index in range(params[name].shape[0]):
                     slices.append([(name, 0, index)])
                     families.append(frozenset([name]))
