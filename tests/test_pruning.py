@@ -537,9 +537,12 @@ def test_sharded_models_are_refused_before_anything_is_touched():
         # FSDP2 splits dim 0; a ConvTranspose / Conv1D holds its output channels along dim 1
         transposed = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.ConvTranspose1d(8, 4, 1))
         fully_shard(transposed)
-        channel = GradualMagnitudePruning(0.5, 0, 2, granularity="channel", modules=[nn.Linear, nn.ConvTranspose1d])
-        with pytest.raises(NotImplementedError, match=r"granularity 'channel': \['2'\] store their output channels along dim 1"):
-            CompressionManager(channel).attach(transposed, torch.optim.SGD(transposed.parameters(), lr=0.1))
+        n_m = GradualMagnitudePruning(0.5, 0, 2, granularity="2:4", modules=[nn.Linear, nn.ConvTranspose1d])
+        with pytest.raises(NotImplementedError, match=r"granularity '2:4': \['2'\] store their output channels along dim 1"):
+            CompressionManager(n_m).attach(transposed, torch.optim.SGD(transposed.parameters(), lr=0.1))
+        channel = GradualMagnitudePruning(0.5, 0, 2, granularity="channel")  # coupled channels need whole weights
+        with pytest.raises(NotImplementedError, match=r"granularity='channel'.*with FSDP2 use 'unstructured' or 'N:M'"):
+            CompressionManager(channel).attach(fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
         with pytest.raises(NotImplementedError, match="CountUpdates needs every rank to hold whole weights.*FSDP2"):
             CompressionManager(GradualMagnitudePruning(0.5, 0, 2), CountUpdates()).attach(
                 fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
@@ -561,7 +564,7 @@ def _fsdp2_worker(path):
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     for scope, granularity, target in (("layer", "unstructured", 0.6), ("global", "unstructured", 0.6),
-                                       ("layer", "channel", 0.5), ("global", "2:4", 0.5)):
+                                       ("global", "2:4", 0.5)):
         torch.manual_seed(0)
         reference = nn.Sequential(nn.Linear(16, 30), nn.ReLU(), nn.Linear(30, 5), nn.ReLU(), nn.Linear(5, 4))
         with torch.no_grad():  # exact ties across the two ranks' blocks
@@ -615,6 +618,10 @@ def _fsdp2_worker(path):
         for mask, name in zip(state["masks"], state["names"]):
             param = finalized.get_submodule(name).weight
             assert torch.all(param.detach().full_tensor()[~mask] == 0), name
+    for granularity in ("channel", "head"):  # coupled channels are found on whole weights: refused, nothing attached
+        with pytest.raises(NotImplementedError, match=f"granularity='{granularity}'"):
+            CompressionManager(GradualMagnitudePruning(0.5, start_step=0, end_step=4, granularity=granularity)).attach(
+                model, torch.optim.SGD(model.parameters(), lr=0.1))
     # gradient accumulation: FSDP2 reduces only on the last micro-batch; one real update each
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(16, 30), nn.ReLU(), nn.Linear(30, 5))

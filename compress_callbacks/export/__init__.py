@@ -33,6 +33,7 @@ from .int8 import cpu_has_vnni, to_int8
 from .onnx_export import export_onnx
 from .ort import OnnxRuntimeModule
 from .quantized_graph import FakeQuantLayer, quantized_copy
+from .shrink import load_shrunk, shrink  # structured pruning made physical
 
 __all__ = [
     "to_int8",
@@ -45,4 +46,6 @@ __all__ = [
     "FakeQuantLayer",
     "quantized_copy",
     "cpu_has_vnni",
+    "shrink",
+    "load_shrunk",
 ]

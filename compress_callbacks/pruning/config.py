@@ -20,7 +20,7 @@ from .masks import parse_nm
 
 __all__ = ["GRANULARITIES", "MASK_GRADIENTS", "SCOPES", "PruningConfig"]
 
-GRANULARITIES = ("unstructured", "channel")  # and "N:M" strings
+GRANULARITIES = ("unstructured", "channel", "head")  # and "N:M" strings
 SCOPES = ("layer", "global")
 MASK_GRADIENTS = ("backward", "step")
 
@@ -90,7 +90,7 @@ class PruningConfig(TechniqueConfig):
 
 
 def _check_granularity(granularity: object) -> str:
-    accepted = "'unstructured', 'channel' or 'N:M' (e.g. '2:4')"
+    accepted = "'unstructured', 'channel', 'head' or 'N:M' (e.g. '2:4')"
     if isinstance(granularity, str) and ":" in granularity:
         try:
             parse_nm(granularity)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import masks as M
 from .config import PruningConfig
 from .sharded import sharded_keep_masks
+from .structured import GroupSelection
 
 __all__ = ["GradualMagnitudePruning"]
 
@@ -72,8 +72,11 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         start_step / end_step: real optimizer updates at which pruning starts / reaches the target.
         update_every: masks are recomputed every this many updates between start and end.
         initial_sparsity: sparsity applied at ``start_step``.
-        granularity: ``"unstructured"``, ``"channel"`` (output channels by L2 norm) or ``"N:M"``
-            (e.g. ``"2:4"``: the N largest of every M consecutive input weights are kept).
+        granularity: ``"unstructured"``, ``"channel"`` (output channels by L2 norm, pruned whole:
+            coupled channels together, with their biases and BatchNorm channels, so that
+            ``compress_callbacks.export.shrink`` can remove them), ``"head"`` (whole attention
+            heads; with grouped-query attention a key/value head with all its query heads) or
+            ``"N:M"`` (e.g. ``"2:4"``: the N largest of every M consecutive input weights are kept).
         scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (the target holds over
             all targeted weights together). Either way no layer loses its last weight (unstructured)
             or output channel (channel); a layer held at that minimum is named in a warning.
@@ -140,6 +143,9 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._sharded = False  # FSDP2: the targeted weights are DTensors (validate: all of them, one mesh)
         self._sharded_zeros: list[int] = []  # FSDP2: zeros per weight, counted over all ranks at each mask change
         self._warned_floor: set[str] = set()  # layers reported as pruned down to their last weight / channel
+        self._groups: GroupSelection | None = None  # channel / head: the model's channel groups (traced once)
+        self._owned: dict[str, nn.Parameter] = {}  # other parameters pruned units own (biases, BatchNorm channels)
+        self._owned_keeps: dict[str, torch.Tensor | None] = {}
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -171,6 +177,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                     f"not a multiple of M={self._nm[1]}; exclude it with `exclude=[{name!r}]`"
                 )
         weights = [module.weight for _, module in selected]
+        if self.granularity in ("channel", "head") and any(D.is_sharded(w) for w in weights):
+            raise NotImplementedError(
+                f"GradualMagnitudePruning(granularity={self.granularity!r}) selects coupled channels from the traced "
+                "model, which needs whole weights on every rank (DDP); with FSDP2 use 'unstructured' or 'N:M'")
         if any(D.is_sharded(w) for w in weights) and not all(
             D.is_sharded(w) and w.device_mesh == weights[0].device_mesh for w in weights
         ):
@@ -194,6 +204,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._out_dims = [weight_output_dim(module) for _, module in selected]
         self._sharded = any(D.is_sharded(p) for p in self._params)
         self._optimizer = optimizer
+        self._attach_groups(model)
         # one-pass uint8-mask multiply on CPU (compiled once per machine; None: pure-PyTorch path)
         self._kernel = mask_multiply_kernel() if any(p.device.type == "cpu" for p in self._params) else None
         self._mask_weights_after_update = not (
@@ -257,6 +268,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                 keeps.append(keep)
         self._masked_grads = [None] * len(self._params)
         self._queued_for = None
+        for name, keep in self._owned_keeps.items():  # biases / BatchNorm channels of pruned units
+            if keep is not None and self._owned[name].grad is not None:
+                grads.append(self._owned[name].grad)
+                keeps.append(keep)
         if grads:
             self._mask_(grads, keeps)
 
@@ -273,7 +288,22 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._final_rows = self.summary_rows()
         self._keeps = [None] * len(self._params)
         self._params, self._optimizer = [], None
+        if self._groups is not None:
+            self._groups.close()
+        self._groups, self._owned, self._owned_keeps = None, {}, {}
         self._scratch_buffers.clear()
+
+    # ------------------------------------------------------------------ channel groups
+    def _attach_groups(self, model: nn.Module) -> None:
+        """Channel / head pruning: the groups are learnt from the first batch the model sees."""
+        self._all_params = dict(model.named_parameters())
+        self._owned, self._owned_keeps = {}, {}
+        if self.granularity in ("channel", "head"):
+            self._groups = GroupSelection(model, [f"{name}.weight" for name in self._names], self.granularity)
+
+    def _set_owned(self, keeps: dict[str, torch.Tensor | None]) -> None:
+        self._owned = {name: self._all_params[name] for name in keeps}
+        self._owned_keeps = dict(keeps)
 
     # ------------------------------------------------------------------ masks
     def _update_masks(self, step: int) -> None:
@@ -282,7 +312,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             return
         if target == 0.0 or target <= self._applied_sparsity:
             return
-        if self._sharded:
+        if self._groups is not None and not self._groups.ready:  # groups come from the first batch: select then
+            self._groups.on_inputs = lambda: self._update_masks(step)
+            return
+        if self._groups is not None:
+            keeps, owned = self._groups.select([p.detach() for p in self._params], self._keeps, self._owned_keeps, target, self.scope)
+            self._keeps = [None if k is None else D.broadcast_(k) for k in keeps]
+            self._set_owned({name: None if k is None else D.broadcast_(k) for name, k in owned.items()})
+        elif self._sharded:
             self._keeps = self._select_sharded(target)
         else:  # every rank computes the same masks; the broadcast guarantees it (ties, float noise)
             self._keeps = [D.broadcast_(k) for k in self._select([p.detach() for p in self._params], self._keeps, target, self.scope)]
@@ -334,19 +371,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         compute on the whole weights (ties included). No weight leaves its rank.
 
         Unstructured and N:M: a radix select over the ranks' blocks with histograms summed over
-        ranks, ties allotted in the whole weights' order. Channel: the per-channel scores (one
-        number per row) are gathered and ranked whole.
+        ranks, ties allotted in the whole weights' order. (Channel and head are refused at attach.)
         """
         first = self._params[0]
         blocks = [D.local(p.detach()) for p in self._params]
-        if self.granularity == "channel":
-            scores, dead = M.channel_scores(blocks, self._keeps, self.scope)
-            scores = [D.gather_like(x, p, rows_only=True) for x, p in zip(scores, self._params)]
-            dead = [D.gather_like(x, p, rows_only=True) for x, p in zip(dead, self._params)]
-            fan_ins = [math.prod(p.shape[1:]) for p in self._params]
-            chosen = M.channels_to_prune(scores, dead, fan_ins, target, self.scope)
-            chosen = [D.local_block_of(rows, p) for rows, p in zip(chosen, self._params)]
-            return M.expand_channels(blocks, self._keeps, chosen)
         return sharded_keep_masks(
             blocks, self._keeps, [p.numel() for p in self._params], target, self.scope,
             sum_over_ranks=lambda values: D.sum_over_shards(values, first),
@@ -359,6 +387,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
     def _enforce_masks(self, weights: bool = True, grads: bool = False, state: bool = False) -> None:
         """Zero what is pruned in the weights, their gradients and their optimizer state (each if asked)."""
         pairs = [(p, k) for p, k in zip(self._params, self._keeps) if k is not None]
+        pairs += [(self._owned[n], k) for n, k in self._owned_keeps.items() if k is not None]
         optimizer_state = self._optimizer.state if state and self._optimizer is not None else {}
         tensors, keeps = [], []
         for p, keep in pairs:
@@ -394,6 +423,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             # whole masks (gathered from the ranks' blocks under FSDP2: every rank must call this)
             "masks": [None if k is None else D.gather_like(k.detach(), p).to("cpu", torch.bool)
                       for k, p in zip(self._keeps, self._params)],
+            "owned_masks": {n: k.detach().to("cpu", torch.bool) for n, k in self._owned_keeps.items() if k is not None},
         }
 
     def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
@@ -438,6 +468,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         for mask, p in zip(state["masks"], self._params):
             keeps.append(None if mask is None else D.local_block_of(mask.to(torch.uint8), p).to(D.local(p).device))
         self._keeps = keeps
+        owned = {}
+        for name, mask in state.get("owned_masks", {}).items():
+            if name not in self._all_params:
+                raise ValueError(f"`state` holds a mask for parameter {name!r}, which this model does not have")
+            if tuple(mask.shape) != tuple(self._all_params[name].shape):
+                raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit {name!r}")
+            owned[name] = mask.to(torch.uint8).to(self._all_params[name].device)
+        self._set_owned(owned)
         self._applied_sparsity = float(state["applied_sparsity"])
         self._mask_sparsity = self._count_mask_sparsity()
 

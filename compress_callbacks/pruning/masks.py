@@ -34,6 +34,7 @@ __all__ = [
     "select_smallest",
     "unstructured_keep_masks",
     "channel_keep_masks",
+    "units_to_prune",
     "nm_keep_masks",
     "parse_nm",
     "keep_from_zeros",
@@ -422,6 +423,43 @@ def expand_channels(
         base.masked_fill_(rows.view([-1 if dim == out_dim else 1 for dim in range(w.dim())]), 0)
         out.append(base)
     return out
+
+
+def units_to_prune(
+    scores: torch.Tensor, sizes: torch.Tensor, dead: torch.Tensor, families: torch.Tensor, target: float, scope: str,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Bool per unit (a group of coupled channels, or an attention head): pruned after this update.
+
+    ``scores``: one per unit (L2 norm over every weight it owns; for ``scope="global"`` its RMS,
+    comparable across families); ``sizes``: the weights each unit owns; ``dead``: units already
+    pruned (they stay pruned and count); ``families``: units of one family (the same layers) share a
+    per-layer target. ``scope="layer"`` prunes ``round(target * units)`` of every family;
+    ``"global"`` prunes the lowest-scoring units while the weights they own stay within
+    ``round(target * total)`` (``total``: all targeted weights, default the units' own), leaving
+    every family at least one unit. Ties go by unit order.
+
+    >>> units_to_prune(torch.tensor([3.0, 1.0, 2.0, 0.5]), torch.tensor([4, 4, 4, 2]),
+    ...                torch.zeros(4, dtype=torch.bool), torch.tensor([0, 0, 0, 1]), 0.5, "layer").tolist()
+    [False, True, True, True]
+    """
+    chosen = dead.clone()
+    if scope == "layer":
+        for family in torch.unique(families).tolist():
+            members = (families == family).nonzero().squeeze(1)
+            keys = magnitude_keys(scores[members], (~dead[members]).to(torch.uint8))
+            k = count_to_prune(members.numel(), target) - int(dead[members].sum())
+            chosen[members] |= select_smallest([keys], k)[0]
+        return chosen
+    budget = count_to_prune(int(sizes.sum()) if total is None else total, target) - int(sizes[dead].sum())
+    alive = torch.bincount(families[~dead], minlength=int(families.max()) + 1 if families.numel() else 0).tolist()
+    for unit in torch.sort(scores.masked_fill(dead, -1.0), stable=True).indices[int(dead.sum()):].tolist():
+        size, family = int(sizes[unit]), int(families[unit])
+        if size > budget:
+            break
+        if alive[family] > 1:  # a family keeps at least one unit: a layer is never emptied
+            chosen[unit], alive[family], budget = True, alive[family] - 1, budget - size
+    return chosen
 
 
 def parse_nm(granularity: str) -> tuple[int, int] | None:
