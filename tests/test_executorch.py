@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from compress_callbacks import CompressionManager, GradualMagnitudePruning, QuantizationAwareTraining
-from compress_callbacks.export import export_executorch
+from compress_callbacks.export import ExecuTorchModule, export_executorch
 from compress_callbacks.quantization.grid import batchnorm_fold_factor, channel_view
 from compress_callbacks.quantization.ptq import calibrate, fake_quantized
 from compress_callbacks.quantization.spec import get_qparams, quantize_weight
@@ -192,6 +192,18 @@ def test_mlp_program_holds_the_learned_qparams_and_matches_the_fake_quant_model(
     assert_close_to(run_pte(result.path, batches[0]), reference)
     assert 0 < result.max_error <= PARITY_TOLERANCE and result.argmax_agreement >= 0.9
     assert os.path.getsize(result.path) == result.size_bytes
+
+
+def test_executorch_module_runs_a_multiple_of_the_program_batch_in_chunks(qat_mlp_export):
+    _, batches, result, _ = qat_mlp_export
+    program = ExecuTorchModule(result.path)
+    assert program.input_shapes == [(32, 32)]
+    everything = torch.cat(batches)
+    out = program(everything)
+    assert out.shape == (96, 5)
+    assert all(torch.equal(part, run_pte(result.path, x)) for part, x in zip(out.split(32), batches))
+    with pytest.raises(ValueError, match="do not fit"):
+        program(everything[:40])
 
 
 def test_cnn_program_folds_bn_as_trained_and_matches_the_fake_quant_model(qat_cnn_export):

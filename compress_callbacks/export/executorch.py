@@ -10,16 +10,7 @@ an ``Add``'s, a global pooling's) are calibrated, and named. The program is lowe
 ``XnnpackPartitioner``, written atomically and run once through ``executorch.runtime`` against the
 fake-quant model (the parity gate). Needs ``pip install "compress-callbacks[edge]"``.
 
->>> import os, tempfile, warnings, torch, torch.nn as nn
->>> from compress_callbacks.quantization.ptq import calibrate
->>> torch.manual_seed(0) and None
->>> model = calibrate(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), [torch.randn(64, 16)])
->>> with warnings.catch_warnings(record=True) as caught:   # it names the points it had to calibrate
-...     result = export_executorch(model, torch.randn(8, 16), os.path.join(tempfile.mkdtemp(), "model.pte"))
->>> result.calibrated_points, result.float_layers
-(['output of `2` (linear)'], [])
->>> result.max_error <= DEFAULT_TOLERANCE, os.path.getsize(result.path) == result.size_bytes
-(True, True)
+``ExecuTorchModule`` runs a written program behind an ``nn.Module`` (its example shows both).
 """
 
 from __future__ import annotations
@@ -43,7 +34,7 @@ from ..targets import unwrap_model
 from .ort import _as_calibration_batch, _check_calibration
 from .quantized_graph import FakeQuantLayer, _as_tuple, _set_submodule, quantized_copy
 
-__all__ = ["export_executorch", "ExecuTorchExport", "DEFAULT_TOLERANCE"]
+__all__ = ["export_executorch", "ExecuTorchExport", "ExecuTorchModule", "DEFAULT_TOLERANCE"]
 
 #: default ``tolerance``: largest |program - fake-quant model| as a fraction of the output's range
 DEFAULT_TOLERANCE = 0.03
@@ -81,6 +72,62 @@ class ExecuTorchExport:
     float_layers: list[str] = field(default_factory=list)
     calibrated_points: list[str] = field(default_factory=list)
     program: Any = field(default=None, repr=False, compare=False)  # the lowered ``ExportedProgram`` (q/dq ops)
+
+
+class ExecuTorchModule(nn.Module):
+    """An ExecuTorch program (``.pte``) run by ``executorch.runtime``, behind an ``nn.Module``.
+
+    >>> import os, tempfile, warnings, torch, torch.nn as nn
+    >>> from compress_callbacks.quantization.ptq import calibrate, fake_quantized
+    >>> torch.manual_seed(0) and None
+    >>> model = calibrate(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), [torch.randn(64, 16)])
+    >>> x = torch.randn(8, 16)
+    >>> with warnings.catch_warnings(record=True):   # it names the one point it calibrated: the logits
+    ...     result = export_executorch(model, x[:1], os.path.join(tempfile.mkdtemp(), "model.pte"), calibration=[x])
+    >>> result.calibrated_points, result.float_layers, result.max_error <= DEFAULT_TOLERANCE
+    (['output of `2` (linear)'], [], True)
+    >>> program = ExecuTorchModule(result.path)
+    >>> with torch.no_grad(), fake_quantized(model):
+    ...     reference = model(x)
+    >>> out = program(x)   # 8 rows: run as 8 calls of the program's batch of 1
+    >>> out.shape, bool((out - reference).abs().max() <= DEFAULT_TOLERANCE * (reference.max() - reference.min()))
+    (torch.Size([8, 4]), True)
+
+    A program takes inputs of the shapes it was exported with (ExecuTorch plans its memory for them);
+    inputs whose batch is a multiple of the program's are run in chunks and the outputs concatenated.
+    Outputs are on the CPU (one tensor, or a tuple for several). XNNPACK's thread count is process-wide
+    (``executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool``).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        _require_executorch()
+        from executorch.runtime import Runtime
+
+        self.path = os.fspath(path)
+        program = Runtime.get().load_program(self.path)
+        self._method = program.load_method("forward")
+        meta = program.metadata("forward")
+        self.input_shapes = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+
+    def _chunks(self, inputs: tuple) -> int:
+        shapes = [tuple(t.shape) for t in inputs]
+        if shapes == self.input_shapes:
+            return 1
+        batch = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 0
+        chunks = shapes[0][0] // batch if batch and shapes and shapes[0] and shapes[0][0] % batch == 0 else 0
+        expected = [(batch * chunks,) + s[1:] for s in self.input_shapes]
+        if len(shapes) != len(self.input_shapes) or not chunks or shapes != expected:
+            raise ValueError(f"inputs of shapes {shapes} do not fit the program {self.path!r}, which takes {self.input_shapes} "
+                             "(or a multiple of its batch)")
+        return chunks
+
+    def forward(self, *inputs: torch.Tensor):
+        inputs = tuple(t.detach().cpu().contiguous() for t in inputs)
+        chunks = self._chunks(inputs)
+        parts = [self._method.execute(list(part)) for part in zip(*(t.chunk(chunks) for t in inputs))]
+        outputs = [torch.cat(column) for column in zip(*parts)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -400,13 +447,6 @@ def _lower(program, spec_layers: set[str]) -> tuple[bytes, list[str]]:
         return edge.to_executorch().buffer, undelegated
 
 
-def _run_program(path: str, inputs: tuple) -> list[torch.Tensor]:
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(path).load_method("forward")
-    return list(method.execute([t.detach().cpu().contiguous() for t in inputs]))
-
-
 def _parity(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float | None]:
     """Largest error as a fraction of each reference output's range, and argmax agreement over rows.
 
@@ -496,7 +536,8 @@ def export_executorch(
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
-        max_error, agreement = _parity(_run_program(temporary, inputs), reference)
+        outputs = ExecuTorchModule(temporary)(*inputs)
+        max_error, agreement = _parity(list(outputs) if isinstance(outputs, tuple) else [outputs], reference)
         if max_error > tolerance:
             message = (f"export_executorch: the program's outputs differ from the fake-quant model's by {max_error:.2%} of the "
                        f"output range (tolerance {tolerance:.2%}; argmax agreement {agreement})")
