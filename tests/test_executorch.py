@@ -265,6 +265,29 @@ def test_shared_range_is_widened_so_it_clips_no_other_reader_and_float_layers_ar
     assert represented(dq.args[1], dq.args[2])[1] > learned_high  # wider than learned: the Add's values are not clipped
 
 
+def test_a_layer_xnnpack_leaves_outside_its_delegate_is_made_float_and_named(tmp_path, monkeypatch):
+    """XNNPACK without its convolution kernels stands in for a layer it cannot run in int8 (ExecuTorch's
+    portable kernels have no quantized ops): the conv is built again in float, named, and the rest stays int8."""
+    from executorch.backends.xnnpack.partition import xnnpack_partitioner
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+
+    without_convolution = [config for config in ALL_PARTITIONER_CONFIGS if config.__name__ != "ConvolutionConfig"]
+    partitioner = xnnpack_partitioner.XnnpackPartitioner
+    monkeypatch.setattr(xnnpack_partitioner, "XnnpackPartitioner", lambda: partitioner(configs=without_convolution))
+    torch.manual_seed(6)
+    x = torch.randn(8, 3, 6, 6)
+    model = calibrate(randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                                 nn.Linear(64, 5))).eval(), [x])
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) with a spec run in float.*: 0$"):
+        result = export_executorch(model, x, tmp_path / "float_conv.pte", calibration=[x])
+    assert result.float_layers == ["0"]
+    layers = layer_nodes(result.program)
+    assert not any(QUANTIZED_DECOMPOSED in str(n.target) for n in layers["0"].all_input_nodes)  # float conv
+    spec = get_qparams(model)["4"]
+    assert input_qparams(layers["4"])[:2] == (spec.input_scale, spec.input_zero_point - 128)  # still int8
+    assert result.max_error <= PARITY_TOLERANCE
+
+
 def test_pure_pruned_float_model_exports_float(tmp_path):
     torch.manual_seed(4)
     batches = [torch.randn(32, 32) for _ in range(3)]

@@ -37,7 +37,7 @@ from .quantized_graph import FakeQuantLayer, _as_tuple, _set_submodule, quantize
 __all__ = ["export_executorch", "ExecuTorchExport", "ExecuTorchModule", "DEFAULT_TOLERANCE"]
 
 #: default ``tolerance``: largest |program - fake-quant model| as a fraction of the output's range
-DEFAULT_TOLERANCE = 0.03
+DEFAULT_TOLERANCE = 0.02
 #: XNNPACK's static int8 grid (signed activations; restricted symmetric weights)
 INT8_MIN, INT8_MAX = -128, 127
 EDGE_EXTRA = 'pip install "compress-callbacks[edge]"'
@@ -407,7 +407,8 @@ def _export_any_batch(module: nn.Module, inputs: tuple):
 
 def _quantized_program(graph_model: nn.Module, inputs: tuple, qparams: dict[str, LayerQuantSpec],
                        static_layers: set[str], calibration: Iterable[Any] | None):
-    """The q/dq ``ExportedProgram`` with the learned qparams; also the layers left float and the calibrated points."""
+    """The q/dq ``ExportedProgram`` with the learned qparams, the static layers the quantizer left float
+    (a pattern XNNPACK's quantizer does not annotate) and the calibrated points."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     prepared = prepare_pt2e(_export_any_batch(graph_model, inputs).module(), _quantizer(static_layers))
@@ -422,11 +423,7 @@ def _quantized_program(graph_model: nn.Module, inputs: tuple, qparams: dict[str,
     if to_calibrate:
         batches = calibration if calibration is not None else [inputs]
         calibrated += _calibrate_points(prepared, to_calibrate, batches, len(inputs), qparams)
-        source = "`calibration`" if calibration is not None else "`example_inputs` alone (pass `calibration=`, a few batches)"
-        warnings.warn(f"export_executorch: {len(calibrated)} quantization point(s) that training did not observe were calibrated on "
-                      f"{source}: {'; '.join(calibrated)}", stacklevel=3)
-    float_layers = sorted(static_layers - set(quantized))
-    return torch.export.export(convert_pt2e(prepared), inputs), float_layers, calibrated
+    return torch.export.export(convert_pt2e(prepared), inputs), static_layers - set(quantized), calibrated
 
 
 def _undelegated_layers(edge_program, names: set[str]) -> list[str]:
@@ -436,15 +433,30 @@ def _undelegated_layers(edge_program, names: set[str]) -> list[str]:
                    and any(op.split(".")[0] in _op_name(node) for op in ("linear", "convolution", "addmm", "mm"))})
 
 
-def _lower(program, spec_layers: set[str]) -> tuple[bytes, list[str]]:
+def _lower(plain_model: nn.Module, inputs: tuple, qparams: dict[str, LayerQuantSpec], static_layers: set[str],
+           calibration: Iterable[Any] | None):
+    """Quantize and lower to XNNPACK; returns the program, the ``.pte`` bytes, static layers left float, calibrated points.
+
+    A static layer whose ops XNNPACK leaves outside its delegate (no int8 kernel: a Conv3d) cannot
+    run quantized (ExecuTorch's portable kernels have no quantized ops): it is made float and the
+    program built again.
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    left_float: set[str] = set()
     with warnings.catch_warnings():  # ExecuTorch's own use of a deprecated pytree class, on every deepcopy
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        undelegated = _undelegated_layers(edge.exported_program(), spec_layers)
-        return edge.to_executorch().buffer, undelegated
+        while True:
+            program, calibrated = torch.export.export(plain_model, inputs), []
+            if static_layers:
+                program, unannotated, calibrated = _quantized_program(plain_model, inputs, qparams, static_layers, calibration)
+                left_float |= unannotated
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            stranded = set(_undelegated_layers(edge.exported_program(), static_layers))
+            if not stranded:
+                return program, edge.to_executorch().buffer, sorted(left_float), calibrated
+            static_layers, left_float = static_layers - stranded, left_float | stranded
 
 
 def _parity(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float | None]:
@@ -517,15 +529,12 @@ def export_executorch(
     reference = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
 
     static_layers = {name for name, scheme in schemes.items() if scheme == "static_int8"}
-    float_layers = sorted(name for name, scheme in schemes.items() if scheme == "weight_only")
-    calibrated: list[str] = []
-    if static_layers:
-        program, unquantized, calibrated = _quantized_program(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
-        float_layers += unquantized
-    else:
-        program = torch.export.export(_plain_layers(graph_model), inputs)
-    data, undelegated = _lower(program, set(qparams))
-    float_layers = sorted(set(float_layers) | set(undelegated))
+    program, data, left_float, calibrated = _lower(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
+    float_layers = sorted({name for name, scheme in schemes.items() if scheme == "weight_only"} | set(left_float))
+    if calibrated:
+        source = "`calibration`" if calibration is not None else "`example_inputs` alone (pass `calibration=`, a few batches)"
+        warnings.warn(f"export_executorch: {len(calibrated)} quantization point(s) that training did not observe were calibrated on "
+                      f"{source}: {'; '.join(calibrated)}", stacklevel=2)
     if float_layers:
         warnings.warn(f"export_executorch: {len(float_layers)} layer(s) with a spec run in float in the program "
                       f"(weight-only, or not quantizable / not delegated by XNNPACK): {', '.join(float_layers)}", stacklevel=2)
@@ -536,7 +545,11 @@ def export_executorch(
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
-        outputs = ExecuTorchModule(temporary)(*inputs)
+        try:
+            outputs = ExecuTorchModule(temporary)(*inputs)
+        except RuntimeError as error:  # e.g. an op only ExecuTorch's portable kernels could run, and they cannot
+            raise RuntimeError(f"export_executorch: executorch.runtime cannot run the program on `example_inputs` ({error}); "
+                               f"nothing was written at {path!r}") from error
         max_error, agreement = _parity(list(outputs) if isinstance(outputs, tuple) else [outputs], reference)
         if max_error > tolerance:
             message = (f"export_executorch: the program's outputs differ from the fake-quant model's by {max_error:.2%} of the "
