@@ -288,6 +288,31 @@ def test_a_layer_xnnpack_leaves_outside_its_delegate_is_made_float_and_named(tmp
     assert result.max_error <= PARITY_TOLERANCE
 
 
+def test_batchnorm_training_left_unfolded_keeps_the_trained_codes(tmp_path):
+    """torchao folds every BatchNorm after a conv / linear; where training did not (``fold_bn=False``,
+    a Linear before a BatchNorm1d) the program keeps the trained codes on the rescaled grid."""
+    torch.manual_seed(7)
+    x = torch.randn(16, 3, 6, 6)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                       nn.Linear(64, 8), nn.BatchNorm1d(8))).eval()
+    with torch.no_grad():
+        model[5].running_var.uniform_(0.3, 3.0)
+    calibrate(model, [x], fold_bn=False)
+    assert all(spec.bn is None for spec in get_qparams(model).values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_executorch(model, x, tmp_path / "unfolded.pte", calibration=[x])
+    layers = layer_nodes(result.program)
+    for name, bn in (("0", model[1]), ("4", model[5])):
+        spec = get_qparams(model)[name]
+        dq_weight = layers[name].args[1]
+        codes = program_constant(result.program, dq_weight.args[0])
+        assert torch.equal(codes, quantize_weight(model.get_submodule(name).weight.detach(), spec)), name
+        scale = program_constant(result.program, dq_weight.args[1])
+        assert torch.allclose(scale, spec.weight_scale * batchnorm_fold_factor(bn), rtol=1e-5), name
+    assert_close_to(run_pte(result.path, x), fake_quant_outputs(model, x))
+
+
 def test_pure_pruned_float_model_exports_float(tmp_path):
     torch.manual_seed(4)
     batches = [torch.randn(32, 32) for _ in range(3)]

@@ -101,7 +101,7 @@ class ExecuTorchModule(nn.Module):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
-        _require_executorch()
+        _require_executorch(runtime_only=True)
         from executorch.runtime import Runtime
 
         self.path = os.fspath(path)
@@ -131,13 +131,15 @@ class ExecuTorchModule(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _require_executorch() -> None:
+def _require_executorch(runtime_only: bool = False) -> None:
     try:
-        import executorch.exir  # noqa: F401
         import executorch.runtime  # noqa: F401
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
+
+        if not runtime_only:
+            import executorch.exir  # noqa: F401
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"export_executorch needs ExecuTorch (executorch 1.5): {EDGE_EXTRA} ({error})") from error
+        raise ImportError(f"compress_callbacks needs ExecuTorch (executorch 1.5) for .pte programs: {EDGE_EXTRA} ({error})") from error
 
 
 def _check_finalized(root: nn.Module) -> None:
@@ -184,6 +186,20 @@ def _represented_range(scale: float, zero_point: int) -> tuple[float, float]:
     (0.0, 127.5)
     """
     return (INT8_MIN - zero_point) * scale, (INT8_MAX - zero_point) * scale
+
+
+def _channel_factor(rescaled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel ``f`` with ``rescaled = weight * f`` (1 for an all-zero channel).
+
+    torchao's ``prepare_pt2e`` folds into a conv / linear any BatchNorm that follows it; where training
+    did not fold that BatchNorm, the codes stay the trained ones on the grid ``weight_scale * f``.
+
+    >>> _channel_factor(torch.tensor([[2.0, 4.0], [0.0, 0.0]]), torch.tensor([[1.0, 2.0], [0.0, 0.0]])).tolist()
+    [2.0, 1.0]
+    """
+    rescaled, weight = (t.detach().reshape(t.shape[0], -1).double() for t in (rescaled, weight))
+    norm = (weight * weight).sum(1)
+    return torch.where(norm > 0, (rescaled * weight).sum(1) / norm.clamp_min(1e-300), 1.0).float()
 
 
 def _int8_qparams(low: float, high: float) -> tuple[float, int]:
@@ -338,7 +354,8 @@ def _learned_range(spec: LayerQuantSpec) -> tuple[float, float]:
     return _represented_range(float(spec.input_scale), _int8_zero_point(spec))
 
 
-def _pin_points(points: list[_Point], qparams: dict[str, LayerQuantSpec]) -> tuple[list[_Point], list[str], list[str]]:
+def _pin_points(points: list[_Point], qparams: dict[str, LayerQuantSpec], prepared: nn.Module,
+                plain_model: nn.Module) -> tuple[list[_Point], list[str], list[str]]:
     """Pin weights and learned input ranges.
 
     Returns the points left to calibrate, the layers whose learned input range is in the program, and
@@ -347,8 +364,12 @@ def _pin_points(points: list[_Point], qparams: dict[str, LayerQuantSpec]) -> tup
     to_calibrate, quantized, merged = [], [], []
     for point in points:
         if point.weight_of is not None:
-            spec = qparams[point.weight_of]
-            point.observer.pin(spec.weight_scale, torch.zeros(spec.weight_scale.numel(), dtype=torch.int64))
+            scale = qparams[point.weight_of].weight_scale.float()
+            in_graph = functools.reduce(getattr, point.nodes[0].args[0].target.split("."), prepared)
+            trained = plain_model.get_submodule(point.weight_of).weight
+            if not torch.equal(in_graph, trained):  # a BatchNorm folded by torchao, not in training
+                scale = scale * _channel_factor(in_graph, trained)
+            point.observer.pin(scale, torch.zeros(scale.numel(), dtype=torch.int64))
             continue
         quantized.extend(point.trained)
         learned = {(float(qparams[n].input_scale), _int8_zero_point(qparams[n])) for n in point.trained}
@@ -419,7 +440,7 @@ def _quantized_program(graph_model: nn.Module, inputs: tuple, qparams: dict[str,
         for node in point.nodes:
             setattr(prepared, node.target, replacement)
     points = _quantization_points(prepared, _layer_nodes(prepared.graph, static_layers))
-    to_calibrate, quantized, calibrated = _pin_points(points, qparams)
+    to_calibrate, quantized, calibrated = _pin_points(points, qparams, prepared, graph_model)
     if to_calibrate:
         batches = calibration if calibration is not None else [inputs]
         calibrated += _calibrate_points(prepared, to_calibrate, batches, len(inputs), qparams)
