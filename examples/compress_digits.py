@@ -18,10 +18,13 @@ What it does:
 3. trains the same student architecture with distillation + gradual magnitude pruning + QAT in
    ONE Accelerate loop, using the few lines of ``compress_callbacks``
    (``manager.attach(model, optimizer)``, ``DistillationLoss``, a plain ``optimizer.step()``);
-4. finalizes it, converts it to a real int8 model and prints a table: accuracy, parameters,
-   non-zero parameters, file size, CPU latency and top-1 agreement with the teacher;
+4. finalizes it, converts it to a real int8 model and to an ExecuTorch program for phones and
+   boards (``export_executorch``: XNNPACK, run here through ``executorch.runtime``) and prints a
+   table: accuracy, parameters, non-zero parameters, file size, CPU latency and top-1 agreement
+   with the teacher;
 5. writes to the output folder: ``student.ccz`` (compact checkpoint), ``student.onnx``,
-   ``recipe.yaml``, ``metrics.json``, ``training.png`` (and the float checkpoints it compares).
+   ``student.pte`` (ExecuTorch), ``recipe.yaml``, ``metrics.json``, ``training.png`` (and the float
+   checkpoints it compares).
 
 ``main(argv)`` returns the metrics dict, so tests (and notebooks) can call it directly.
 """
@@ -36,6 +39,7 @@ import statistics
 from collections import OrderedDict
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", type=Path, default=Path("runs/digits"), help="(default: %(default)s)")
     g.add_argument("--latency-repeats", type=int, default=300,
                    help="timed batch-1 forward passes per model (default: %(default)s)")
+    g.add_argument("--no-pte", dest="pte", action="store_false",
+                   help="do not write the ExecuTorch program student.pte (its export takes 10-30 s)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     return p
 
@@ -514,6 +520,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def write_pte(args, compressed: nn.Module, example: torch.Tensor, calibration, path: Path):
+    """``student.pte`` (ExecuTorch, XNNPACK) and an ``nn.Module`` that runs it; ``(None, None)`` when skipped."""
+    if not args.pte:
+        return None, None
+    from compress_callbacks.export import ExecuTorchModule, export_executorch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = export_executorch(compressed, example, path, calibration=calibration)
+        except ImportError as error:  # executorch missing (the [edge] extra, part of [examples]): the rest still runs
+            print(f"student.pte skipped: {error}")
+            return None, None
+    for warning in caught:
+        if issubclass(warning.category, UserWarning) and "export_executorch" in str(warning.message):
+            print(warning.message)
+    print(f"student.pte: {result.size_bytes} bytes; on the example input it differs from the fake-quant model by "
+          f"{result.max_error:.2%} of the output range")
+    return ExecuTorchModule(result.path), result
+
+
 def report(args, accelerator, out: Path, teacher, dense, compressed, manager, callbacks, logits, train_x, test_x,
            test_y, trained_sparsity: float, histories: dict[str, History], student_steps: int,
            seconds: dict[str, float], elapsed: Callable[[], float]) -> dict[str, Any]:
@@ -530,6 +557,7 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, manager, ca
     save_compressed(compressed, out / "student.ccz")
     export_onnx(compressed, example_inputs=example, path=out / "student.onnx")
     int8_model = to_int8(compressed, example_inputs=example)
+    pte_model, pte = write_pte(args, compressed, example, train_x[:512].to(cpu).split(128), out / "student.pte")
 
     # the compact checkpoint loads into a fresh copy of the architecture
     reloaded = make_mlp(args.student_hidden)
@@ -537,6 +565,7 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, manager, ca
 
     with torch.inference_mode():
         int8_logits = int8_model(test_x).float()
+        pte_logits = pte_model(test_x).float() if pte_model is not None else None  # 1 row per call: its batch
         reloaded_logits = reloaded.eval()(test_x).float()
         finalized_logits = compressed(test_x).float()  # weights on their int8 grid, float activations
         with fake_quantized(compressed):
@@ -550,13 +579,17 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, manager, ca
         return {k: float(v) for k, v in metric.compute().items()}
 
     rows = []
-    for name, model, path, lg in (
+    quantized = "" if args.qat else ", PTQ"
+    models = [
         ("teacher", teacher, out / "teacher.pt", teacher_logits),
         ("dense student", dense, out / "dense_student.pt", logits["dense student"].to(cpu)),
-        (f"compressed student (int8{'' if args.qat else ', PTQ'})", int8_model, out / "student.ccz", int8_logits),
-    ):
-        # parameters are counted on the float model; the int8 model stores the same weights (zeros stay zeros)
-        total, nonzero = count_parameters(compressed if model is int8_model else model)
+        (f"compressed student (int8{quantized})", int8_model, out / "student.ccz", int8_logits),
+    ]
+    if pte_model is not None:
+        models.append((f"compressed student (ExecuTorch .pte{quantized})", pte_model, out / "student.pte", pte_logits))
+    for name, model, path, lg in models:
+        # parameters are counted on the float model; the int8 models store the same weights (zeros stay zeros)
+        total, nonzero = count_parameters(compressed if model in (int8_model, pte_model) else model)
         rows.append({
             "model": name,
             "accuracy": accuracy(lg, test_y),
@@ -589,6 +622,11 @@ def report(args, accelerator, out: Path, teacher, dense, compressed, manager, ca
         },
         "reloaded_vs_finalized_max_abs_diff": float((reloaded_logits - finalized_logits).abs().max()),
         "onnx_bytes": (out / "student.onnx").stat().st_size,
+        "pte": None if pte is None else {  # the ExecuTorch program's parity gate and what it calibrated
+            "bytes": pte.size_bytes, "max_error_vs_fake_quant": pte.max_error, "argmax_agreement": pte.argmax_agreement,
+            "test_top1_agreement_vs_fake_quant": float((pte_logits.argmax(-1) == fake_quant_logits.argmax(-1)).float().mean()),
+            "calibrated_points": pte.calibrated_points, "float_layers": pte.float_layers,
+        },
         "history": {name: h.as_dict() for name, h in histories.items()},
         "seconds": seconds,
     }

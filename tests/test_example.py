@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory):
 
 def test_writes_every_output(tiny_run):
     out, metrics = tiny_run
-    for name in ("student.ccz", "student.onnx", "recipe.yaml", "metrics.json", "training.png",
+    for name in ("student.ccz", "student.onnx", "student.pte", "recipe.yaml", "metrics.json", "training.png",
                  "teacher.pt", "dense_student.pt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,12 +61,14 @@ def test_recipe_names_the_techniques(tiny_run):
 def test_accuracy_well_above_chance_and_table_consistent(tiny_run):
     _, metrics = tiny_run
     rows = {row["model"]: row for row in metrics["table"]}
-    assert set(rows) == {"teacher", "dense student", "compressed student (int8)"}
+    assert set(rows) == {"teacher", "dense student", "compressed student (int8)", "compressed student (ExecuTorch .pte)"}
     for row in rows.values():
         assert row["accuracy"] > 0.6, row  # chance is 0.1
         assert 0.0 < row["latency_ms"] and row["file_bytes"] > 0
     assert rows["teacher"]["agreement"] == 1.0
     assert rows["compressed student (int8)"]["agreement"] > 0.6
+    assert rows["compressed student (ExecuTorch .pte)"]["params"] == rows["compressed student (int8)"]["params"]
+    assert metrics["pte"]["test_top1_agreement_vs_fake_quant"] >= 0.98 and metrics["pte"]["bytes"] > 0
     assert rows["teacher"]["params"] > rows["dense student"]["params"] == rows["compressed student (int8)"]["params"]
     assert "| teacher" in metrics["table_text"]
 

@@ -28,6 +28,7 @@ True
 """
 
 from .compact import load_compressed, save_compressed
+from .executorch import ExecuTorchExport, ExecuTorchModule, export_executorch
 from .inductor import InductorInt8Module, Int8Layer
 from .int8 import cpu_has_vnni, to_int8
 from .onnx_export import export_onnx
@@ -48,4 +49,7 @@ __all__ = [
     "cpu_has_vnni",
     "shrink",
     "load_shrunk",
+    "export_executorch",
+    "ExecuTorchExport",
+    "ExecuTorchModule",
 ]
