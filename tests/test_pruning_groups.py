@@ -128,3 +128,26 @@ def test_attention_heads_are_units_and_a_shared_scale_does_not_merge_them():
     assert {(n, i) for n, _, i in head.slices if n.endswith("weight")} == {(n, i) for n in ("q.weight", "k.weight", "v.weight") for i in range(4, 8)}
     assert sorted(c[2] for c in head.columns) == [4, 5, 6, 7]
     assert not any(s[0] == "scale" for u in heads for s in u.slices)  # shared by all heads: owned by none
+
+
+def test_a_quantization_aware_model_is_traced_as_its_float_layers():
+    """QAT's fake-quant and BatchNorm fold sit between the weights and the convs: the groups are the float model's."""
+    from compress_callbacks import CompressionManager, QuantizationAwareTraining
+
+    model = ConvBlock()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    CompressionManager(QuantizationAwareTraining(start_step=0)).attach(model, optimizer)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    optimizer.step()
+    classes = [type(m).__name__ for m in model.modules()]
+    groups = trace_groups(model, torch.randn(1, 3, 5, 5))
+    assert [type(m).__name__ for m in model.modules()] == classes and "QATConv2d" in classes  # put back
+    unit = unit_with(groups, "conv1.weight", 0, 2)
+    assert ("bn1.weight", 0, 2) in unit.slices and unit.columns == [("conv2.weight", 1, 2)]
+
+
+def test_a_linear_with_a_computed_weight_is_reported_not_mistaken_for_attention():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(6, 3)))
+    groups = trace_groups(model, torch.randn(2, 4))
+    unit = unit_with(groups, "0.weight", 0, 1)
+    assert any("computed weight" in p for p in unit.problems + unit.unsupported)

@@ -374,8 +374,10 @@ class Interpreter:
     def linear(self, node, real, args):
         x, weight = self.state(args[0]), self._param(args[1])
         bias = self._param(args[2]) if len(args) > 2 and args[2] is not None else None
-        if weight is None:
-            return self.matmul(node, real, (args[0], args[1]))
+        if weight is None:  # a computed weight (a parametrization, a merged adapter): its rows name no channel
+            for s in (x, self.state(args[1])):
+                self.flow.unsupported.append((s[1], f"op linear with a computed weight ({node.name})"))
+            return _unlabelled(real, [])
         self._consume(node, weight, 1, x, x[1].ndim - 1)
         return self._output(real, weight, 0, bias, x, lambda nz, w: nz.float() @ w.float().t(), out_dim=real.ndim - 1)
 

@@ -299,7 +299,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._all_params = dict(model.named_parameters())
         self._owned, self._owned_keeps = {}, {}
         if self.granularity in ("channel", "head"):
-            self._groups = GroupSelection(model, [f"{name}.weight" for name in self._names], self.granularity)
+            self._groups = GroupSelection(model, [f"{name}.weight" for name in self._names], self.granularity, self._out_dims)
 
     def _set_owned(self, keeps: dict[str, torch.Tensor | None]) -> None:
         self._owned = {name: self._all_params[name] for name in keeps}

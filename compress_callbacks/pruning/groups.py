@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..quantization.qat_layers import float_forwards
 from ..targets import unwrap_model
 from ._dataflow import Flow, Interpreter, any_but, components
 
@@ -266,7 +267,8 @@ def trace_groups(model: nn.Module, example_inputs: Any) -> ChannelGroups:
 def trace_call(model: nn.Module, args: tuple, kwargs: dict) -> ChannelGroups:
     """:func:`trace_groups` on the call ``model(*args, **kwargs)``."""
     root = unwrap_model(model)
-    ep = _export(root, args, kwargs)
+    with float_forwards(root):  # the channels of the float model: QAT's fake-quant and BN fold hide its weights
+        ep = _export(root, args, kwargs)
     # the graph is interpreted on CPU (labels and bit-maps live there): weights on an accelerator are copied
     tensors = {name: t.detach().cpu() for name, t in root.named_parameters(remove_duplicate=False)}
     tensors.update({name: t.detach().cpu() for name, t in root.named_buffers(remove_duplicate=False)})

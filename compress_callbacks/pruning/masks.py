@@ -434,7 +434,8 @@ def units_to_prune(
     ``scores``: one per unit (L2 norm over every weight it owns; for ``scope="global"`` its RMS,
     comparable across families); ``sizes``: the weights each unit owns; ``dead``: units already
     pruned (they stay pruned and count); ``families``: units of one family (the same layers) share a
-    per-layer target. ``scope="layer"`` prunes ``round(target * units)`` of every family;
+    per-layer target. ``scope="layer"`` prunes ``round(target * units)`` of every family, leaving it
+    at least one unit;
     ``"global"`` prunes the lowest-scoring units while the weights they own stay within
     ``round(target * total)`` (``total``: all targeted weights, default the units' own), leaving
     every family at least one unit. Ties go by unit order.
@@ -448,7 +449,7 @@ def units_to_prune(
         for family in torch.unique(families).tolist():
             members = (families == family).nonzero().squeeze(1)
             keys = magnitude_keys(scores[members], (~dead[members]).to(torch.uint8))
-            k = count_to_prune(members.numel(), target) - int(dead[members].sum())
+            k = count_to_prune(members.numel(), target, keep_at_least=1) - int(dead[members].sum())
             chosen[members] |= select_smallest([keys], k)[0]
         return chosen
     budget = count_to_prune(int(sizes.sum()) if total is None else total, target) - int(sizes[dead].sum())

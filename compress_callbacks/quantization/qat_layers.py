@@ -9,7 +9,9 @@ patched forwards and the ``QAT*`` / ``Frozen*`` subclasses, the packed input-ran
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -210,6 +212,30 @@ QATLinear, QATConv1d, QATConv2d, QATConv3d = (_qat_class(c) for c in SUPPORTED_T
 FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm = (
     _frozen_bn_class(c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 )
+
+
+@contextlib.contextmanager
+def float_forwards(root: nn.Module) -> Iterator[None]:
+    """Within the block, ``root``'s ``QAT*`` layers and ``Frozen*`` BatchNorms run their original
+    class's forward (float weights, no fake-quant, no observers); their classes come back after.
+
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> model[0].__class__ = QATLinear
+    >>> with float_forwards(model):
+    ...     type(model[0]).__name__
+    'Linear'
+    >>> type(model[0]).__name__
+    'QATLinear'
+    """
+    ours = set(_QAT_CLASSES.values()) | set(_FROZEN_BN_CLASSES.values())
+    swapped = [(m, type(m)) for m in root.modules() if type(m) in ours]
+    try:
+        for module, cls in swapped:
+            module.__class__ = cls._compress_original_class
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
 
 
 def __getattr__(name: str) -> type:
