@@ -3,8 +3,10 @@
 A technique is a thin stateful shell around pure tensor math, configured by a small dataclass
 (its ``config_class``, see :mod:`compress_callbacks.config`). The manager drives it:
 
-1. ``validate(model, optimizer)``: check everything, touch nothing (raise ValueError/TypeError).
-2. ``on_attach(model, optimizer, step)``: install (hooks, masks, fake-quant) for the current step.
+1. ``validate(model, optimizer)``: check everything, touch nothing (raise ValueError/TypeError);
+   ``check_state(state, model)`` likewise for a state about to be loaded (a resume).
+2. ``on_attach(model, optimizer, step)``: install (hooks, masks, fake-quant) for the current step;
+   after both checks passed it must not fail, so that a failed ``attach`` leaves nothing behind.
 3. ``on_before_update(step)``: right before a real optimizer update (gradients are final).
 4. ``on_update(step)``: right after the ``step``-th real optimizer update.
 5. ``finalize(model)``: bake the result into plain modules and remove every hook.
@@ -106,6 +108,11 @@ class CompressionTechnique:
         return {name: getattr(self, name) for name in parameters if name != "self"}
 
     # -- lifecycle ----------------------------------------------------------------------
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` pairs whose weights this technique changes on ``model`` (unwrapped): two
+        techniques of one kind in a manager may not share one (checked at ``attach``). None by default."""
+        return []
+
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Raise ValueError/TypeError for anything wrong; must not modify the model."""
 
@@ -125,8 +132,18 @@ class CompressionTechnique:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
+        """Raise ValueError/TypeError if ``state`` (a ``state_dict()``) cannot be loaded; touch nothing.
+
+        ``model`` is the unwrapped model it will apply to (attaching, or attached); None when the
+        state is only stored for a later ``attach``: then check what can be checked without it. The
+        manager checks every callback's part before it loads any, so a rejected resume changes nothing.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"`state` of {self.name} must be a dict (its state_dict()), got {type(state).__name__}")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state; called before ``on_attach`` or while attached (resume)."""
+        """Restore state (``check_state`` passed); called before ``on_attach`` or while attached (resume)."""
 
     # -- reporting ----------------------------------------------------------------------
     def log_values(self) -> dict[str, float]:

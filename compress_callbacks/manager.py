@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +15,27 @@ from accelerate.state import is_initialized as accelerate_state_initialized
 
 from .callback import CompressionTechnique
 from .config import check_int
-from .targets import require_unsharded, unwrap_model
+from .targets import require_disjoint_targets, require_unsharded, unwrap_model
 
-__all__ = ["CompressionManager", "underlying_optimizer"]
+__all__ = ["CompressionManager", "being_compressed", "technique_plan", "underlying_optimizer"]
 
 # Accelerate's multi-process logger: logs on the main process only, once an Accelerator exists
 logger = get_logger("compress_callbacks")
+
+# the unwrapped models that an attached manager is training (until it finalizes them); copies are not
+_ATTACHED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def being_compressed(model: nn.Module) -> bool:
+    """Whether an attached :class:`CompressionManager` is training ``model`` (or a model containing it)
+    and has not finalized it yet: its masks and fake-quant are still live.
+
+    >>> import torch.nn as nn
+    >>> being_compressed(nn.Linear(2, 2))
+    False
+    """
+    root = unwrap_model(model)
+    return any(any(module is root for module in attached.modules()) for attached in list(_ATTACHED_MODELS))
 
 
 def underlying_optimizer(optimizer: Any) -> Any:
@@ -76,14 +94,29 @@ class CompressionManager:
         accelerator: optional ``accelerate.Accelerator``: the manager registers itself for
             ``save_state``/``load_state``, logs through ``accelerator.log`` and keeps ranks in sync.
         log_every: log callback and loss values every this many real updates (0: only on events).
+        allow_new_plan: resume from a state saved with another plan (see below) without raising.
 
     ``attach(model, optimizer)`` hooks the real optimizer: every real update (not an accumulation
     micro-step, not an update the AMP grad scaler skipped) advances ``manager.step`` by one and
     runs the callbacks. Loops that cannot be hooked attach with ``hook=False`` and call
     ``manager.record_update()`` once after each real update.
+
+    ``state_dict()`` holds the step, every callback's state and its plan (its keyword arguments,
+    module types written ``"type:torch.nn.Linear"``). ``load_state_dict`` raises ``ValueError``
+    naming each argument whose value differs from this manager's (a resume with another target
+    sparsity, schedule, granularity or bit width would silently mix two plans) unless
+    ``allow_new_plan`` is given (to the call, or to the manager for ``accelerator.load_state``):
+    then training continues from the saved masks and ranges under this manager's plan. A state
+    saved before plans were stored loads as it is.
+
+    ``attach`` and ``load_state_dict`` check everything (the model, the optimizer, the accelerator,
+    every callback's part of the state) before they change anything: when they raise, the model, the
+    optimizer and the manager are as they were.
     """
 
-    def __init__(self, *callbacks: CompressionTechnique, accelerator: Any = None, log_every: int = 50) -> None:
+    def __init__(
+        self, *callbacks: CompressionTechnique, accelerator: Any = None, log_every: int = 50, allow_new_plan: bool = False
+    ) -> None:
         if len(callbacks) == 1 and isinstance(callbacks[0], (list, tuple)):
             callbacks = tuple(callbacks[0])
         for cb in callbacks:
@@ -94,7 +127,11 @@ class CompressionManager:
         if len({id(cb) for cb in callbacks}) != len(callbacks):
             raise ValueError("`callbacks`: the same callback instance was given twice")
         log_every = check_int(log_every, "log_every", minimum=0)
+        _check_accelerator(accelerator)
+        if not isinstance(allow_new_plan, bool):
+            raise TypeError(f"`allow_new_plan` must be True or False, got {allow_new_plan!r}")
         self.callbacks: list[CompressionTechnique] = list(callbacks)
+        self.allow_new_plan = allow_new_plan
         self.accelerator = accelerator
         self.log_every = log_every
         self._step = 0
@@ -146,7 +183,8 @@ class CompressionManager:
 
         ``model`` may be wrapped (DDP, ``torch.compile``, ``accelerator.prepare``); callbacks act
         on the unwrapped module, with the same ``Parameter`` objects, so the optimizer and DDP keep
-        working. Everything is validated before anything is modified.
+        working. Everything is validated before anything is modified (a state loaded before
+        ``attach`` included): when ``attach`` raises, nothing is installed.
         """
         if self._finalized:
             raise ValueError("this CompressionManager was finalized; create a new one to `attach` again")
@@ -159,9 +197,20 @@ class CompressionManager:
         real_optimizer = underlying_optimizer(optimizer) if optimizer is not None else None
         if real_optimizer is not None and not hasattr(real_optimizer, "param_groups"):
             raise TypeError(f"`optimizer` must be a torch optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        if hook and not isinstance(real_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "`optimizer` exposes no step hooks; attach with hook=False and call manager.record_update() "
+                "after each real optimizer update"
+            )
+        _check_accelerator(self.accelerator)
+        _require_materialized(root)
         for cb in self.callbacks:
             cb.validate(root, real_optimizer)
+        require_disjoint_targets(root, self.callbacks)
+        if self._pending_state is not None:
+            self._check_callback_states(self._pending_state, root)
 
+        # everything is checked: from here on nothing may fail on the user's input
         self._model, self._optimizer = root, real_optimizer
         for cb in self.callbacks:
             cb.manager = self
@@ -176,14 +225,10 @@ class CompressionManager:
             if hook:
                 self._handles.append(real_optimizer.register_step_post_hook(self._post_step_hook))
                 self.hooked = True
-        elif hook:
-            raise TypeError(
-                "`optimizer` exposes no step hooks; attach with hook=False and call manager.record_update() "
-                "after each real optimizer update"
-            )
         if self.accelerator is not None and not self._registered_for_checkpointing:
             self.accelerator.register_for_checkpointing(self)
             self._registered_for_checkpointing = True
+        _ATTACHED_MODELS.add(root)
         self._log_event("attach", {f"{cb.name}/{k}": v for cb in self.callbacks for k, v in cb.log_values().items()})
 
     # ------------------------------------------------------------------ stepping
@@ -275,30 +320,83 @@ class CompressionManager:
             logger.logger.info(message, *args)
 
     # ------------------------------------------------------------------ state
+    def _keys(self) -> list[str]:
+        return [f"{i}:{cb.name}" for i, cb in enumerate(self.callbacks)]
+
     def state_dict(self) -> dict[str, Any]:
-        """Step count and every callback's state (masks, observer ranges, ...)."""
+        """Step count, every callback's state (masks, observer ranges, ...) and plan (its arguments).
+
+        Plain tensors, numbers and strings: loadable with ``torch.load(weights_only=True)``.
+        """
         return {
             "step": self._step,
-            "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
+            "callbacks": {key: cb.state_dict() for key, cb in zip(self._keys(), self.callbacks)},
+            "plans": {key: technique_plan(cb) for key, cb in zip(self._keys(), self.callbacks)},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``: before ``attach`` (applied on attach) or while attached (resume)."""
-        if not isinstance(state, dict) or "step" not in state or "callbacks" not in state:
-            raise ValueError("`state` is not a CompressionManager.state_dict()")
-        expected = [f"{i}:{cb.name}" for i, cb in enumerate(self.callbacks)]
-        if list(state["callbacks"]) != expected:
-            raise ValueError(
-                f"`state` was saved with callbacks {list(state['callbacks'])}, this manager has {expected}"
-            )
+    def load_state_dict(self, state: dict[str, Any], *, allow_new_plan: bool | None = None) -> None:
+        """Restore a ``state_dict()``: before ``attach`` (applied on attach) or while attached (resume).
+
+        ``manager.step`` takes the saved value at once. Raises ``ValueError``, changing nothing, for a
+        state that does not fit (other callbacks, masks of other shapes, ...) or that was saved with
+        another plan (naming each differing argument) unless ``allow_new_plan`` (default: the
+        manager's ``allow_new_plan``) is True.
+        """
+        if allow_new_plan is None:
+            allow_new_plan = self.allow_new_plan
+        if not isinstance(allow_new_plan, bool):
+            raise TypeError(f"`allow_new_plan` must be True, False or None, got {allow_new_plan!r}")
+        self._check_layout(state)
+        if not allow_new_plan:
+            self._check_plan(state)
+        self._check_callback_states(state, self._model)
         if self.attached:
             self._apply_state(state)
         else:
             self._pending_state = state
+            self._step = state["step"]
+
+    def _check_layout(self, state: Any) -> None:
+        if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("callbacks"), dict):
+            raise ValueError("`state` is not a CompressionManager.state_dict()")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`state`: step must be an int >= 0, got {step!r}")
+        expected = self._keys()
+        if list(state["callbacks"]) != expected:
+            raise ValueError(
+                f"`state` was saved with callbacks {list(state['callbacks'])}, this manager has {expected}"
+            )
+        if not isinstance(state.get("plans", {}), dict):
+            raise ValueError(f"`state`: plans must be a dict, got {type(state['plans']).__name__}")
+
+    def _check_plan(self, state: dict[str, Any]) -> None:
+        """Raise naming every argument whose saved value differs from this manager's (states without plans pass)."""
+        differences = []
+        for key, cb in zip(self._keys(), self.callbacks):
+            saved = state.get("plans", {}).get(key)
+            if saved is None:
+                continue
+            # an argument the saved plan lacks (added to the technique since) ran with its default then
+            saved = {**technique_plan(cb, defaults=True), **saved}
+            for field, now in technique_plan(cb).items():
+                if field in saved and saved[field] != now:
+                    differences.append(f"{cb.name}.{field}: {saved[field]!r} in `state`, {now!r} here")
+        if differences:
+            raise ValueError(
+                f"`state` was saved with another plan ({'; '.join(differences)}). To continue training from it "
+                "under this manager's plan, call load_state_dict(state, allow_new_plan=True) or build "
+                "CompressionManager(..., allow_new_plan=True)"
+            )
+
+    def _check_callback_states(self, state: dict[str, Any], model: nn.Module | None) -> None:
+        for key, cb in zip(self._keys(), self.callbacks):
+            cb.check_state(state["callbacks"][key], model)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
+        """Load a checked state (nothing here may raise on the state's content)."""
         self._step = int(state["step"])
-        for key, cb in zip(state["callbacks"], self.callbacks):
+        for key, cb in zip(self._keys(), self.callbacks):
             cb.load_state_dict(state["callbacks"][key])
 
     # ------------------------------------------------------------------ finalize / report
@@ -318,6 +416,7 @@ class CompressionManager:
         self._handles.clear()
         for cb in self.callbacks:
             cb.finalize(root)
+        _ATTACHED_MODELS.discard(root)
         self._log_event("finalize", {})
         self._finalized = True
         self._model = None
@@ -368,6 +467,58 @@ class CompressionManager:
 
     def __repr__(self) -> str:
         return f"CompressionManager({', '.join(map(repr, self.callbacks))}, step={self._step})"
+
+
+def technique_plan(technique: CompressionTechnique, *, defaults: bool = False) -> dict[str, Any]:
+    """A technique's keyword arguments as plain values (module types as ``"type:torch.nn.Linear"``).
+
+    Values that are not plain (numbers, strings, None or lists of them) are left out. ``defaults``:
+    the constructor's default values instead (of the arguments that have one).
+
+    >>> from compress_callbacks import GradualMagnitudePruning
+    >>> plan = technique_plan(GradualMagnitudePruning(0.5, 0, 10, modules=[torch.nn.Linear]))
+    >>> plan["target_sparsity"], plan["modules"]
+    (0.5, ['type:torch.nn.Linear'])
+    """
+    from .recipes import type_to_string
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, type):
+            return type_to_string(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    def is_plain(value: Any) -> bool:
+        if isinstance(value, list):
+            return all(is_plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    if defaults:
+        parameters = inspect.signature(type(technique).__init__).parameters.values()
+        values = {p.name: p.default for p in parameters if p.default is not p.empty}
+    else:
+        values = technique.config()
+    plan = {name: plain(value) for name, value in values.items()}
+    return {name: value for name, value in plan.items() if is_plain(value)}
+
+
+def _check_accelerator(accelerator: Any) -> None:
+    if accelerator is not None and not (
+        callable(getattr(accelerator, "register_for_checkpointing", None)) and hasattr(accelerator, "is_main_process")
+    ):
+        raise TypeError(f"`accelerator` must be an accelerate.Accelerator (or None), got {accelerator!r}")
+
+
+def _require_materialized(model: nn.Module) -> None:
+    """Refuse a model with tensors on the meta device (nothing to prune or observe there)."""
+    on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"`model` has tensors on the meta device ({', '.join(repr(n) for n in on_meta[:3])}"
+            f"{', ...' if len(on_meta) > 3 else ''}): materialize it (model.to_empty(device=...) and load its "
+            "weights) before `attach`"
+        )
 
 
 def _fmt(value: Any) -> str:

@@ -110,7 +110,7 @@ class Sparsity(Metric):
     def update(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        for _, module in select_modules(model, modules=self.modules_spec, exclude=self.exclude_spec):
+        for _, module in select_modules(model, modules=self.modules_spec, exclude=self.exclude_spec, warn_shared=False):
             weight = module.weight.detach()
             self.zeros += (weight == 0).sum().to(device=self.zeros.device, dtype=self.zeros.dtype)
             self.total += weight.numel()

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
@@ -20,13 +22,19 @@ from .config import ArgumentTypeError, ArgumentValueError
 __all__ = [
     "DEFAULT_TARGET_TYPES",
     "ModuleSpec",
+    "is_default_target",
+    "is_transformers_conv1d",
     "normalize_spec",
+    "require_disjoint_targets",
     "require_optimizer_owns_weights",
     "require_unsharded",
     "select_modules",
+    "transformers_conv1d_class",
     "unwrap_model",
+    "weight_output_dim",
 ]
 
+#: the torch layers targeted by default (and Transformers ``Conv1D``, see :func:`is_default_target`)
 DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 ModuleSpec = Union[str, type, Iterable[Union[str, type]], None]
@@ -48,6 +56,38 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen.add(id(model))
         model = extract_model_from_parallel(model, keep_torch_compile=False)
     return model
+
+
+def transformers_conv1d_class() -> type | None:
+    """Transformers' ``Conv1D`` class if transformers is loaded, else None (never imports it: a model
+    holding a ``Conv1D`` has imported it already)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Transformers' ``Conv1D`` (GPT-2's projections: a Linear whose weight is
+    stored ``[in, out]``).
+
+    >>> is_transformers_conv1d(nn.Linear(2, 2))
+    False
+    """
+    conv1d = transformers_conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_default_target(module: nn.Module) -> bool:
+    """Whether ``modules=None`` selects ``module``: an ``nn.Linear``, ``nn.Conv1d/2d/3d`` or Transformers ``Conv1D``."""
+    return isinstance(module, DEFAULT_TARGET_TYPES) or is_transformers_conv1d(module)
+
+
+def weight_output_dim(module: nn.Module) -> int:
+    """The dim of ``module.weight`` that indexes output channels: 1 for Transformers ``Conv1D``
+    (``[in, out]``) and ConvTranspose (``[in, out / groups, *kernel]``), 0 for Linear and Conv.
+
+    >>> weight_output_dim(nn.Linear(4, 2)), weight_output_dim(nn.ConvTranspose2d(4, 2, 3))
+    (0, 1)
+    """
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) or is_transformers_conv1d(module) else 0
 
 
 def normalize_spec(spec: ModuleSpec, *, argument: str) -> list[str | type]:
@@ -112,6 +152,22 @@ def _require_every_name_matches(
             )
 
 
+def _shared_weights(root: nn.Module, chosen: list[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    """``{chosen name: [names of modules outside chosen that hold the same weight Parameter]}`` (tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in root.named_modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append(name)
+    chosen_names = {name for name, _ in chosen}
+    shared = {}
+    for name, module in chosen:
+        others = [other for other in holders.get(id(module.weight), []) if other not in chosen_names]
+        if others:
+            shared[name] = others
+    return shared
+
+
 def select_modules(
     model: nn.Module,
     *,
@@ -119,18 +175,30 @@ def select_modules(
     exclude: ModuleSpec = None,
     argument: str = "modules",
     require_weight: bool = True,
+    warn_shared: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """Return ``(qualified_name, module)`` pairs the callback should touch, in model order.
 
-    ``modules=None`` selects every Linear and Conv1d/2d/3d. A name or regex in ``modules`` or
+    ``modules=None`` selects every Linear, Conv1d/2d/3d and Transformers Conv1D. A name or regex in ``modules`` or
     ``exclude`` that matches nothing raises ``ValueError`` (a typo should not silently compress
     nothing, or compress what was meant to be kept), and so does a selection that ends up empty.
     A module named in ``modules`` must have a ``weight``; a regex or a type may also match
     containers without one, which are skipped. The model itself is named ``""``: a bare layer
     (the model is an ``nn.Linear``) is selected by default, by its type, or as ``""``.
 
+    A module whose weight is shared with a module that is not selected (an LM head tied to the token
+    embedding) is skipped, with a warning naming both (``warn_shared=False``: silently), unless it is
+    named exactly in ``modules``: compressing it would compress the other module's weight too.
+
     >>> [name for name, _ in select_modules(nn.Linear(4, 2))]
     ['']
+    >>> embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    >>> head.weight = embedding.weight   # tied
+    >>> tied = nn.ModuleDict({"embed": embedding, "body": nn.Linear(4, 4), "head": head})
+    >>> [name for name, _ in select_modules(tied, warn_shared=False)]
+    ['body']
+    >>> [name for name, _ in select_modules(tied, modules=["body", "head"])]
+    ['body', 'head']
     """
     include = normalize_spec(modules, argument=argument)
     excluded = normalize_spec(exclude, argument="exclude")
@@ -143,7 +211,7 @@ def select_modules(
         if include:
             if not any(_matches(name, mod, item) for item in include):
                 continue
-        elif not isinstance(mod, DEFAULT_TARGET_TYPES):
+        elif not is_default_target(mod):
             continue
         if any(_matches(name, mod, item) for item in excluded):
             continue
@@ -152,10 +220,22 @@ def select_modules(
                 raise ValueError(f"`{argument}`: module {name!r} has no `weight` parameter to compress")
             continue
         chosen.append((name, mod))
+    shared = {name: others for name, others in _shared_weights(root, chosen).items() if name not in include}
+    if shared:
+        chosen = [(name, mod) for name, mod in chosen if name not in shared]
+        if warn_shared:
+            warnings.warn(
+                "compress_callbacks: skipping "
+                + "; ".join(f"{name!r} (its weight is also the weight of {others[0]!r})" for name, others in shared.items())
+                + ": a weight shared with a module that is not targeted (a tied embedding / LM head) is left alone "
+                f"unless its module is named in `{argument}` (e.g. {argument}=[{next(iter(shared))!r}, ...])",
+                stacklevel=3,
+            )
     if not chosen:
         raise ValueError(
             f"`{argument}`/`exclude` matched no module with a weight in {type(root).__name__}; "
-            f"by default every nn.Linear and nn.Conv1d/2d/3d is targeted"
+            f"by default every nn.Linear, nn.Conv1d/2d/3d and Transformers Conv1D is targeted"
+            + (f" (skipped for a weight shared with a module not targeted: {sorted(shared)})" if shared else "")
         )
     return chosen
 
@@ -214,3 +294,38 @@ def require_optimizer_owns_weights(selected: Sequence[tuple[str, nn.Module]], op
             f"`optimizer` does not own the weights of {missing[:5]}{'...' if len(missing) > 5 else ''}; "
             "attach the optimizer that trains this model (after accelerator.prepare)"
         )
+
+
+def require_disjoint_targets(model: nn.Module, callbacks: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming the layers if two callbacks of one kind (one an instance of the
+    other's class) target the same weight: two fake-quants would wrap a layer twice, two prunings would
+    compose their masks silently. Techniques of different kinds may share layers (prune and quantize).
+
+    Each callback lists its targets with ``target_modules(model)``; weights are compared by identity,
+    so a weight tied between two modules counts once.
+
+    >>> from compress_callbacks import GradualMagnitudePruning
+    >>> def gmp(**kwargs):
+    ...     return GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=4, **kwargs)
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    >>> require_disjoint_targets(model, [gmp(modules=["0"]), gmp(modules=["1"])])
+    >>> require_disjoint_targets(model, [gmp(), gmp(modules=["1"])])
+    Traceback (most recent call last):
+    ...
+    ValueError: `modules`: GradualMagnitudePruning #0 and #1 both target '1'; give each layer to one of them (`modules` / `exclude`)
+    """
+    earlier: list[tuple[int, Any, dict[int, str]]] = []
+    for index, callback in enumerate(callbacks):
+        weights = {id(module.weight): name for name, module in callback.target_modules(model)}
+        for other_index, other, other_weights in earlier:
+            if not (isinstance(callback, type(other)) or isinstance(other, type(callback))):
+                continue
+            shared = [repr(name) if other_weights[key] == name else f"{name!r} (its weight is {other_weights[key]!r}'s)"
+                      for key, name in weights.items() if key in other_weights]
+            if shared:
+                listed = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+                raise ValueError(
+                    f"`modules`: {type(other).__name__} #{other_index} and #{index} both target {listed}; "
+                    "give each layer to one of them (`modules` / `exclude`)"
+                )
+        earlier.append((index, callback, weights))

@@ -435,3 +435,134 @@ def test_fused_token_kd_loss_matches_autograd_of_the_formula(temperature, chunk)
     torch.testing.assert_close(hard, ref_hard.detach())
     torch.testing.assert_close(total.detach(), (0.7 * ref_soft + 0.3 * ref_hard).detach())
     torch.testing.assert_close(student.grad, reference.grad)
+
+
+# ---------------------------------------------------------------------------- real input (issue 14)
+def test_base_loss_receives_regression_and_embedding_targets_untouched():
+    torch.manual_seed(0)
+    # embedding distillation: outputs [B, D], targets [B, D] (not class labels of the leading shape)
+    student, teacher, embeddings = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6), torch.randn(4, 6)
+    seen = []
+
+    def mse(outputs, targets):
+        seen.append(targets)
+        return nn.MSELoss()(outputs, targets)
+
+    loss = DistillationLoss(None, base_loss=mse, temperature=2.0, alpha=0.5)(student, embeddings, teacher_outputs=teacher)
+    assert seen[-1] is embeddings
+    torch.testing.assert_close(loss, 0.5 * reference_soft(student, teacher, 2.0) + 0.5 * F.mse_loss(student, embeddings))
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    # regression values of the leading shape: a value equal to ignore_index is a value, not an ignored row
+    values = torch.tensor([0.5, -100.0, 3.0, 1.0])
+    head = lambda outputs, y: F.mse_loss(outputs.mean(-1), y)  # noqa: E731
+    loss = DistillationLoss(None, base_loss=head, temperature=2.0, alpha=0.5)(student, values, teacher_outputs=teacher)
+    torch.testing.assert_close(loss, 0.5 * reference_soft(student, teacher, 2.0) + 0.5 * head(student, values))
+    # the default cross-entropy needs class labels: other targets are refused, naming `targets` and `base_loss`
+    with pytest.raises(ValueError, match="targets.*base_loss"):
+        DistillationLoss(None, temperature=2.0)(student, embeddings, teacher_outputs=teacher)
+
+
+def test_student_teacher_shape_mismatch_says_shape():
+    distill = DistillationLoss(None, temperature=1.0, alpha=0.5)
+    with pytest.raises(ValueError, match="shape"):
+        distill(torch.randn(4, 5), teacher_outputs=torch.randn(4, 6))
+    with pytest.raises(ValueError, match="shape"):
+        distill(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), teacher_outputs=torch.randn(2, 4, 5))
+
+
+@pytest.mark.parametrize("bad", [-1, -7, 5])
+def test_labels_outside_the_vocabulary_other_than_ignore_index_raise_naming_the_value(bad):
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[0, -100, 2], [3, bad, 4]])
+    with pytest.raises(ValueError, match=rf"targets.*{bad}"):
+        DistillationLoss(None, temperature=2.0, alpha=0.5)(student, labels, teacher_outputs=teacher)
+    # also where the labels only mark the counted positions (a custom base loss)
+    custom = DistillationLoss(None, base_loss=lambda s, y: s.sum() * 0, temperature=2.0, alpha=0.5)
+    with pytest.raises(ValueError, match=rf"targets.*{bad}"):
+        custom(student, labels, teacher_outputs=teacher)
+    fine = labels.masked_fill(labels == bad, -100)
+    assert torch.isfinite(DistillationLoss(None, temperature=2.0, alpha=0.5)(student, fine, teacher_outputs=teacher))
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_minus_inf_logits_shared_by_student_and_teacher_contribute_nothing(chunk):
+    from compress_callbacks.distillation import token_kd_loss
+
+    torch.manual_seed(0)
+    vocab, padded = 7, 3  # a vocabulary padded by 3 entries that both models mask with -inf
+    base, teacher = torch.randn(2, 4, vocab + padded), torch.randn(2, 4, vocab + padded)
+    base[..., vocab:] = float("-inf")
+    teacher[..., vocab:] = float("-inf")
+    targets = torch.randint(0, vocab, (2, 4))
+    student = base.clone().requires_grad_(True)
+    total, soft, hard = token_kd_loss(student, teacher, 2.0, 0.7, targets=targets, chunk_size=chunk)
+    total.backward()
+    reference = base[..., :vocab].clone().requires_grad_(True)
+    ref_soft = reference_soft(reference.reshape(-1, vocab), teacher[..., :vocab].reshape(-1, vocab), 2.0)
+    ref_total = 0.7 * ref_soft + 0.3 * F.cross_entropy(reference.reshape(-1, vocab), targets.reshape(-1))
+    ref_total.backward()
+    assert torch.isfinite(total) and torch.isfinite(student.grad).all()
+    torch.testing.assert_close(soft, ref_soft.detach())
+    torch.testing.assert_close(total.detach(), ref_total.detach())
+    torch.testing.assert_close(student.grad[..., :vocab], reference.grad)
+    assert torch.equal(student.grad[..., vocab:], torch.zeros(2, 4, padded))
+
+
+def reference_soft64(student, teacher, temperature):
+    return temperature**2 * F.kl_div(torch.log_softmax(student.double() / temperature, -1),
+                                     torch.log_softmax(teacher.double() / temperature, -1), reduction="batchmean", log_target=True)
+
+
+@pytest.mark.parametrize("temperature", [64.0, 1e4, 1e6])
+def test_large_temperatures_are_computed_precisely(temperature):
+    torch.manual_seed(0)
+    base, teacher = torch.randn(8, 50), torch.randn(8, 50)
+    student = base.clone().requires_grad_(True)
+    loss = DistillationLoss(None, temperature=temperature, alpha=1.0)(student, teacher_outputs=teacher)
+    loss.backward()
+    if temperature < 1e5:  # float64 autograd of the formula is still exact enough to compare with
+        reference = base.double().requires_grad_(True)
+        expected = reference_soft64(reference, teacher, temperature)
+        expected.backward()
+        expected, expected_grad = float(expected.detach()), reference.grad
+    else:  # the T -> inf limit: half the variance of the logit difference, averaged over rows
+        difference = (teacher - base).double()
+        centred = difference - difference.mean(-1, keepdim=True)
+        expected = float(0.5 * centred.pow(2).mean(-1).mean())
+        expected_grad = -centred / (50 * 8)
+    assert float(loss.detach()) > 0
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-4)
+    torch.testing.assert_close(student.grad.double(), expected_grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 1e7, 0.0])
+def test_non_finite_or_out_of_range_temperatures_are_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationLoss(None, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        soft_kd_loss(torch.randn(2, 3), torch.randn(2, 3), temperature)
+
+
+def test_a_teacher_sharing_parameters_with_the_student_is_refused_and_never_freezes_the_student():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    student = nn.Sequential(teacher[0], nn.ReLU(), nn.Linear(8, 5))  # layer 0 reused, not copied
+    distill = DistillationLoss(teacher, temperature=2.0, alpha=0.5)
+    assert all(p.requires_grad for p in student.parameters())
+    x, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"teacher.*shares.*0\.weight"):
+        distill(student(x), y, inputs=x)
+    assert all(p.requires_grad for p in student.parameters())  # nothing was frozen
+    # a frozen shared part (e.g. a frozen base under adapters) is fine: nothing of the student gets frozen
+    teacher[0].requires_grad_(False)
+    frozen_base = DistillationLoss(teacher, temperature=2.0, alpha=0.5)
+    frozen_base(student(x), y, inputs=x).backward()
+    assert student[2].weight.requires_grad and student[2].weight.grad is not None
+    assert not any(p.requires_grad for p in teacher.parameters())
+    # a student that is a deep copy shares nothing
+    import copy
+
+    separate = copy.deepcopy(teacher).requires_grad_(True)
+    DistillationLoss(teacher, temperature=2.0, alpha=0.5)(separate(x), y, inputs=x).backward()
+    assert all(p.requires_grad and p.grad is not None for p in separate.parameters())

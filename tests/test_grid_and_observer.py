@@ -73,6 +73,25 @@ def test_weight_codes_clamp_to_the_grid_of_the_bits_and_broadcast_along_any_dim(
     assert channel_view(np.arange(3.0), 4, dim=-1).shape == (1, 1, 1, 3)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_codes_skip_the_clamp_only_where_it_changes_nothing(bits, monkeypatch):
+    """Fake-quant's torch path skips the clamp (its scale comes from max |w|): bit-identical codes."""
+    monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
+    g = torch.Generator().manual_seed(bits)
+    weight = torch.randn(64, 33, generator=g) * torch.logspace(-30, 30, 64)[:, None]
+    weight[0] = 0.0  # a pruned channel
+    weight[1] = torch.full((33,), 1e-40)  # denormal: the scale floor
+    weight[2] = -weight[2].abs()  # the channel's max |w| is negative
+    scale = FQ.per_channel_weight_scale(weight, bits)
+    clamped = weight_codes(weight, scale, bits)
+    assert torch.equal(weight_codes(weight, scale, bits, clamp=False), clamped)
+    assert torch.equal(FQ.fake_quantize_weight_with_scale(weight, scale, bits), dequantize_codes(clamped, scale))
+    # a smaller scale reaches past the grid's ends: there the clamp is what keeps codes on the grid
+    qmax = 2 ** (bits - 1) - 1
+    assert weight_codes(weight, scale / 2, bits, clamp=False).abs().max() > qmax
+    assert weight_codes(weight, scale / 2, bits).abs().max() == qmax
+
+
 def test_constant_weights_are_exactly_what_dequantize_linear_computes():
     import onnxruntime as ort
 

@@ -135,6 +135,55 @@ def test_resuming_from_a_checkpoint_without_compression_state_fails_clearly(tmp_
         train_run(tmp_path, resume=str(tmp_path / "checkpoint-2"))
 
 
+def test_following_the_resume_advice_works_when_the_checkpoint_path_is_unknown(tmp_path, monkeypatch):
+    import compress_callbacks.integrations.transformers as adapter
+
+    model_a, manager_a, _ = train_run(tmp_path / "a", save_steps=4)
+    checkpoint = tmp_path / "a" / "checkpoint-4"
+    monkeypatch.setattr(adapter, "_running_training_call", lambda: (None, None))  # the Trainer hides the path
+    with pytest.raises(ValueError, match=r"resumes at step 4.*manager.load_state_dict") as error:
+        train_run(tmp_path / "b", resume=str(checkpoint))
+    assert STATE_FILE in str(error.value)
+
+    # the advice, literally: load the manager's state before trainer.train
+    model = tiny_bert()
+    manager = CompressionManager(gmp(start_step=2, end_step=6, update_every=2))
+    manager.load_state_dict(torch.load(checkpoint / STATE_FILE, weights_only=True))
+    trainer = Trainer(model=model, args=arguments(tmp_path / "b", max_steps=8), train_dataset=classification_data(),
+                      callbacks=[CompressionCallback(manager)])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert manager.step == manager_a.step == 8
+    for name, weight in pruned_weights(model_a, manager_a).items():
+        torch.testing.assert_close(pruned_weights(model, manager)[name], weight, rtol=0, atol=1e-6)
+
+    # a state of another step is no answer
+    manager = CompressionManager(gmp(start_step=2, end_step=6, update_every=2))
+    manager.load_state_dict({**torch.load(checkpoint / STATE_FILE, weights_only=True), "step": 2})
+    trainer = Trainer(model=tiny_bert(), args=arguments(tmp_path / "c", max_steps=8), train_dataset=classification_data(),
+                      callbacks=[CompressionCallback(manager)])
+    with pytest.raises(ValueError, match="step 2"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_on_save_asks_every_rank_for_the_state_and_writes_on_rank_zero_only(tmp_path):
+    """Under FSDP2 ``manager.state_dict()`` gathers masks from every rank: a rank that skipped it would
+    leave rank 0 waiting forever."""
+    from transformers import TrainerControl, TrainerState
+
+    manager = CompressionManager(gmp())
+    calls = []
+    real_state_dict = manager.state_dict
+    manager.state_dict = lambda: calls.append(1) or real_state_dict()
+    callback = CompressionCallback(manager)
+    args = arguments(tmp_path)
+    (tmp_path / "checkpoint-3").mkdir()
+    for rank_zero in (False, True):
+        state = TrainerState(global_step=3, is_world_process_zero=rank_zero)
+        callback.on_save(args, state, TrainerControl())
+        assert len(calls) == 1 + rank_zero
+        assert (tmp_path / "checkpoint-3" / STATE_FILE).exists() == rank_zero
+
+
 def test_callback_rejects_a_non_manager():
     with pytest.raises(TypeError, match="`manager`"):
         CompressionCallback(gmp())

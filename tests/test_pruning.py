@@ -205,7 +205,9 @@ def test_global_scope_hits_overall_target():
     gmp = GradualMagnitudePruning(0.9, start_step=0, end_step=5, update_every=1, scope="global")
     manager = CompressionManager(gmp)
     manager.attach(model, optimizer)
-    train(model, optimizer, batches(6))
+    with pytest.warns(UserWarning, match="'2' is pruned down to its last weight"):  # kept, not emptied
+        train(model, optimizer, batches(6))
+    assert all(bool((w != 0).any()) for w in weights(model))
     total = sum(w.numel() for w in weights(model))
     zeros = sum(int((w == 0).sum()) for w in weights(model))
     assert zeros == count_to_prune(total, 0.9)
@@ -532,6 +534,12 @@ def test_sharded_models_are_refused_before_anything_is_touched():
         with pytest.raises(NotImplementedError, match="every targeted weight sharded over one mesh"):
             CompressionManager(GradualMagnitudePruning(0.5, 0, 2)).attach(partly, torch.optim.SGD(partly.parameters(), lr=0.1))
         assert not any(hasattr(p, "_post_accumulate_grad_hooks") and p._post_accumulate_grad_hooks for p in partly.parameters())
+        # FSDP2 splits dim 0; a ConvTranspose / Conv1D holds its output channels along dim 1
+        transposed = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.ConvTranspose1d(8, 4, 1))
+        fully_shard(transposed)
+        channel = GradualMagnitudePruning(0.5, 0, 2, granularity="channel", modules=[nn.Linear, nn.ConvTranspose1d])
+        with pytest.raises(NotImplementedError, match=r"granularity 'channel': \['2'\] store their output channels along dim 1"):
+            CompressionManager(channel).attach(transposed, torch.optim.SGD(transposed.parameters(), lr=0.1))
         with pytest.raises(NotImplementedError, match="CountUpdates needs every rank to hold whole weights.*FSDP2"):
             CompressionManager(GradualMagnitudePruning(0.5, 0, 2), CountUpdates()).attach(
                 fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))

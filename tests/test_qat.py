@@ -557,7 +557,7 @@ def test_native_weight_fake_quant_is_bit_identical_to_the_torch_ops(bits, monkey
     from compress_callbacks import _native
 
     kernel = _native.fake_quantize_rows_kernel()
-    assert kernel is not None, "the native kernel must build here (needs a C compiler with OpenMP, e.g. gcc)"
+    assert (kernel is not None) == (_native.c_compiler() is not None)  # without a compiler: the fallback
     g = torch.Generator().manual_seed(bits)
     weight = torch.randn(33, 3, 5, 5, generator=g)
     weight[0] = 0.0  # an all-zero (pruned) channel: scale 1.0
@@ -577,7 +577,7 @@ def test_native_weight_fake_quant_is_bit_identical_to_the_torch_ops(bits, monkey
 def test_native_activation_fake_quant_matches_the_torch_ops_values_and_gradient(monkeypatch):
     from compress_callbacks import _native
 
-    assert _native.activation_kernels() is not None, "the native kernel must build here (a C compiler with OpenMP)"
+    assert (_native.activation_kernels() is not None) == (_native.c_compiler() is not None)  # else the fallback
     g = torch.Generator().manual_seed(0)
     x = torch.randn(70_001, generator=g) * 3  # above the OpenMP threshold
     x[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, -0.0, 0.05, -0.05])

@@ -1,12 +1,12 @@
 """Pure math: the cubic schedule and exact, deterministic mask selection."""
 
-import inspect
 import math
 
 import pytest
 import torch
 
 from compress_callbacks.pruning import masks as M
+from compress_callbacks.pruning.sharded import sharded_keep_masks
 from compress_callbacks.schedules import cubic_sparsity, last_grid_point, schedule_grid
 
 
@@ -67,15 +67,74 @@ def test_layer_and_global_hit_exact_counts(target):
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(64, 33, generator=g), torch.randn(10, 64, generator=g) * 5, torch.randn(7, generator=g)]
     layer = M.unstructured_keep_masks(ws, target)
-    for w, keep in zip(ws, layer):
-        assert int((keep == 0).sum()) == M.count_to_prune(w.numel(), target)
+    for w, keep in zip(ws, layer):  # at 0.98 the 7-weight layer would round to 7: it keeps its last one
+        assert int((keep == 0).sum()) == min(M.count_to_prune(w.numel(), target), w.numel() - 1)
     glob = M.unstructured_keep_masks(ws, target, scope="global")
     total = sum(w.numel() for w in ws)
     assert sum(int((k == 0).sum()) for k in glob) == M.count_to_prune(total, target)
-    # global keeps the largest magnitudes overall
-    kept_min = min(float(w[k.bool()].abs().min()) for w, k in zip(ws, glob) if k.any())
-    pruned_max = max(float(w[~k.bool()].abs().max()) for w, k in zip(ws, glob) if (~k.bool()).any())
+    # global keeps the largest magnitudes overall, besides each layer's largest weight, which always stays
+    for w, k in zip(ws, glob):
+        assert k.reshape(-1)[w.abs().argmax()] == 1
+    rest = [(w.reshape(-1), k.reshape(-1).clone()) for w, k in zip(ws, glob)]
+    for w, k in rest:
+        k[w.abs().argmax()] = 2  # set the layer's own largest aside
+    kept_min = min(float(w[k == 1].abs().min()) for w, k in rest if (k == 1).any())
+    pruned_max = max(float(w[k == 0].abs().max()) for w, k in rest if (k == 0).any())
     assert pruned_max <= kept_min
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "channel"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_no_layer_is_pruned_away_and_the_overall_count_stays_exact(granularity, scope):
+    """A small layer among large ones: the selection would empty it (global: its weights are the
+    smallest; layer: 0.95 of 8 weights or of 4 channels rounds to all of them). It keeps its largest weight / strongest channel, and
+    global scope still prunes exactly the target overall, elsewhere."""
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(32, 16, generator=g), torch.randn(4, 2, generator=g) * 0.01, torch.randn(16, 32, generator=g)]
+    select = M.unstructured_keep_masks if granularity == "unstructured" else M.channel_keep_masks
+    keeps = select(ws, 0.95, scope=scope)
+    for w, keep in zip(ws, keeps):
+        if granularity == "unstructured":
+            assert keep.reshape(-1)[w.abs().argmax()] == 1
+        else:
+            assert keep[w.norm(dim=1).argmax()].all()
+    small = keeps[1]
+    assert int(small.sum()) == (1 if granularity == "unstructured" else 2)  # the floor, not more
+    pruned = sum(int((k == 0).sum()) for k in keeps)
+    if granularity == "unstructured" and scope == "global":
+        assert pruned == M.count_to_prune(sum(w.numel() for w in ws), 0.95)
+    elif scope == "global":  # whole channels: as close to the budget as they fit
+        budget = M.count_to_prune(sum(w.numel() for w in ws), 0.95)
+        assert budget - 32 < pruned <= budget
+
+
+def test_a_target_that_leaves_fewer_weights_than_layers_keeps_one_in_each():
+    ws = [torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.2]), torch.tensor([5.0, 6.0])]
+    keeps = M.unstructured_keep_masks(ws, 0.9, scope="global")  # 0.9 of 6 rounds to 5: only 3 can go
+    assert [k.tolist() for k in keeps] == [[0, 1], [0, 1], [0, 1]]
+    prior = [torch.tensor([0, 1], dtype=torch.uint8), None, None]
+    keeps = M.unstructured_keep_masks(ws, 0.9, keeps=prior, scope="global")  # and with earlier masks
+    assert [k.tolist() for k in keeps] == [[0, 1], [0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_structured_masks_of_weights_stored_input_first_are_the_transposed_masks(scope):
+    """Transformers Conv1D stores [in, out], ConvTranspose [in, out, kh, kw]: with ``out_dims`` their
+    channel and N:M masks are those of the same layer stored output-first, moved back."""
+    g = torch.Generator().manual_seed(5)
+    out_first = [torch.randn(12, 8, generator=g), torch.randn(6, 4, 2, 2, generator=g)]
+    stored = [out_first[0].t().contiguous(), out_first[1].movedim(0, 1).contiguous()]
+    prior = [None, (torch.rand(6, 4, 2, 2, generator=g) > 0.3).to(torch.uint8)]
+    stored_prior = [None, prior[1].movedim(0, 1).contiguous()]
+    expected = M.channel_keep_masks(out_first, 0.5, keeps=prior, scope=scope)
+    got = M.channel_keep_masks(stored, 0.5, keeps=stored_prior, scope=scope, out_dims=[1, 1])
+    assert torch.equal(got[0], expected[0].t()) and torch.equal(got[1], expected[1].movedim(0, 1))
+    expected = M.nm_keep_masks(out_first, 0.3, 2, 4, keeps=prior, scope=scope)
+    got = M.nm_keep_masks(stored, 0.3, 2, 4, keeps=stored_prior, scope=scope, out_dims=[1, 1])
+    assert torch.equal(got[0], expected[0].t()) and torch.equal(got[1], expected[1].movedim(0, 1))
+    final = M.nm_keep_masks(stored, 0.5, 2, 4, scope=scope, out_dims=[1, 1])
+    assert (final[0].t().reshape(-1, 4).sum(1) == 2).all()  # groups run along the inputs (dim 0 of [in, out])
+    assert (final[1].movedim(1, 0).reshape(-1, 4).sum(1) == 2).all()
 
 
 def test_channel_masks_remove_whole_rows_by_l2():
@@ -162,8 +221,9 @@ def test_global_selection_holds_one_layers_keys_at_a_time(monkeypatch, kind):
     kind = kind.split(",")[0]
     if not native:
         monkeypatch.setattr(_native, "magnitude_select_kernels", lambda: None)
-    else:
-        assert _native.magnitude_select_kernels() is not None, "the native kernels must build on this machine"
+    else:  # the kernels build wherever there is a C compiler; without one this checks the fallback
+        native = _native.c_compiler() is not None
+        assert (_native.magnitude_select_kernels() is not None) == native
 
     alive, peak = [0], [0]
     builder = "magnitude_keys" if kind == "unstructured" else "_nm_keys"  # what builds one layer's keys
@@ -190,10 +250,11 @@ def test_global_selection_holds_one_layers_keys_at_a_time(monkeypatch, kind):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_native_magnitude_selection_equals_the_torch_path(monkeypatch, scope):
-    """Same keep masks, bit for bit: heavy ties straddling the threads' ranges, NaN, -0.0, prior masks."""
+    """Same keep masks, bit for bit: heavy ties straddling the threads' ranges, NaN, -0.0, prior masks
+    (and both equal to a stable sort's selection, which is what is checked without a C compiler)."""
     from compress_callbacks import _native
 
-    assert _native.magnitude_select_kernels() is not None
+    assert (_native.magnitude_select_kernels() is not None) == (_native.c_compiler() is not None)
     g = torch.Generator().manual_seed(1)
     weights = [
         torch.randint(-3, 4, (300, 700), generator=g).float() / 4,  # 210k entries of 7 values: ties everywhere
@@ -208,68 +269,29 @@ def test_native_magnitude_selection_equals_the_torch_path(monkeypatch, scope):
             reference = M.unstructured_keep_masks(weights, target, keeps=priors, scope=scope)
         for a, b in zip(native, reference):
             assert a.dtype == b.dtype == torch.uint8 and torch.equal(a, b), target
+        groups = [list(zip(weights, priors))] if scope == "global" else [[pair] for pair in zip(weights, priors)]
+        expected = [mask for group in groups for mask in stable_sort_selection(*zip(*group), target, scope)]
+        assert [torch.equal(a.flatten(), b) for a, b in zip(native, expected)] == [True] * len(weights), target
 
 
-# ---------------------------------------------------------------------------- native mask kernel
-@pytest.fixture()
-def fresh_native(monkeypatch, tmp_path):
-    from compress_callbacks import _native
-
-    monkeypatch.setenv("COMPRESS_CALLBACKS_CACHE", str(tmp_path / "cache"))
-    _native._load.cache_clear()
-    yield _native
-    _native._load.cache_clear()
-
-
-def test_native_kernel_builds_once_and_matches_mul(fresh_native, tmp_path):
-    kernel = fresh_native.mask_multiply_kernel()
-    assert kernel is not None, "the native kernel must build here (needs a C compiler with OpenMP, e.g. gcc)"
-    assert len(list((tmp_path / "cache").glob("masks_*.so"))) == 1
-    fresh_native._load.cache_clear()
-    assert fresh_native.mask_multiply_kernel() is not None  # loads the cached library
-    g = torch.Generator().manual_seed(0)
-    for n in (1, 7, 65536, 200_003):  # serial and OpenMP-parallel sizes
-        t = torch.randn(n, generator=g)
-        keep = (torch.rand(n, generator=g) > 0.5).to(torch.uint8)
-        expected = t * keep
-        version = t._version
-        kernel(t, keep)
-        assert torch.equal(t, expected) and t._version > version
-    # apply_keep_ sends what the kernel cannot take (non-contiguous, float64) to the torch path
-    tensors = [torch.randn(6, 4, generator=g).t(), torch.randn(9, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g)]
-    keeps = [(torch.rand(t.shape, generator=g) > 0.5).to(torch.uint8) for t in tensors]
-    expected = [t * k for t, k in zip(tensors, keeps)]
-    M.apply_keep_(tensors, keeps, None, kernel)
-    assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
-
-
-def test_native_kernel_off_switch_and_broken_compiler_fall_back(fresh_native, monkeypatch):
-    monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
-    assert fresh_native.mask_multiply_kernel() is None
-    monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "1")
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    assert fresh_native.mask_multiply_kernel() is None
-    # GMP still prunes exactly through the pure-PyTorch path
-    from compress_callbacks import CompressionManager, GradualMagnitudePruning
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    gmp = GradualMagnitudePruning(0.75, start_step=0, end_step=2, update_every=1)
-    apply_keep, kernels = M.apply_keep_, []
-
-    def recording_apply_keep(*args, **kwargs):  # every masking pass GMP makes, with the kernel it passes
-        kernels.append(inspect.signature(apply_keep).bind(*args, **kwargs).arguments.get("kernel"))
-        apply_keep(*args, **kwargs)
-
-    monkeypatch.setattr(M, "apply_keep_", recording_apply_keep)
-    CompressionManager(gmp).attach(model, optimizer)
-    for _ in range(4):
-        model(torch.randn(8, 16)).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert [round(s, 4) for s in gmp.layer_sparsities().values()] == [0.75, 0.75]
-    assert kernels and all(kernel is None for kernel in kernels)
+def stable_sort_selection(weights, keeps, target, scope="global"):
+    """Reference: prune the smallest magnitude keys (ties by layer, then index) until ``target`` of
+    all the weights given are pruned; already-pruned weights stay pruned, and each layer keeps a
+    weight: in global scope its largest kept one (the first of equals), which the selection never
+    takes; in layer scope the count stops one short of the layer."""
+    keys = torch.cat([M.magnitude_keys(w, k).flatten() for w, k in zip(weights, keeps)])
+    keep = torch.cat([torch.ones(w.numel(), dtype=torch.uint8) if k is None else k.flatten() for w, k in zip(weights, keeps)])
+    offset, guarded = 0, 0
+    for w in weights:
+        layer = keep[offset:offset + w.numel()]
+        if layer.any() and scope == "global":
+            largest = w.flatten().abs().masked_fill(layer == 0, -1.0).argmax()
+            keys[offset + largest] = M.PRUNED_KEY  # sorts last: never among the selected
+            guarded += 1
+        offset += w.numel()
+    newly = min(M.count_to_prune(keys.numel(), target) - int((keep == 0).sum()), int(keep.sum()) - (guarded if scope == "global" else len(weights)))
+    keep[torch.sort(keys, stable=True).indices[:max(newly, 0)]] = 0
+    return list(keep.split([w.numel() for w in weights]))
 
 
 class _ThreadRanks:
@@ -302,15 +324,38 @@ def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, 
     """Rows split into torch.chunk blocks over ``world`` ranks (uneven; with 5 ranks a 4-row weight
     leaves one rank an empty block): each rank's masks are its block of the single-process masks,
     ties at the threshold spanning ranks and layers included, and with prior masks."""
-    import threading
-
     if not native:
         monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
     g = torch.Generator().manual_seed(world)
     weights = [torch.randint(-3, 4, shape, generator=g).float() / 4 for shape in ((12, 8), (4, 16), (7, 4))]
     keeps = [None, (torch.rand(4, 16, generator=g) > 0.2).to(torch.uint8), None]
+    _assert_sharded_equals_single_process(world, weights, keeps, 0.4, scope, nm)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("native", [True, False])
+def test_sharded_selection_keeps_each_layers_largest_weight_as_a_single_process(world, scope, native, monkeypatch):
+    """At 0.97 the selection would empty layers (global: the small layer; layer scope: 0.97 of 6
+    rounds to 6); the weight kept in each is the same one a single process keeps, wherever its
+    rank, ties for the largest spanning ranks included."""
+    if not native:
+        monkeypatch.setenv("COMPRESS_CALLBACKS_NATIVE", "0")
+    g = torch.Generator().manual_seed(world)
+    weights = [torch.randint(-3, 4, (12, 8), generator=g).float() / 4, torch.full((6, 1), 0.01),
+               torch.randint(-3, 4, (7, 4), generator=g).float() / 4]
+    weights[1][4, 0] = 0.02  # the small layer's largest, on the last rank's block
+    keeps = [None, None, (torch.rand(7, 4, generator=g) > 0.2).to(torch.uint8)]
+    expected = _assert_sharded_equals_single_process(world, weights, keeps, 0.97, scope, None)
+    assert int(expected[1].sum()) == 1 and expected[1][4, 0] == 1
+
+
+def _assert_sharded_equals_single_process(world, weights, keeps, target, scope, nm):
+    """Select on blocks of rows over ``world`` thread-ranks; each rank's masks must be its block of
+    the single-process masks (returned)."""
+    import threading
+
     select = M.unstructured_keep_masks if nm is None else (lambda w, t, keeps, scope: M.nm_keep_masks(w, t, *nm, keeps=keeps, scope=scope))
-    target = 0.4
     expected = select(weights, target, keeps=keeps, scope=scope)
     ranks, results, errors = _ThreadRanks(world), [None] * world, []
 
@@ -319,7 +364,7 @@ def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, 
             blocks = [torch.chunk(w, world)[rank] if rank < len(torch.chunk(w, world)) else w[:0] for w in weights]
             block_keeps = [None if k is None else (torch.chunk(k, world)[rank] if rank < len(torch.chunk(k, world)) else k[:0]).contiguous()
                            for k in keeps]
-            results[rank] = M.sharded_keep_masks(
+            results[rank] = sharded_keep_masks(
                 [b.contiguous() for b in blocks], block_keeps, [w.numel() for w in weights], target, scope,
                 sum_over_ranks=lambda t: ranks.sum(rank, t), gather_over_ranks=lambda t: ranks.gather(rank, t),
                 rank=rank, nm=nm)
@@ -336,18 +381,22 @@ def test_sharded_selection_equals_the_whole_weights_selection(world, scope, nm, 
     for layer, want in enumerate(expected):
         got = torch.cat([results[r][layer].reshape(-1, *want.shape[1:]) for r in range(world)])
         assert torch.equal(got, want), (world, scope, nm, layer)
+    return expected
 
 
 @pytest.mark.parametrize("world", [2, 5])
 @pytest.mark.parametrize("scope", ["layer", "global"])
-def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(world, scope):
+@pytest.mark.parametrize("target", [0.4, 0.9])
+def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(world, scope, target):
     """What FSDP2 ranks do for channel pruning: score their blocks of rows (some empty with 5 ranks),
-    gather the scores whole, select, and expand on their blocks."""
+    gather the scores whole, select, and expand on their blocks (at 0.9 with each layer's strongest
+    channel kept)."""
     g = torch.Generator().manual_seed(world)
     weights = [torch.randint(-3, 4, shape, generator=g).float() / 4 for shape in ((12, 8), (4, 16), (3, 2, 2))]
     keeps = [None, torch.ones(4, 16, dtype=torch.uint8), None]
     keeps[1][2] = 0  # a channel already pruned
-    expected = M.channel_keep_masks(weights, 0.4, keeps=keeps, scope=scope)
+    expected = M.channel_keep_masks(weights, target, keeps=keeps, scope=scope)
+    assert all(bool(M.channels_first(k).amax(1).any()) for k in expected)
 
     def block(t, rank):
         parts = torch.chunk(t, world)
@@ -357,7 +406,7 @@ def test_channel_selection_from_gathered_block_scores_equals_the_whole_weights(w
                 for r in range(world)]
     scores = [torch.cat([per_rank[r][0][i] for r in range(world)]) for i in range(len(weights))]
     dead = [torch.cat([per_rank[r][1][i] for r in range(world)]) for i in range(len(weights))]
-    chosen = M.channels_to_prune(scores, dead, [math.prod(w.shape[1:]) for w in weights], 0.4, scope)
+    chosen = M.channels_to_prune(scores, dead, [math.prod(w.shape[1:]) for w in weights], target, scope)
     for r in range(world):
         masks = M.expand_channels([block(w, r) for w in weights], [None if k is None else block(k, r) for k in keeps],
                                   [block(rows, r) for rows in chosen])

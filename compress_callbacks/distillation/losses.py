@@ -16,15 +16,26 @@ quietly shrinks the soft term by a factor of ``V``.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from .cache import TopKLogits
+from .divergences import (
+    DEFAULT_CHUNK_ELEMENTS,
+    KDWorkspace,
+    SoftTerm,
+    check_divergence,
+    check_temperature,
+    soft_hard_rows,
+)
+
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "KDWorkspace",
+    "check_labels",
+    "check_temperature",
     "cosine_feature_loss",
     "mse_feature_loss",
     "position_weights",
@@ -33,31 +44,42 @@ __all__ = [
     "token_kd_losses",
 ]
 
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
 
-#: Default number of logits (rows x vocabulary) processed at once by the chunked token loss.
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
+def check_labels(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """ValueError naming the first label outside ``[0, num_classes)`` that is not ``ignore_index``.
+
+    >>> import torch
+    >>> check_labels(torch.tensor([0, 4, -100]), 5, -100)
+    >>> check_labels(torch.tensor([0, -1]), 5, -100)
+    Traceback (most recent call last):
+    ...
+    ValueError: `targets` holds the label -1, outside [0, 5) and not ignore_index=-100
+    """
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"`targets` must be integer class labels, got dtype {targets.dtype}")
+    bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
+    if bool(bad.any()):
+        value = int(targets[bad].reshape(-1)[0])
+        raise ValueError(f"`targets` holds the label {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
 
 
-def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}")
-    return float(temperature)
+def soft_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | TopKLogits, temperature: float,
+    *, divergence: str = "forward_kl", beta: float = 0.5,
+) -> torch.Tensor:
+    """``T^2 * D(p_student, p_teacher)`` at temperature ``T``, ``batchmean`` over every row.
 
-
-def soft_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(p_teacher || p_student)`` at temperature ``T``, ``batchmean`` over every row.
-
-    Logits are ``[..., V]``; each leading position is a sample. The teacher is a constant target
-    (no gradient flows into it). Computed in float32 whatever the input dtype.
+    ``D`` is ``KL(p_teacher || p_student)`` by default (see :mod:`.divergences` for
+    ``"reverse_kl"`` and ``"jsd"``). Logits are ``[..., V]``; each leading position is a sample.
+    The teacher is a constant target (no gradient flows into it); it may be a :class:`TopKLogits`.
+    Computed in float32 whatever the input dtype.
 
     >>> import torch
     >>> s = torch.randn(4, 10)
     >>> float(soft_kd_loss(s, s, temperature=4.0)) == 0.0
     True
     """
-    return token_kd_losses(student_logits, teacher_logits, temperature)[0]
+    return token_kd_losses(student_logits, teacher_logits, temperature, divergence=divergence, beta=beta)[0]
 
 
 def position_weights(
@@ -98,7 +120,7 @@ def position_weights(
 
 def token_kd_losses(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKLogits,
     temperature: float,
     *,
     targets: torch.Tensor | None = None,
@@ -106,14 +128,18 @@ def token_kd_losses(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     with_hard: bool = True,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Soft KD term and cross-entropy, both averaged over the valid positions of ``[..., V]`` logits.
 
-    Returns ``(soft, hard)``, each differentiable: ``soft = T^2 * mean_valid KL(p_t || p_s)`` and
-    ``hard = mean_valid CE(student, targets)`` (``None`` without ``targets``). A position is valid
-    when its target is not ``ignore_index`` and ``mask`` is non-zero there; for ``[B, C]`` logits
-    with every target valid, ``soft`` is the ``batchmean`` KL times ``T^2``. When you only need
-    ``alpha * soft + (1 - alpha) * hard``, :func:`token_kd_loss` is cheaper.
+    Returns ``(soft, hard)``, each differentiable: ``soft = T^2 * mean_valid D(p_s, p_t)`` (``D``
+    the ``divergence``, forward KL ``KL(p_t || p_s)`` by default) and ``hard = mean_valid
+    CE(student, targets)`` (``None`` without ``targets``). A position is valid when its target is
+    not ``ignore_index`` and ``mask`` is non-zero there; for ``[B, C]`` logits with every target
+    valid, ``soft`` is the ``batchmean`` divergence times ``T^2``. ``teacher_logits`` may be a
+    :class:`TopKLogits`. When you only need ``alpha * soft + (1 - alpha) * hard``,
+    :func:`token_kd_loss` is cheaper.
 
     Above ``chunk_size`` positions (default: ``DEFAULT_CHUNK_ELEMENTS // V``) the work runs chunk
     by chunk in forward *and* backward, so besides the gradient of the student logits (which any
@@ -123,19 +149,20 @@ def token_kd_losses(
     >>> import torch
     >>> s, t = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 5, 7)
     >>> y = torch.randint(0, 7, (2, 5))
-    >>> direct = token_kd_losses(s, t, 2.0, targets=y, chunk_size=100)
-    >>> chunked = token_kd_losses(s, t, 2.0, targets=y, chunk_size=3)
+    >>> direct = token_kd_losses(s, t, 2.0, targets=y, chunk_size=100, divergence="jsd")
+    >>> chunked = token_kd_losses(s, t, 2.0, targets=y, chunk_size=3, divergence="jsd")
     >>> all(torch.allclose(a, b) for a, b in zip(direct, chunked))
     True
     """
-    args = _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mask, ignore_index, chunk_size, with_hard)
+    args = _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mask, ignore_index, chunk_size, with_hard,
+                              divergence, beta)
     soft, hard = _TokenKD.apply(*args, None, None)
     return soft, (hard if args[2] is not None else None)
 
 
 def token_kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKLogits,
     temperature: float,
     alpha: float,
     *,
@@ -145,15 +172,17 @@ def token_kd_loss(
     chunk_size: int | None = None,
     with_hard: bool = True,
     workspace: KDWorkspace | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(total, soft, hard)`` with ``total = alpha * soft + (1 - alpha) * hard`` differentiable.
 
     The same terms as :func:`token_kd_losses` (``soft`` and ``hard`` are returned detached, for
-    logging), with one fused gradient: two exponentials per logit instead of the five to seven of
-    ``log_softmax`` + ``kl_div`` + ``cross_entropy``, and one gradient buffer. Without ``targets``
-    (or with ``with_hard=False``: the targets then only mark ignored positions) ``hard`` is None
-    and ``total`` is ``soft``. A :class:`KDWorkspace` reused across calls saves the temporaries'
-    allocations.
+    logging), with one fused gradient: for the forward KL two exponentials per logit instead of the
+    five to seven of ``log_softmax`` + ``kl_div`` + ``cross_entropy``, and one gradient buffer.
+    Without ``targets`` (or with ``with_hard=False``: the targets then only mark ignored positions)
+    ``hard`` is None and ``total`` is ``soft``. A :class:`KDWorkspace` reused across calls saves
+    the temporaries' allocations.
 
     >>> import torch, torch.nn.functional as F
     >>> s, t, y = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10), torch.randint(0, 10, (4,))
@@ -163,193 +192,103 @@ def token_kd_loss(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")
-    args = _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mask, ignore_index, chunk_size, with_hard)
+    args = _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mask, ignore_index, chunk_size, with_hard,
+                              divergence, beta)
     has_hard = args[2] is not None
     mix = (float(alpha), 1.0 - float(alpha)) if has_hard else (1.0, 0.0)
     total, soft, hard = _TokenKD.apply(*args, mix, workspace)
     return total, soft, (hard if has_hard else None)
 
 
-def _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mask, ignore_index, chunk_size, with_hard):
-    """Validate and flatten to ``[N, V]`` rows: (student, teacher, targets or None, weights, T, rows per chunk)."""
-    temperature = check_temperature(temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
-            " (`student_outputs` / `teacher_outputs` must share batch, positions and vocabulary)"
-        )
+def _flat_kd_arguments(student_logits, teacher_logits, temperature, targets, mask, ignore_index, chunk_size, with_hard,
+                       divergence, beta):
+    """Validate and flatten to rows: (student ``[N, V]``, teacher ``[N, V]`` or TopKRows, targets or None, weights, SoftTerm, rows per chunk)."""
+    soft_term = SoftTerm(check_temperature(temperature), *check_divergence(divergence, beta))
     if student_logits.dim() < 1:
         raise ValueError("`student_outputs` logits need a class dimension")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be an int >= 1 or None, got {chunk_size!r}")
-    vocab = student_logits.shape[-1]
-    weights, _ = position_weights(student_logits.shape[:-1], student_logits.device, targets, mask, ignore_index)
+    leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if isinstance(teacher_logits, TopKLogits):
+        _check_top_k(teacher_logits, leading, vocab, soft_term.temperature)
+    elif student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
+            " (`student_outputs` / `teacher_outputs` must share batch, positions and vocabulary)"
+        )
+    if targets is not None:
+        check_labels(targets, vocab, ignore_index)
+    weights, _ = position_weights(leading, student_logits.device, targets, mask, ignore_index)
     student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().reshape(-1, vocab)
+    if isinstance(teacher_logits, TopKLogits):
+        if teacher_logits.counted is not None:
+            _check_counted(teacher_logits.counted, weights)
+        teacher = teacher_logits.rows(student.device)
+    else:
+        teacher = teacher_logits.detach().reshape(-1, vocab)
     flat_targets = None if targets is None or not with_hard else targets.reshape(-1).clamp(min=0)  # ignored rows weigh 0
     rows = max(1, DEFAULT_CHUNK_ELEMENTS // vocab) if chunk_size is None else chunk_size
-    return student, teacher, flat_targets, weights, temperature, rows
+    return student, teacher, flat_targets, weights, soft_term, rows
 
 
-class KDWorkspace:
-    """Reusable float32 scratch buffers for the KD row math, grown on demand.
-
-    >>> workspace = KDWorkspace()
-    >>> first = workspace.get(0, torch.Size([4, 8]), torch.device("cpu"))
-    >>> second = workspace.get(0, torch.Size([2, 8]), torch.device("cpu"))   # fits: the same memory, no allocation
-    >>> second.data_ptr() == first.data_ptr(), tuple(second.shape), second.dtype
-    (True, (2, 8), torch.float32)
-
-    Fresh ``N x V`` temporaries cost page faults on every call on CPU (large blocks go back to the
-    OS when freed); a ``DistillationLoss`` keeps one workspace, so only the gradient is new memory.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, slot: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        key = (slot, device)
-        buffer, view = self._buffers.get(key, (None, None))
-        if view is not None and view.shape == shape:
-            return view
-        numel = shape.numel()
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        view = buffer[:numel].view(shape)
-        self._buffers[key] = (buffer, view)
-        return view
+def _check_top_k(entry: TopKLogits, leading: torch.Size, vocab: int, temperature: float) -> None:
+    if entry.shape != leading or (entry.vocab_size is not None and entry.vocab_size != vocab) or entry.top_k > vocab:
+        raise ValueError(
+            f"student logits of shape {tuple(leading) + (vocab,)} and the TopKLogits teacher for positions {tuple(entry.shape)} "
+            f"(vocabulary {entry.vocab_size}, k={entry.top_k}) differ in shape: a cache written from other data?"
+        )
+    if entry.log_tail is not None and entry.top_k < vocab and entry.temperature != temperature:
+        raise ValueError(
+            f"`temperature`={temperature:g} differs from the temperature {entry.temperature:g} the cached tail mass was computed "
+            "at: cache the teacher with the loss's temperature (only a cache of the whole vocabulary fits every temperature)"
+        )
 
 
-def _scratch(workspace: KDWorkspace | None, slot: int, like: torch.Tensor) -> torch.Tensor:
-    if workspace is None:
-        return torch.empty(like.shape, dtype=torch.float32, device=like.device)
-    return workspace.get(slot, like.shape, like.device)
-
-
-def _exp_rows(logits: torch.Tensor, scale: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``out = exp(scale * (x - max x))`` in float32, the row max of ``scale * x`` **in log2 units**, the row sums.
-
-    Computed as ``exp2`` of ``log2(e) * scale * (x - max x)`` (on CPU ``exp2`` is about 3x faster
-    than ``exp``), the shift and scale in one pass. The natural-log row max is ``LN_2 * top2``.
-    """
-    scale2 = scale * LOG2_E
-    top2 = logits.amax(-1, keepdim=True).float().mul_(scale2)
-    torch.add(-top2, logits, alpha=scale2, out=out).exp2_()
-    return out, top2, out.sum(-1, keepdim=True)
-
-
-def _integer_power(x: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
-    """``out = x ** n`` for an integer ``n >= 1`` by squaring (cheaper than ``pow`` or ``exp``)."""
-    if n == 1:
-        return out.copy_(x)
-    if n == 2:
-        return torch.mul(x, x, out=out)
-    if n % 2:
-        return _integer_power(x, n - 1, out).mul_(x)
-    half = _integer_power(x, n // 2, out)
-    return half.mul_(half)
-
-
-def _rows_kd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    targets: torch.Tensor | None,
-    weights: torch.Tensor,
-    temperature: float,
-    mix: tuple[float, float] | None,
-    need_grads: bool = True,
-    workspace: KDWorkspace | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    """Over rows of ``[N, V]`` logits, in float32: the weighted sums ``T^2 * KL`` and CE, and gradients.
-
-    With ``z_s = s / T``: ``KL_row = sum_j p_t,j (z_t,j - z_s,j) + lse(z_s) - lse(z_t)``,
-    ``d(T^2 KL)/ds = T (p_s - p_t)``, ``CE_row = lse(s) - s_y``, ``dCE/ds = softmax(s) - onehot``.
-    For an integer ``T``, ``exp(s - max s) = exp(z_s - max z_s)^T``, so the whole loss takes two
-    exponentials per logit. Gradients: ``[soft, hard]`` separately (``mix=None``) or the single
-    ``a * soft + b * hard`` for ``mix=(a, b)``. Only the returned gradients are new memory when a
-    ``workspace`` is given.
-    """
-    T = temperature
-    e_s, top2_s, sum_s = _exp_rows(student, 1.0 / T, torch.empty(student.shape, dtype=torch.float32, device=student.device))
-    e_t, top2_t, sum_t = _exp_rows(teacher, 1.0 / T, _scratch(workspace, 0, teacher))  # p_t = e_t / sum_t
-    diff = _scratch(workspace, 1, teacher)
-    if teacher.dtype == student.dtype == torch.float32:
-        torch.sub(teacher, student, out=diff)
-    else:
-        diff.copy_(teacher).sub_(student)
-    # KL_row = sum_j p_t (t - s) / T + lse(z_s) - lse(z_t), with lse(z) = LN_2 * top2 + log(sum)
-    kl_rows = diff.mul_(e_t).sum(-1, keepdim=True).div_(sum_t * T).add_(top2_s - top2_t, alpha=LN_2).add_(sum_s.div(sum_t).log_())
-    soft = torch.dot(kl_rows.view(-1), weights) * T**2
-    e_1 = None
-    if targets is None:
-        hard = torch.zeros_like(soft)
-    else:
-        if T == 1.0:
-            e_1, top2_1, sum_1 = e_s, top2_s, sum_s
-        elif T.is_integer() and T <= 16:  # exp(s - max s) = exp(z_s - max z_s) ** T
-            e_1 = _integer_power(e_s, int(T), _scratch(workspace, 2, student))
-            top2_1, sum_1 = top2_s * T, e_1.sum(-1, keepdim=True)
-        else:
-            e_1, top2_1, sum_1 = _exp_rows(student, 1.0, _scratch(workspace, 2, student))
-        # CE_row = lse(s) - s_y
-        ce_rows = sum_1.log().add_(top2_1, alpha=LN_2).sub_(student.gather(1, targets[:, None]))
-        hard = torch.dot(ce_rows.view(-1), weights)
-    if not need_grads:
-        return soft, hard, []
-    w = weights[:, None]
-    if mix is None:  # separate gradients, one buffer each
-        grad_hard = None
-        if targets is not None:
-            grad_hard = (e_1.clone() if e_1 is e_s or workspace is not None else e_1).mul_(w / sum_1)
-            grad_hard.scatter_add_(1, targets[:, None], -w)
-        grad_soft = e_s.mul_(w * T / sum_s).addcmul_(e_t, w * -T / sum_t)
-        return soft, hard, [grad_soft, grad_hard]
-    a, b = mix
-    b = b if targets is not None else 0.0
-    shared = e_1 is e_s  # T == 1: p_s serves both terms
-    grad = e_s.mul_(w * (a * T + (b if shared else 0.0)) / sum_s).addcmul_(e_t, w * -(a * T) / sum_t)
-    if b:
-        if not shared:
-            grad.addcmul_(e_1, w * b / sum_1)
-        grad.scatter_add_(1, targets[:, None], w * -b)
-    return soft, hard, [grad]
+def _check_counted(counted: torch.Tensor, weights: torch.Tensor) -> None:
+    missing = (weights > 0) & ~counted.reshape(-1).to(weights.device)
+    if bool(missing.any()):
+        raise ValueError(
+            f"`teacher_outputs` holds no teacher logits at {int(missing.sum())} positions the loss counts (the cache skipped "
+            "them as padding): it was written with another attention mask"
+        )
 
 
 class _TokenKD(torch.autograd.Function):
-    """Soft KD + CE over ``[N, V]`` rows with analytic gradients.
+    """Soft term + CE over ``[N, V]`` rows with analytic gradients.
 
     ``mix=None``: outputs ``(soft, hard)``, both differentiable. ``mix=(a, b)``: outputs
     ``(total, soft, hard)`` with only ``total = a * soft + b * hard`` differentiable.
     One chunk: the gradients are computed with the loss and kept (their size is one chunk).
     More chunks: nothing of size ``N x V`` is kept; the backward recomputes chunk by chunk.
+    The teacher (logits ``[N, V]`` or ``TopKRows``) carries no gradient.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, targets, weights, temperature, rows, mix, workspace):
-        ctx.temperature, ctx.rows, ctx.dtype, ctx.mix, ctx.workspace = temperature, rows, student.dtype, mix, workspace
+    def forward(ctx, student, teacher, targets, weights, soft_term, rows, mix, workspace):
+        ctx.soft_term, ctx.rows, ctx.dtype, ctx.mix, ctx.workspace = soft_term, rows, student.dtype, mix, workspace
         ctx.single_chunk = student.shape[0] <= rows
         with _without_autocast(student.device.type):  # the math stays float32 under autocast
-            soft, hard = _TokenKD._forward(ctx, student, teacher, targets, weights, temperature, rows, mix, workspace)
+            soft, hard = _TokenKD._forward(ctx, student, teacher, targets, weights)
         if mix is None:
             return soft, hard
         ctx.mark_non_differentiable(soft, hard)
         return mix[0] * soft + mix[1] * hard, soft, hard
 
     @staticmethod
-    def _forward(ctx, student, teacher, targets, weights, temperature, rows, mix, workspace):
+    def _forward(ctx, student, teacher, targets, weights):
         if ctx.single_chunk:
-            soft, hard, grads = _rows_kd(student, teacher, targets, weights, temperature, mix, workspace=workspace)
+            soft, hard, grads = soft_hard_rows(student, teacher, targets, weights, ctx.soft_term, ctx.mix, workspace=ctx.workspace)
             ctx.save_for_backward(*grads)
-        else:
-            soft = torch.zeros((), dtype=torch.float32, device=student.device)
-            hard = torch.zeros((), dtype=torch.float32, device=student.device)
-            for start in range(0, student.shape[0], rows):
-                chunk = slice(start, start + rows)
-                chunk_targets = None if targets is None else targets[chunk]
-                s, h, _ = _rows_kd(student[chunk], teacher[chunk], chunk_targets, weights[chunk], temperature, mix, False, workspace)
-                soft += s
-                hard += h
-            ctx.save_for_backward(student, teacher, targets, weights)
+            return soft, hard
+        soft = torch.zeros((), dtype=torch.float32, device=student.device)
+        hard = torch.zeros((), dtype=torch.float32, device=student.device)
+        for chunk in _chunks(student.shape[0], ctx.rows):
+            s, h, _ = soft_hard_rows(*_chunk_arguments(chunk, student, teacher, targets, weights), ctx.soft_term, ctx.mix, False,
+                                     ctx.workspace)
+            soft += s
+            hard += h
+        ctx.save_for_backward(student, targets, weights)
+        ctx.teacher = teacher  # logits or TopKRows: an input without gradient, kept as it is
         return soft, hard
 
     @staticmethod
@@ -357,16 +296,23 @@ class _TokenKD(torch.autograd.Function):
         scales = grad_outputs[:2] if ctx.mix is None else grad_outputs[:1]
         if ctx.single_chunk:
             return _combine(ctx.saved_tensors, scales, ctx.dtype), None, None, None, None, None, None, None
-        student, teacher, targets, weights = ctx.saved_tensors
+        student, targets, weights = ctx.saved_tensors
         grad = torch.empty_like(student)
         with _without_autocast(student.device.type):
-            for start in range(0, student.shape[0], ctx.rows):
-                chunk = slice(start, start + ctx.rows)
-                chunk_targets = None if targets is None else targets[chunk]
-                _, _, grads = _rows_kd(student[chunk], teacher[chunk], chunk_targets, weights[chunk], ctx.temperature, ctx.mix,
-                                       workspace=ctx.workspace)
+            for chunk in _chunks(student.shape[0], ctx.rows):
+                _, _, grads = soft_hard_rows(*_chunk_arguments(chunk, student, ctx.teacher, targets, weights), ctx.soft_term,
+                                             ctx.mix, workspace=ctx.workspace)
                 grad[chunk] = _combine(grads, scales, ctx.dtype)
         return grad, None, None, None, None, None, None, None
+
+
+def _chunks(count: int, rows: int) -> list[slice]:
+    return [slice(start, start + rows) for start in range(0, count, rows)]
+
+
+def _chunk_arguments(chunk: slice, student, teacher, targets, weights):
+    teacher = type(teacher)(*(None if t is None else t[chunk] for t in teacher)) if isinstance(teacher, tuple) else teacher[chunk]
+    return student[chunk], teacher, None if targets is None else targets[chunk], weights[chunk]
 
 
 def _without_autocast(device_type: str):

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quantization.spec import LayerQuantSpec, quantize_weight
-from .quantized_graph import FakeQuantLayer, _set_submodule, quantized_copy
+from .quantized_graph import FakeQuantLayer, _float32_inputs, _set_submodule, quantized_copy
 
 __all__ = ["Int8Layer", "InductorInt8Module"]
 
@@ -95,7 +95,7 @@ class InductorInt8Module(nn.Module):
         import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self._forward(self.graph_model, *inputs)
+            return self._forward(self.graph_model, *_float32_inputs(inputs))  # the graph is float32 (quantized_copy)
 
 
 def _int8_layers_copy(model: nn.Module) -> nn.Module:

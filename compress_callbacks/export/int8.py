@@ -15,7 +15,7 @@ import torch.nn as nn
 from .inductor import InductorInt8Module, _int8_layers_copy
 from .onnx_export import _onnx_model
 from .onnx_passes import _constant_weights, _integer_heads
-from .ort import OnnxRuntimeModule, _check_calibration, _quantize_float_layer_outputs
+from .ort import OnnxRuntimeModule, _calibration_batches, _quantize_float_layer_outputs
 from .quantized_graph import _as_tuple, _require_qparams
 
 __all__ = ["to_int8", "cpu_has_vnni"]
@@ -72,7 +72,15 @@ def to_int8(
     learned scale / zero point; weight-only layers get int8 weights and float compute; layers without
     a spec and BatchNorms not folded in training stay float. Zeros from pruning stay zero (code 0).
     A model without specs raises ``ValueError``: quantize it first with
-    ``compress_callbacks.quantization.ptq.calibrate(model, batches)`` (post-training, static).
+    ``compress_callbacks.quantization.ptq.calibrate(model, batches)`` (post-training, static); so
+    does a model not finalized yet (its ranges still live in the callbacks).
+
+    The int8 module takes the same positional inputs as ``example_inputs`` (another number raises)
+    and returns outputs in the model's own structure (a dict stays a dict). A half-precision model
+    (bf16 / fp16) is converted in float32, with a warning: the module computes its float parts in
+    float32, casts floating inputs to float32 and returns float32. ``calibration`` is read once, up
+    front, and each batch is checked against ``example_inputs`` (same number of inputs, same shapes
+    but for the batch size) whether or not a layer needs it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
@@ -81,15 +89,15 @@ def to_int8(
     if calibration is not None and backend != "onnxruntime":
         raise ValueError(f"`calibration` is for backend='onnxruntime' only (Inductor computes those layers in int8 "
                          f"with float outputs), got backend={backend!r}")
-    _check_calibration(calibration)
-    qparams = _require_qparams(model, "to_int8")
     inputs = _as_tuple(example_inputs)
+    batches = _calibration_batches(calibration, inputs)
+    qparams = _require_qparams(model, "to_int8")
     if backend == "onnxruntime":
         weight_dtype = weight_dtype or ("int8" if cpu_has_vnni() else "uint8")
-        onnx_model = _onnx_model(model, inputs, weight_dtype=weight_dtype)
+        onnx_model, outputs = _onnx_model(model, inputs, weight_dtype=weight_dtype)
         _integer_heads(onnx_model)  # rewrites for the session only; export_onnx keeps portable Q/DQ
-        float_layers = _quantize_float_layer_outputs(onnx_model, calibration)
-        if float_layers and calibration is not None:
+        float_layers = _quantize_float_layer_outputs(onnx_model, batches)
+        if float_layers and batches is not None:
             warnings.warn(
                 f"to_int8: after calibration ONNX Runtime still runs {len(float_layers)} quantized layer(s) in float "
                 f"(e.g. a layer whose output is the model's output): {', '.join(node.name for node in float_layers[:4])}"
@@ -106,7 +114,7 @@ def to_int8(
             )
         if float_layers:
             _constant_weights(onnx_model, float_layers)
-        return OnnxRuntimeModule(onnx_model.SerializeToString()).eval()
+        return OnnxRuntimeModule(onnx_model.SerializeToString(), num_inputs=len(inputs), outputs=outputs).eval()
     if not cpu_has_vnni() and any(spec.weight_bits == 8 for spec in qparams.values()):
         warnings.warn(
             "to_int8(backend='inductor'): this CPU has no VNNI, so oneDNN's u8 x s8 kernels may saturate with "

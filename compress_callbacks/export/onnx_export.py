@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .onnx_passes import _fold_weight_quantizers
-from .ort import _check_calibration, _layers_ort_computes_float, _quantize_outputs
-from .quantized_graph import _as_tuple, _require_qparams, quantized_copy
+from .ort import _calibration_batches, _layers_ort_computes_float, _output_template, _quantize_outputs
+from .quantized_graph import _as_tuple, _float32_inputs, _require_qparams, quantized_copy
 
 __all__ = ["export_onnx"]
 
@@ -31,14 +31,19 @@ ONNX_OPSET = 17
 
 
 def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8"):
-    """The portable Q/DQ ONNX model (a ``ModelProto``) of a model with specs."""
+    """The portable Q/DQ ONNX model (a ``ModelProto``) of a model with specs, and the structure of its
+    outputs (see ``ort._output_template``; None when the graph's outputs cannot be mapped onto it).
+
+    Graph inputs are named ``input_<position>`` (an input the graph does not use is left out of it),
+    outputs ``output_<i>`` in the order of the model's output tensors (nested tuples / dicts flattened).
+    """
     import onnx
 
-    inputs = _as_tuple(example_inputs)
+    inputs = _float32_inputs(_as_tuple(example_inputs))
     graph_model = quantized_copy(model)
     with torch.no_grad():
         outputs = graph_model(*inputs)
-    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    template, n_out = _output_template(outputs)
     input_names = [f"input_{i}" for i in range(len(inputs))]
     output_names = [f"output_{i}" for i in range(n_out)]
     buffer = io.BytesIO()
@@ -57,7 +62,9 @@ def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
         )
     onnx_model = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantizers(onnx_model, weight_dtype)
-    return onnx_model
+    if len(onnx_model.graph.output) != n_out:
+        template = None
+    return onnx_model, template
 
 
 def export_onnx(
@@ -78,16 +85,18 @@ def export_onnx(
     x86 CPUs without VNNI run without u8 x s8 saturation. ``calibration`` (input batches; needs
     onnxruntime) adds calibrated Q/DQ on the outputs of layers that nothing else quantizes, as in
     ``to_int8``, so ONNX Runtime runs them in int8 too. Raises ``ValueError`` for a model without
-    specs (quantize it with ``calibrate`` first).
+    specs (quantize it with ``calibrate`` first) or one not finalized yet. A half-precision model is
+    exported in float32 (with a warning). ``calibration`` is read once, up front, and every batch is
+    checked against ``example_inputs`` (same number of inputs, same shapes but for the batch size).
     """
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
-    _check_calibration(calibration)
+    batches = _calibration_batches(calibration, _as_tuple(example_inputs))
     _require_qparams(model, "export_onnx")
-    onnx_model = _onnx_model(model, example_inputs, weight_dtype=weight_dtype)
-    float_layers = _layers_ort_computes_float(onnx_model) if calibration is not None else None
+    onnx_model, _ = _onnx_model(model, example_inputs, weight_dtype=weight_dtype)
+    float_layers = _layers_ort_computes_float(onnx_model) if batches is not None else None
     if float_layers:  # the file needs the calibrated points, not a second look at what stays float
-        _quantize_outputs(onnx_model, float_layers, calibration)
+        _quantize_outputs(onnx_model, float_layers, batches)
     data = onnx_model.SerializeToString()
     path = os.fspath(path)
     with open(path, "wb") as f:

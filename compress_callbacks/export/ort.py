@@ -22,15 +22,50 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from ..quantization.fake_quant import activation_qparams
 from ..quantization.observer import RangeObserver
 from .onnx_passes import _insert_output_quantizers, _output_points, _quantized_skip_inputs
-from .quantized_graph import _as_tuple
+from .quantized_graph import _as_tuple, _float32_inputs
 
 __all__ = ["OnnxRuntimeModule"]
 
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+INPUT_PREFIX = "input_"  # export names graph inputs input_<position in the call>
+
+
+class _OutputSlot:
+    """Stands for the ``index``-th output tensor in an output template (see ``_output_template``)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _output_template(outputs: Any) -> tuple[Any, int]:
+    """``outputs`` with each tensor replaced by its slot in the flattened order, and the number of tensors.
+
+    Tuples, lists, dicts (and Transformers ``ModelOutput``) are walked with ``torch.utils._pytree``, in
+    the order the ONNX exporter flattens them; other values stay in the template as they are.
+
+    >>> template, count = _output_template({"logits": torch.zeros(1), "extra": (torch.ones(1), 3)})
+    >>> count, _fill_template(template, ["a", "b"])
+    (2, {'logits': 'a', 'extra': ('b', 3)})
+    """
+    leaves, spec = pytree.tree_flatten(outputs)
+    count = 0
+    slots = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            slots.append(_OutputSlot(count))
+            count += 1
+        else:
+            slots.append(leaf)
+    return pytree.tree_unflatten(slots, spec), count
+
+
+def _fill_template(template: Any, outputs: list) -> Any:
+    return pytree.tree_map(lambda leaf: outputs[leaf.index] if isinstance(leaf, _OutputSlot) else leaf, template)
 
 
 class OnnxRuntimeModule(nn.Module):
@@ -45,14 +80,22 @@ class OnnxRuntimeModule(nn.Module):
     >>> module(torch.tensor([-1.0, 2.0])).tolist()
     [0.0, 2.0]
 
-    Outputs come back on the device of the first input. Picklable: the session is rebuilt from the
-    stored model bytes.
+    Takes exactly ``num_inputs`` positional tensors (default: the graph's inputs; ``to_int8`` gives the
+    number of ``example_inputs``, including any the graph does not use): another number raises
+    ``ValueError``, keyword arguments ``TypeError``, so that an input the export did not see (an
+    ``attention_mask``) is never dropped silently. Floating inputs are cast to float32. Outputs come
+    back on the device of the first input, in ``outputs`` (a template from ``_output_template``: the
+    model's own dicts / tuples) or, without one, as one tensor or a tuple. Picklable: the session is
+    rebuilt from the stored model bytes.
     """
 
-    def __init__(self, onnx_model: bytes, num_threads: int | None = None):
+    def __init__(self, onnx_model: bytes, num_threads: int | None = None, *, num_inputs: int | None = None,
+                 outputs: Any = None):
         super().__init__()
         self.onnx_model = onnx_model
         self.num_threads = num_threads
+        self.num_inputs = num_inputs
+        self.outputs = outputs
         self._session = None
 
     @property
@@ -72,13 +115,32 @@ class OnnxRuntimeModule(nn.Module):
         state["_session"] = None
         return state
 
-    def forward(self, *inputs: torch.Tensor):
+    def forward(self, *inputs: torch.Tensor, **unexpected: Any):
         session = self.session
-        feeds = {
-            meta.name: x.detach().cpu().contiguous().numpy() for meta, x in zip(session.get_inputs(), inputs)
-        }
+        graph_inputs = [meta.name for meta in session.get_inputs()]
+        num_inputs, structure = getattr(self, "num_inputs", None), getattr(self, "outputs", None)  # (older pickles)
+        expected = len(graph_inputs) if num_inputs is None else num_inputs
+        if unexpected:
+            raise TypeError(f"OnnxRuntimeModule takes its {expected} input(s) by position, as exported; got keyword "
+                            f"argument(s) {', '.join(unexpected)}")
+        if len(inputs) != expected:
+            raise ValueError(f"OnnxRuntimeModule takes {expected} input(s), as exported, got {len(inputs)}; export "
+                             "again with every input the model should read in `example_inputs`")
+        if not all(isinstance(x, torch.Tensor) for x in inputs):
+            raise TypeError(f"OnnxRuntimeModule takes tensors, got {[type(x).__name__ for x in inputs]}")
+        inputs = _float32_inputs(inputs)
+        positions = [_input_position(name, i) for i, name in enumerate(graph_inputs)]
+        feeds = {name: inputs[i].detach().cpu().contiguous().numpy() for name, i in zip(graph_inputs, positions)}
         outputs = [torch.from_numpy(o).to(inputs[0].device) for o in session.run(None, feeds)]
+        if structure is not None:
+            return _fill_template(structure, outputs)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _input_position(name: str, index: int) -> int:
+    """The call position a graph input reads: ``input_<k>`` -> k (export's names), else its own index."""
+    suffix = name[len(INPUT_PREFIX):] if name.startswith(INPUT_PREFIX) else ""
+    return int(suffix) if suffix.isdigit() else index
 
 
 def _ort_optimized_graph(onnx_model):
@@ -128,9 +190,27 @@ def _layers_ort_computes_float(onnx_model) -> list | None:
     return layers
 
 
-def _check_calibration(calibration: Any) -> None:
-    if calibration is not None and (isinstance(calibration, (torch.Tensor, dict, str, bytes)) or not hasattr(calibration, "__iter__")):
+def _calibration_batches(calibration: Iterable[Any] | None, example_inputs: tuple) -> tuple[tuple, ...] | None:
+    """``calibration`` read once and checked against ``example_inputs``: each batch a tensor or a tuple of
+    tensors, as many as the model's inputs, each shaped like its example but for the batch size (the
+    only dynamic dimension of the exported graph) and, like it, floating or not. None stays None."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, (torch.Tensor, dict, str, bytes)) or not hasattr(calibration, "__iter__"):
         raise TypeError(f"`calibration` must be an iterable of batches (e.g. a list of tensors), got a {type(calibration).__name__}")
+    batches = tuple(_as_calibration_batch(batch, len(example_inputs)) for batch in calibration)
+    if not batches:
+        raise ValueError("`calibration` must hold at least one batch of model inputs, got none")
+    for number, batch in enumerate(batches):
+        for position, (tensor, example) in enumerate(zip(batch, example_inputs)):
+            if (tensor.dim() != example.dim() or tensor.shape[1:] != example.shape[1:]
+                    or tensor.is_floating_point() != example.is_floating_point()):
+                raise ValueError(
+                    f"`calibration`: batch {number}, input {position} has shape {tuple(tensor.shape)} ({tensor.dtype}); "
+                    f"the model is exported for shape (N, {', '.join(map(str, example.shape[1:]))}) ({example.dtype}), "
+                    "only the batch size may differ"
+                )
+    return batches
 
 
 def _as_calibration_batch(batch: Any, n_inputs: int) -> tuple:
@@ -158,11 +238,12 @@ def _calibrated_ranges(onnx_model, names: list[str], batches) -> dict[str, tuple
     options.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_names = [meta.name for meta in session.get_inputs()]
+    positions = [_input_position(name, i) for i, name in enumerate(input_names)]
     observer = RangeObserver(len(names))
     count = 0
     for batch in batches:
-        inputs = _as_calibration_batch(batch, len(input_names))
-        values = session.run(names, {n: t.detach().cpu().float().contiguous().numpy() for n, t in zip(input_names, inputs)})
+        inputs = _float32_inputs(_as_tuple(batch))
+        values = session.run(names, {n: inputs[i].detach().cpu().contiguous().numpy() for n, i in zip(input_names, positions)})
         for slot, array in enumerate(values):
             observer.observe(slot, torch.from_numpy(array))
         count += 1

@@ -19,12 +19,15 @@ True
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quantization.fast_path import keep_on_module_path
 from ..quantization.grid import batchnorm_fold_factor, channel_view, folded_conv_bias
 from ..quantization.spec import QPARAMS_ATTR, LayerQuantSpec, dequantized_weight, get_qparams, quantize_weight
 from ..targets import unwrap_model
@@ -81,7 +84,27 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _require_finalized(model: nn.Module, function: str) -> None:
+    """Refuse a model whose compression is still live: an attached ``CompressionManager`` trains it (or a
+    model containing it), or it carries fake-quant layers of a ``QuantizationAwareTraining`` (as a deep
+    copy or a pickle of a model in training does). Its ranges and masks live in the callbacks until
+    ``finalize`` writes them into the model."""
+    from ..manager import being_compressed
+    from ..quantization.qat import STATE_ATTR
+
+    root = unwrap_model(model)
+    live = next((name for name, module in root.named_modules() if STATE_ATTR in module.__dict__), None)
+    if being_compressed(root) or live is not None:
+        where = f" (fake-quant layer {live!r})" if live is not None else ""
+        raise ValueError(
+            f"`model` is still in compression training{where}: {function} needs the finalized model, "
+            "`compressed = manager.finalize(model)`; a copy taken during training is unfinished too "
+            "(its learned ranges are not in it)"
+        )
+
+
 def _require_qparams(model: nn.Module, function: str) -> dict[str, LayerQuantSpec]:
+    _require_finalized(model, function)
     qparams = get_qparams(unwrap_model(model))
     if not qparams:
         raise ValueError(
@@ -100,16 +123,54 @@ def _as_tuple(example_inputs: Any) -> tuple:
     raise TypeError(f"`example_inputs` must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+def _as_linear(layer: nn.Module) -> nn.Linear:
+    """Transformers ``Conv1D`` (``x @ w + b``, ``w`` stored ``[in, out]``) as the ``nn.Linear`` it equals.
+
+    >>> from transformers.pytorch_utils import Conv1D
+    >>> conv1d = Conv1D(nf=3, nx=2)
+    >>> x = torch.randn(4, 2)
+    >>> torch.allclose(_as_linear(conv1d)(x), conv1d(x))
+    True
+    """
+    weight = layer.weight.detach()
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias.detach())
+    return linear
+
+
+def _float32_inputs(inputs: tuple) -> tuple:
+    """``inputs`` with every floating tensor in float32 (what the exported graphs compute in); others as they are."""
+    return tuple(t.float() if t.is_floating_point() and t.dtype != torch.float32 else t for t in inputs)
+
+
 def quantized_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy with BatchNorms folded into their convs and every spec'd layer a ``FakeQuantLayer``.
 
-    Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold).
+    Computes the same as ``fake_quantized(model)`` (up to float rounding of the BN fold). A
+    Transformers ``Conv1D`` (spec ``weight_axis=1``) becomes the equal ``nn.Linear`` first, so every
+    export path sees output channels along dim 0. The copy is float32: a half-precision model (bf16 /
+    fp16) is converted with a warning, so its exported and int8 versions compute their float parts in
+    float32 (the weights' grid is the same).
     """
     qparams = _require_qparams(model, "quantized_copy")
     root = copy.deepcopy(unwrap_model(model)).eval()
     root.__dict__.pop(QPARAMS_ATTR, None)
+    other_floats = sorted({str(t.dtype).removeprefix("torch.") for t in (*root.parameters(), *root.buffers())
+                           if t.is_floating_point() and t.dtype != torch.float32})
+    if other_floats:
+        warnings.warn(
+            f"compress_callbacks.export: `model` holds {', '.join(other_floats)} tensors; its exported / int8 version "
+            "computes its float parts in float32 and takes float32 inputs (others are cast)",
+            stacklevel=3,
+        )
+        root.float()
     for name, spec in qparams.items():
         layer = root.get_submodule(name)
+        if spec.weight_axis == 1:
+            layer, spec = _as_linear(layer), dataclasses.replace(spec, weight_axis=0)
         bias = None
         if spec.bn is not None:
             bn = root.get_submodule(spec.bn)
@@ -119,4 +180,5 @@ def quantized_copy(model: nn.Module) -> nn.Module:
             bias = folded_conv_bias(layer, bn)
             _set_submodule(root, spec.bn, nn.Identity())
         _set_submodule(root, name, FakeQuantLayer(layer, spec, bias))
+    keep_on_module_path(root, qparams)  # no fused Transformer eval path: it would read the replaced layers' weights
     return root

@@ -81,9 +81,13 @@ class CompressionCallback(TrainerCallback):
       exists by then). The manager hooks the underlying ``torch.optim.Optimizer``, so it counts only
       updates that happened: a gradient-accumulation micro-batch is not an update, and neither is one
       the AMP grad scaler skipped (the Trainer's ``on_optimizer_step`` would count both).
-    * ``on_save``: writes ``manager.state_dict()`` to ``checkpoint-N/compression_state.pt``.
+    * ``on_save``: every rank computes ``manager.state_dict()`` (a collective under FSDP2); the main
+      process writes it to ``checkpoint-N/compression_state.pt``.
     * ``trainer.train(resume_from_checkpoint=...)``: loads that file back before attaching, so masks,
-      observer ranges and the step count continue where the checkpoint left them.
+      observer ranges and the step count continue where the checkpoint left them. Where the
+      checkpoint's path cannot be found, load it yourself before ``trainer.train``
+      (``manager.load_state_dict(torch.load("<checkpoint>/compression_state.pt"))``): a manager
+      already at the resumed step is taken as it is.
     * ``on_log``: adds the manager's values (``compress/...``) to the Trainer's logs. The callback
       moves itself first in the Trainer's callback list, so reporters (W&B, TensorBoard, ...) see them.
 
@@ -108,10 +112,12 @@ class CompressionCallback(TrainerCallback):
                     "CompressionCallback, so masks and schedule position cannot be restored"
                 )
             self.manager.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        elif state.global_step > 0:
+        elif state.global_step > 0 and self.manager.step != state.global_step:
+            # the checkpoint's path is unknown here; a manager that already holds that step's state is fine
             raise ValueError(
-                f"training resumes at step {state.global_step}, but the checkpoint path is unknown; "
-                f"call manager.load_state_dict(torch.load('<checkpoint>/{STATE_FILE}')) before trainer.train"
+                f"training resumes at step {state.global_step}, but the checkpoint path is unknown and the manager is "
+                f"at step {self.manager.step}; call manager.load_state_dict(torch.load('<checkpoint>/{STATE_FILE}')) "
+                "with that checkpoint's file before trainer.train"
             )
         if self.manager.attached:
             if self.manager.model is not _unwrap(model) or self.manager.optimizer is not _real(optimizer):
@@ -122,13 +128,15 @@ class CompressionCallback(TrainerCallback):
         self.manager.attach(model, optimizer)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        # every rank: under FSDP2 the state gathers each rank's block of the masks (a collective)
+        manager_state = self.manager.state_dict()
         if not state.is_world_process_zero:
             return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
             logger.warning("checkpoint folder %s not found; compression state not saved", folder)
             return
-        torch.save(self.manager.state_dict(), os.path.join(folder, STATE_FILE))
+        torch.save(manager_state, os.path.join(folder, STATE_FILE))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.manager.attached or "loss" not in logs:

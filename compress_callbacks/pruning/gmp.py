@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -15,10 +16,11 @@ from .. import _dist as D
 from .._native import mask_multiply_kernel
 from ..callback import CompressionTechnique
 from ..schedules import cubic_sparsity, last_grid_point
-from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
+from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, weight_output_dim
 from . import masks as M
 from .config import PruningConfig
 from .structured import GroupSelection
+from .sharded import sharded_keep_masks
 
 __all__ = ["GradualMagnitudePruning"]
 
@@ -31,6 +33,11 @@ ZERO_PRESERVING_OPTIMIZERS = tuple(
     for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Adafactor", "Rprop", "ASGD")
     if hasattr(torch.optim, name)
 )
+
+# Zero-preserving optimizers whose per-weight state of a pruned weight still drifts off zero: Adamax's
+# ``exp_inf`` becomes ``eps`` (a max with |g| + eps) and Rprop's ``step_size`` its ``step_size_min``
+# (a clamp). That state is masked again after each update.
+STATE_MASKED_AFTER_UPDATE = tuple(getattr(torch.optim, name) for name in ("Adamax", "Rprop") if hasattr(torch.optim, name))
 
 
 # Id of the running backward pass (0 where torch cannot tell: then every pass looks the same).
@@ -72,8 +79,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             heads; with grouped-query attention a key/value head with all its query heads) or
             ``"N:M"`` (e.g. ``"2:4"``: the N largest of every M consecutive input weights are kept).
         scope: ``"layer"`` (every layer reaches the target) or ``"global"`` (the target holds over
-            all targeted weights together).
-        modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+            all targeted weights together). Either way no layer loses its last weight (unstructured)
+            or output channel (channel); a layer held at that minimum is named in a warning.
+        modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv and
+            Transformers Conv1D, leaving out a weight tied to an untargeted module (warned) unless named.
         mask_gradients: ``"backward"`` (default): pruned gradients are zeroed at the end of each
             backward pass, before ``backward()`` returns (and after DDP's all-reduce), so gradient
             clipping and gradient logging see only kept weights. ``"step"``: once, just before each
@@ -82,10 +91,10 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
 
     Pruned weights get their gradients masked when each backward pass ends (``mask_gradients="step"``
     defers this to the update), again before the update for any gradient that was replaced after
-    backward, and their optimizer state zeroed when the mask grows: they stay exactly zero and
-    their optimizer state does not grow. (A gradient changed *in place* between backward and the
-    step, e.g. by adding noise, is not masked again.) Weights that are already zero at ``attach`` (a
-    sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
+    backward, and their optimizer state zeroed when the mask grows (Adamax's and Rprop's after every
+    update too): with every built-in optimizer, they and their optimizer state stay exactly zero.
+    (A gradient changed *in place* between backward and the step, e.g. by adding noise, is not
+    masked again.) Weights that are already zero at ``attach`` (a sparse checkpoint) stay zero. Under DDP every rank holds the same masks; under FSDP2
     (``fully_shard``) each rank holds its block of the masks a single process would select.
 
     Read-only views: ``weights`` (module name -> targeted weight) and ``masks`` (module name -> bool
@@ -118,11 +127,13 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
 
         self._names: list[str] = []
         self._params: list[nn.Parameter] = []
+        self._out_dims: list[int] = []  # the dim of each weight that indexes output channels
         self._keeps: list[torch.Tensor | None] = []
         self._applied_sparsity = 0.0  # schedule value the current masks implement
         self._mask_sparsity = 0.0  # fraction of targeted weights the masks prune
         self._optimizer: torch.optim.Optimizer | None = None
         self._mask_weights_after_update = False
+        self._mask_state_after_update = False
         self._final_rows: list[dict[str, Any]] = []
         self._loaded: dict[str, Any] | None = None
         self._scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -135,6 +146,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._groups: GroupSelection | None = None  # channel / head: the model's channel groups (traced once)
         self._owned: dict[str, nn.Parameter] = {}  # other parameters pruned units own (biases, BatchNorm channels)
         self._owned_keeps: dict[str, torch.Tensor | None] = {}
+        self._warned_floor: set[str] = set()  # layers reported as pruned down to their last weight / channel
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity after ``step`` real updates."""
@@ -143,23 +155,29 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             start=self.start_step, end=self.end_step, every=self.update_every,
         )
 
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs whose weights this callback prunes on ``model`` (unwrapped)."""
+        return select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)
+
     # ------------------------------------------------------------------ lifecycle
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         selected = select_modules(model, modules=self.modules, exclude=self.exclude)
-        if self._nm is not None:
-            m = self._nm[1]
-            for name, module in selected:
-                fan_in = math.prod(module.weight.shape[1:])
-                if fan_in % m:
-                    raise ValueError(
-                        f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
-                        f"not a multiple of M={m}; exclude it with `exclude=[{name!r}]`"
-                    )
+        structured = self.granularity != "unstructured"
+        for name, module in selected:
+            out_dim = weight_output_dim(module)
+            if structured and isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups > 1:
+                raise ValueError(
+                    f"`granularity` {self.granularity!r}: module {name!r} is a {type(module).__name__} with "
+                    f"groups={module.groups}, whose weight [in, out/groups, ...] does not hold each output channel "
+                    f"in one slice; prune it unstructured or exclude it with `exclude=[{name!r}]`"
+                )
+            fan_in = module.weight.numel() // max(module.weight.shape[out_dim], 1)
+            if self._nm is not None and fan_in % self._nm[1]:
+                raise ValueError(
+                    f"`granularity` {self.granularity!r}: module {name!r} has {fan_in} inputs per output, "
+                    f"not a multiple of M={self._nm[1]}; exclude it with `exclude=[{name!r}]`"
+                )
         weights = [module.weight for _, module in selected]
-        if self.granularity in ("channel", "head") and any(D.is_sharded(w) for w in weights):
-            raise NotImplementedError(
-                f"GradualMagnitudePruning(granularity={self.granularity!r}) selects coupled channels from the traced "
-                "model, which needs whole weights on every rank (DDP); with FSDP2 use 'unstructured' or 'N:M'")
         if any(D.is_sharded(w) for w in weights) and not all(
             D.is_sharded(w) and w.device_mesh == weights[0].device_mesh for w in weights
         ):
@@ -167,12 +185,24 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                 "GradualMagnitudePruning on FSDP2 needs every targeted weight sharded over one mesh "
                 "(fully_shard the model's root too, or leave the others out with `exclude=`)"
             )
+        input_first = [name for name, module in selected if weight_output_dim(module) != 0]
+        if structured and any(D.is_sharded(w) for w in weights) and input_first:
+            raise NotImplementedError(
+                f"GradualMagnitudePruning on FSDP2 with granularity {self.granularity!r}: {input_first[:3]} store their "
+                "output channels along dim 1 (Transformers Conv1D, ConvTranspose), and FSDP2 splits dim 0 across "
+                "ranks; prune them unstructured or exclude them"
+            )
+        if self.granularity in ("channel", "head") and any(D.is_sharded(w) for w in weights):
+            raise NotImplementedError(
+                f"GradualMagnitudePruning(granularity={self.granularity!r}) selects coupled channels from the traced "
+                "model, which needs whole weights on every rank (DDP); with FSDP2 use 'unstructured' or 'N:M'")
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected = select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)  # validate warned
         self._names = [name for name, _ in selected]
         self._params = [module.weight for _, module in selected]
+        self._out_dims = [weight_output_dim(module) for _, module in selected]
         self._sharded = any(D.is_sharded(p) for p in self._params)
         self._optimizer = optimizer
         self._attach_groups(model)
@@ -182,13 +212,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self.manager is not None and self.manager.has_before_update_hook
             and isinstance(optimizer, ZERO_PRESERVING_OPTIMIZERS)
         )
+        self._mask_state_after_update = isinstance(optimizer, STATE_MASKED_AFTER_UPDATE)
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
         else:
             self._keeps = [M.keep_from_zeros(D.local(p.detach())) for p in self._params]
             self._mask_sparsity = self._count_mask_sparsity()
-        self._enforce_masks(include_state=True)
+        self._enforce_masks(grads=True, state=True)
         self._update_masks(step)
         self._count_sharded_zeros()
         self._masked_grads = [None] * len(self._params)
@@ -246,14 +277,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._mask_(grads, keeps)
 
     def on_update(self, step: int) -> None:
-        if self._mask_weights_after_update:
-            self._enforce_masks(include_state=False)
+        if self._mask_weights_after_update or self._mask_state_after_update:
+            self._enforce_masks(weights=self._mask_weights_after_update, state=self._mask_state_after_update)
         if step >= self.start_step and (step >= self.end_step or (step - self.start_step) % self.update_every == 0):
             self._update_masks(step)
 
     def finalize(self, model: nn.Module) -> None:
         self._remove_grad_hooks()
-        self._enforce_masks(include_state=False)
+        self._enforce_masks()
         self._count_sharded_zeros()
         self._final_rows = self.summary_rows()
         self._keeps = [None] * len(self._params)
@@ -269,7 +300,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._all_params = dict(model.named_parameters())
         self._owned, self._owned_keeps = {}, {}
         if self.granularity in ("channel", "head"):
-            self._groups = GroupSelection(model, [f"{name}.weight" for name in self._names], self.granularity)
+            self._groups = GroupSelection(model, [f"{name}.weight" for name in self._names], self.granularity, self._out_dims)
 
     def _set_owned(self, keeps: dict[str, torch.Tensor | None]) -> None:
         self._owned = {name: self._all_params[name] for name in keeps}
@@ -295,17 +326,46 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._keeps = [D.broadcast_(k) for k in self._select([p.detach() for p in self._params], self._keeps, target, self.scope)]
         self._applied_sparsity = target
         self._mask_sparsity = self._count_mask_sparsity()
-        self._enforce_masks(include_state=True)
+        self._enforce_masks(grads=True, state=True)
         self._count_sharded_zeros()
+        self._warn_layers_at_their_floor()
         if self.manager is not None:
             self.manager.log({f"compress/{self.name}/{k}": v for k, v in self.log_values().items()}, step=step)
 
     def _select(self, weights, keeps, target: float, scope: str) -> list[torch.Tensor]:
         if self._nm is not None:
-            return M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=scope)
+            return M.nm_keep_masks(weights, target, *self._nm, keeps=keeps, scope=scope, out_dims=self._out_dims)
         if self.granularity == "channel":
-            return M.channel_keep_masks(weights, target, keeps=keeps, scope=scope)
+            return M.channel_keep_masks(weights, target, keeps=keeps, scope=scope, out_dims=self._out_dims)
         return M.unstructured_keep_masks(weights, target, keeps=keeps, scope=scope)
+
+    def _warn_layers_at_their_floor(self) -> None:
+        """Warn (once per layer) about a layer pruned down to the one weight / channel every layer keeps."""
+        if self._nm is not None:
+            return  # N:M keeps N of every group
+        channel = self.granularity == "channel"
+        layers = [(i, p, k) for i, (p, k) in enumerate(zip(self._params, self._keeps)) if k is not None]
+        if not layers:
+            return
+        kept = torch.stack([
+            (M.channels_first(k, self._out_dims[i]).amax(1) != 0).sum(dtype=torch.int64) if channel
+            else k.sum(dtype=torch.int64) for i, _, k in layers
+        ])
+        if self._sharded:  # rows (output channels, for the dim-0 layouts allowed here) are split across ranks
+            kept = D.sum_over_shards(kept, self._params[0])
+        for (i, p, _), count in zip(layers, kept.tolist()):
+            units = p.shape[self._out_dims[i]] if channel else p.numel()
+            name = self._names[i]
+            if count <= 1 < units and name not in self._warned_floor:
+                self._warned_floor.add(name)
+                unit = "output channel" if channel else "weight"
+                warnings.warn(
+                    f"GradualMagnitudePruning: {name!r} is pruned down to its last {unit} (of {units}); a layer's last "
+                    f"{unit} is never pruned, but its output now barely depends on its input. Lower `target_sparsity`"
+                    f"{', use scope=' + repr('layer') if self.scope == 'global' else ''} or leave it out with "
+                    f"`exclude=[{name!r}]` if that is not intended",
+                    stacklevel=2,
+                )
 
     def _select_sharded(self, target: float) -> list[torch.Tensor]:
         """Masks of FSDP2-sharded weights: this rank's block of the masks a single process would
@@ -316,7 +376,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         """
         first = self._params[0]
         blocks = [D.local(p.detach()) for p in self._params]
-        return M.sharded_keep_masks(
+        return sharded_keep_masks(
             blocks, self._keeps, [p.numel() for p in self._params], target, self.scope,
             sum_over_ranks=lambda values: D.sum_over_shards(values, first),
             gather_over_ranks=lambda values: D.gather_over_shards(values, first),
@@ -325,22 +385,20 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         )
 
     @torch.no_grad()
-    def _enforce_masks(self, include_state: bool) -> None:
-        """Zero pruned weights (and, with ``include_state``, their gradients and optimizer state)."""
+    def _enforce_masks(self, weights: bool = True, grads: bool = False, state: bool = False) -> None:
+        """Zero what is pruned in the weights, their gradients and their optimizer state (each if asked)."""
         pairs = [(p, k) for p, k in zip(self._params, self._keeps) if k is not None]
         pairs += [(self._owned[n], k) for n, k in self._owned_keeps.items() if k is not None]
-        if not pairs:
-            return
-        tensors = [p.data for p, _ in pairs]
-        keeps = [k for _, k in pairs]
-        if include_state:
-            state = self._optimizer.state if self._optimizer is not None else {}
-            for p, keep in pairs:
-                extra = [p.grad] if p.grad is not None else []
-                extra += [v for v in state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-                tensors += extra
-                keeps += [keep] * len(extra)
-        self._mask_(tensors, keeps)
+        optimizer_state = self._optimizer.state if state and self._optimizer is not None else {}
+        tensors, keeps = [], []
+        for p, keep in pairs:
+            found = [p.data] if weights else []
+            found += [p.grad] if grads and p.grad is not None else []
+            found += [v for v in optimizer_state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+            tensors += found
+            keeps += [keep] * len(found)
+        if tensors:
+            self._mask_(tensors, keeps)
 
     def _mask_(self, tensors: list[torch.Tensor], keeps: list[torch.Tensor]) -> None:
         """``t *= keep`` for each pair: the native kernel where it applies, else the scratch path."""
@@ -369,21 +427,46 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             "owned_masks": {n: k.detach().to("cpu", torch.bool) for n, k in self._owned_keeps.items() if k is not None},
         }
 
+    def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
+        super().check_state(state, model)
+        missing = [key for key in ("applied_sparsity", "names", "masks") if key not in state]
+        if missing:
+            raise ValueError(f"`state` of {self.name} lacks {missing}: it is not a GradualMagnitudePruning state_dict()")
+        names, masks, applied = list(state["names"]), list(state["masks"]), state["applied_sparsity"]
+        if isinstance(applied, bool) or not isinstance(applied, (int, float)) or not 0.0 <= applied < 1.0:
+            raise ValueError(f"`state` of {self.name}: applied_sparsity must be a float in [0, 1), got {applied!r}")
+        if len(masks) != len(names) or not all(m is None or torch.is_tensor(m) for m in masks):
+            raise ValueError(f"`state` of {self.name}: one mask (or None) per module name is expected")
+        if self._params:
+            weights = dict(zip(self._names, self._params))
+        elif model is not None:
+            weights = {name: module.weight for name, module in select_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=False)}
+        else:
+            return
+        if names != list(weights):
+            raise ValueError(
+                f"`state` of {self.name} holds masks for modules {names[:4]}{'...' if len(names) > 4 else ''}, "
+                f"this model's targets are {list(weights)[:4]}{'...' if len(weights) > 4 else ''}"
+            )
+        for name, mask in zip(names, masks):
+            if mask is not None and tuple(mask.shape) != tuple(weights[name].shape):
+                raise ValueError(
+                    f"`state` of {self.name}: the mask of {name!r} has shape {tuple(mask.shape)}, "
+                    f"its weight {tuple(weights[name].shape)}"
+                )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._params:
             self._restore(state)
-            self._enforce_masks(include_state=True)
+            self._enforce_masks(grads=True, state=True)
             self._count_sharded_zeros()
         else:
             self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if list(state["names"]) != self._names:
-            raise ValueError(f"`state` holds masks for modules {state['names'][:3]}..., this model has {self._names[:3]}...")
+        self.check_state(state, None)
         keeps = []
         for mask, p in zip(state["masks"], self._params):
-            if mask is not None and tuple(mask.shape) != tuple(p.shape):
-                raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit weight {tuple(p.shape)}")
             keeps.append(None if mask is None else D.local_block_of(mask.to(torch.uint8), p).to(D.local(p).device))
         self._keeps = keeps
         owned = {}

@@ -5,7 +5,9 @@ Masks are ``uint8`` "keep" tensors (1 = kept, 0 = pruned): one byte per weight, 
 
 Selection is exact: the ``k`` smallest scores are pruned, ties broken by flat index (then by layer
 order for global selection), so every rank and every rerun picks the same weights. Already-pruned
-weights stay pruned. The k-th smallest score is found by a radix select on the float bit patterns
+weights stay pruned. No layer is ever pruned away: each keeps at least its largest weight
+(unstructured), its strongest output channel (channel) or the N largest of each group (N:M), in
+either scope, even where the target would round to the whole layer. The k-th smallest score is found by a radix select on the float bit patterns
 (non-negative float32 values order like their int32 bits), one layer at a time, so a global
 selection needs no concatenated copy of all weights.
 
@@ -31,7 +33,6 @@ __all__ = [
     "kth_smallest_key",
     "select_smallest",
     "unstructured_keep_masks",
-    "sharded_keep_masks",
     "channel_keep_masks",
     "units_to_prune",
     "nm_keep_masks",
@@ -50,13 +51,27 @@ _CHUNK = 1 << 18  # elements per histogram chunk (bounds temporaries)
 MASK_SCRATCH_ELEMENTS = 1 << 19
 
 
-def count_to_prune(numel: int, target: float) -> int:
-    """Number of weights to prune so that sparsity is ``target`` (nearest integer).
+def count_to_prune(numel: int, target: float, keep_at_least: int = 0) -> int:
+    """Number of weights to prune so that sparsity is ``target`` (nearest integer), leaving at least
+    ``keep_at_least`` of them.
 
-    >>> count_to_prune(10, 0.2)
-    2
+    >>> count_to_prune(10, 0.2), count_to_prune(4, 0.9), count_to_prune(4, 0.9, keep_at_least=1)
+    (2, 4, 3)
     """
-    return min(numel, int(math.floor(target * numel + 0.5)))
+    return max(min(numel - keep_at_least, int(math.floor(target * numel + 0.5))), 0)
+
+
+def channels_first(tensor: torch.Tensor, out_dim: int = 0) -> torch.Tensor:
+    """``tensor`` (shaped like a weight) as ``[out_channels, inputs per output]``, the output channels
+    indexing ``out_dim`` (0 for Linear/Conv, 1 for Transformers Conv1D and ConvTranspose): a view
+    for ``out_dim=0``, else a copy.
+
+    >>> channels_first(torch.arange(6).reshape(3, 2), out_dim=1).tolist()   # a [in=3, out=2] weight
+    [[0, 2, 4], [1, 3, 5]]
+    """
+    rows = tensor.shape[out_dim]
+    inputs = math.prod(size for dim, size in enumerate(tensor.shape) if dim != out_dim)
+    return tensor.movedim(out_dim, 0).reshape(rows, inputs)  # explicit sizes: an empty block reshapes too
 
 
 def sparsity(keep: torch.Tensor | None, numel: int | None = None) -> float:
@@ -233,23 +248,54 @@ def _prune_natively(keys: Sequence[_NativeMagnitudeKeys], k: int) -> list[torch.
     return out
 
 
-def _prune_by_keys(weights, keeps, keys_per_layer, target: float, scope: str) -> list[torch.Tensor]:
+def _prune_by_keys(weights, keeps, keys_per_layer, target: float, scope: str, keep_at_least: int) -> list[torch.Tensor]:
+    """Prune the smallest keys up to ``target``, leaving ``keep_at_least`` weights (per layer, or over
+    all layers for ``scope="global"``)."""
     numels = [w.numel() for w in weights]
     pruned_now = [n - (int(k.sum(dtype=torch.int64)) if k is not None else n) for k, n in zip(keeps, numels)]
     if all(isinstance(keys, _NativeMagnitudeKeys) for keys in keys_per_layer):
         if scope == "global":
-            return _prune_natively(keys_per_layer, count_to_prune(sum(numels), target) - sum(pruned_now))
-        return [_prune_natively([keys], count_to_prune(n, target) - done)[0]
+            return _prune_natively(keys_per_layer, count_to_prune(sum(numels), target, keep_at_least) - sum(pruned_now))
+        return [_prune_natively([keys], count_to_prune(n, target, keep_at_least) - done)[0]
                 for keys, n, done in zip(keys_per_layer, numels, pruned_now)]
     if scope == "global":
-        k_new = count_to_prune(sum(numels), target) - sum(pruned_now)
+        k_new = count_to_prune(sum(numels), target, keep_at_least) - sum(pruned_now)
         newly = select_smallest(keys_per_layer, k_new)
     else:
         newly = [
-            select_smallest([keys], count_to_prune(n, target) - done)[0]
+            select_smallest([keys], count_to_prune(n, target, keep_at_least) - done)[0]
             for keys, n, done in zip(keys_per_layer, numels, pruned_now)
         ]
     return _apply_selection(keeps, [w.shape for w in weights], newly)
+
+
+def _largest_kept(weight: torch.Tensor, keep: torch.Tensor | None) -> tuple[float, int]:
+    """``(|w|, flat index)`` of the largest kept weight (the first of equals), or ``(-1.0, -1)`` if none."""
+    scores = weight.detach().reshape(-1).abs().to(torch.float32)
+    if keep is not None:
+        scores = scores.masked_fill(keep.reshape(-1) == 0, -1.0)
+    if scores.numel() == 0:
+        return -1.0, -1
+    index = int(scores.argmax())
+    value = float(scores[index])
+    return (value, index) if value >= 0 else (-1.0, -1)
+
+
+def _guard(weight: torch.Tensor, keep: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """``keep`` with flat ``index`` marked pruned, so that no selection takes it (``index < 0``: ``keep``)."""
+    if index < 0:
+        return keep
+    guarded = torch.ones(weight.shape, dtype=torch.uint8, device=weight.device) if keep is None else keep.clone()
+    guarded.view(-1)[index] = 0
+    return guarded
+
+
+def _unguard_(keeps: list[torch.Tensor], indices: Sequence[int]) -> list[torch.Tensor]:
+    """Mark each guarded weight kept again in the selection's masks (in place)."""
+    for keep, index in zip(keeps, indices):
+        if index >= 0:
+            keep.view(-1)[index] = 1
+    return keeps
 
 
 def unstructured_keep_masks(
@@ -260,76 +306,29 @@ def unstructured_keep_masks(
 ) -> list[torch.Tensor]:
     """Keep masks pruning the smallest ``|w|`` to ``target`` sparsity (per layer or over all of them).
 
-    Already-pruned weights (``keep == 0``) stay pruned. For ``scope="layer"`` each keys tensor is
-    built and dropped one layer at a time, so the extra peak memory is about one layer.
+    Already-pruned weights (``keep == 0``) stay pruned. Every layer keeps at least its largest weight:
+    with ``scope="global"`` it is left out of the selection, which takes the next smallest elsewhere,
+    so the overall count stays exact unless the target leaves fewer weights than layers. For
+    ``scope="layer"`` each keys tensor is built and dropped one layer at a time, so the extra peak
+    memory is about one layer.
+
+    >>> small, large = torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    >>> [k.tolist() for k in unstructured_keep_masks([small, large], 0.5, scope="global")]
+    [[0, 1], [0, 0, 1, 1]]
     """
     keeps = list(keeps) if keeps is not None else [None] * len(weights)
     if scope == "layer":
         out = []
         for w, keep in zip(weights, keeps):
-            out += _prune_by_keys([w], [keep], [magnitude_key_source(w, keep, lazy=False)], target, "layer")
+            out += _prune_by_keys([w], [keep], [magnitude_key_source(w, keep, lazy=False)], target, "layer", 1)
         return out
+    largest = [_largest_kept(w, keep)[1] for w, keep in zip(weights, keeps)]
+    guarded = [_guard(w, keep, index) for w, keep, index in zip(weights, keeps, largest)]
     # read in place by the native kernels, or built on demand layer by layer in every pass: extra peak
     # memory stays about one layer
-    keys = [magnitude_key_source(w, keep) for w, keep in zip(weights, keeps)]
-    return _prune_by_keys(weights, keeps, keys, target, "global")
-
-
-def sharded_keep_masks(
-    blocks: Sequence[torch.Tensor],
-    keeps: Sequence[torch.Tensor | None],
-    numels: Sequence[int],
-    target: float,
-    scope: str,
-    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
-    gather_over_ranks: Callable[[torch.Tensor], torch.Tensor],
-    rank: int,
-    nm: tuple[int, int] | None = None,
-) -> list[torch.Tensor]:
-    """:func:`unstructured_keep_masks` (or, with ``nm``, :func:`nm_keep_masks`) for weights whose
-    rows are split into blocks across ranks.
-
-    ``blocks`` / ``keeps``: this rank's block of each weight (blocks in rank order make up the
-    weight, as FSDP2's dim-0 sharding lays them out); ``numels``: the whole weights' sizes;
-    ``sum_over_ranks`` sums a tensor over ranks in place; ``gather_over_ranks`` stacks one tensor
-    per rank (rank order); ``rank``: this rank's index in that order. Only histograms and per-layer
-    tie counts travel, never weights: the radix select runs on each rank's blocks with summed
-    histograms, and the ties at the threshold go in layer order, then rank order, then flat index,
-    which is the flat order of the whole weights. The result is this rank's block of exactly the
-    masks a single process computes on the whole weights.
-    """
-    keeps = list(keeps)
-    groups = [list(range(len(blocks)))] if scope == "global" else [[i] for i in range(len(blocks))]
-    out: list[torch.Tensor | None] = [None] * len(blocks)
-    for group in groups:
-        kept = torch.tensor([int(keeps[i].sum(dtype=torch.int64)) if keeps[i] is not None else blocks[i].numel()
-                             for i in group], dtype=torch.int64)
-        pruned_now = sum(numels[i] for i in group) - int(sum_over_ranks(kept).sum())
-        k = count_to_prune(sum(numels[i] for i in group), target) - pruned_now
-        sources = [magnitude_key_source(blocks[i], keeps[i]) if nm is None else _LazyKeys(_nm_keys, blocks[i], keeps[i], *nm)
-                   for i in group]
-        if k <= 0:
-            for i in group:
-                out[i] = torch.ones(blocks[i].shape, dtype=torch.uint8, device=blocks[i].device) if keeps[i] is None else keeps[i].clone()
-            continue
-        threshold, below = kth_smallest_key(sources, k, sum_over_ranks)
-        equal = torch.tensor([int((_materialize(src) == threshold).sum()) for src in sources], dtype=torch.int64)
-        table = gather_over_ranks(equal)  # [ranks, layers of the group]
-        ties_left = k - below
-        allowance = torch.zeros_like(table)
-        for layer in range(table.shape[1]):  # layer order, then rank order: the whole weights' flat order
-            for r in range(table.shape[0]):
-                take = min(ties_left, int(table[r, layer]))
-                allowance[r, layer] = take
-                ties_left -= take
-        for column, (i, src) in enumerate(zip(group, sources)):
-            ties = int(allowance[rank, column])
-            if isinstance(src, _NativeMagnitudeKeys):
-                out[i], _ = src.prune_below(src.weight, src.keep, threshold, ties)
-            else:
-                chosen, _ = _take_below(_materialize(src), threshold, ties)
-                out[i] = _apply_selection([keeps[i]], [blocks[i].shape], [chosen])[0]
-    return out  # type: ignore[return-value]
+    keys = [magnitude_key_source(w, keep) for w, keep in zip(weights, guarded)]
+    out = _prune_by_keys(weights, keeps, keys, target, "global", sum(index >= 0 for index in largest))
+    return _unguard_(out, largest)
 
 
 def channel_keep_masks(
@@ -337,75 +336,91 @@ def channel_keep_masks(
     target: float,
     keeps: Sequence[torch.Tensor | None] | None = None,
     scope: str = "layer",
+    out_dims: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Keep masks removing whole output channels (dim 0) with the smallest L2 norm.
+    """Keep masks removing whole output channels with the smallest L2 norm.
 
-    ``scope="layer"`` prunes ``round(target * out_channels)`` channels per layer. ``scope="global"``
-    ranks channels of all layers by RMS (norm / sqrt(fan_in), comparable across layers of different
-    width) and prunes the smallest until as many weights as possible, but no more than
-    ``round(target * total)``, are pruned. Channels already all-zero in ``keeps`` stay pruned.
+    Output channels index dim ``out_dims[i]`` of each weight (default 0; 1 for Transformers Conv1D
+    ``[in, out]`` and ConvTranspose ``[in, out, ...]``). ``scope="layer"`` prunes
+    ``round(target * out_channels)`` channels per layer. ``scope="global"`` ranks channels of all
+    layers by RMS (norm / sqrt(fan_in), comparable across layers of different width) and prunes the
+    smallest until as many weights as possible, but no more than ``round(target * total)``, are
+    pruned. Either way each layer keeps at least its strongest channel. Channels already all-zero in
+    ``keeps`` stay pruned.
 
     >>> w = torch.tensor([[1.0, 1.0], [0.1, 0.1], [2.0, 0.0]])
     >>> channel_keep_masks([w], 0.34)[0].tolist()
     [[1, 1], [0, 0], [1, 1]]
+    >>> channel_keep_masks([w.t()], 0.34, out_dims=[1])[0].tolist()   # the same layer stored [in, out]
+    [[1, 0, 1], [1, 0, 1]]
     """
     keeps = list(keeps) if keeps is not None else [None] * len(weights)
-    scores, dead = channel_scores(weights, keeps, scope)
-    fan_ins = [math.prod(w.shape[1:]) for w in weights]
-    return expand_channels(weights, keeps, channels_to_prune(scores, dead, fan_ins, target, scope))
+    out_dims = list(out_dims) if out_dims is not None else [0] * len(weights)
+    scores, dead = channel_scores(weights, keeps, scope, out_dims)
+    fan_ins = [w.numel() // max(w.shape[d], 1) for w, d in zip(weights, out_dims)]
+    return expand_channels(weights, keeps, channels_to_prune(scores, dead, fan_ins, target, scope), out_dims)
 
 
 def channel_scores(
-    weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None], scope: str
+    weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None], scope: str,
+    out_dims: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per output channel of each weight: its score (L2 norm; RMS for global scope) and whether it
     is already pruned (all-zero in ``keeps``)."""
     scores, dead = [], []
-    for w, keep in zip(weights, keeps):
-        shape = (w.shape[0], math.prod(w.shape[1:]))  # explicit: an empty block (0 rows) reshapes too
-        rows = w.detach().reshape(shape).to(torch.float32)
+    for w, keep, out_dim in zip(weights, keeps, out_dims or [0] * len(weights)):
+        rows = channels_first(w.detach(), out_dim).to(torch.float32)
         score = rows.norm(dim=1)
         if scope == "global":
-            score = score / math.sqrt(max(shape[1], 1))
+            score = score / math.sqrt(max(rows.shape[1], 1))
         scores.append(score)
         if keep is None or keep.numel() == 0:
-            dead.append(torch.zeros(w.shape[0], dtype=torch.bool, device=w.device))
+            dead.append(torch.zeros(rows.shape[0], dtype=torch.bool, device=w.device))
         else:
-            dead.append(keep.reshape(shape).amax(1) == 0)
+            dead.append(channels_first(keep, out_dim).amax(1) == 0)
     return scores, dead
 
 
 def channels_to_prune(
     scores: Sequence[torch.Tensor], dead: Sequence[torch.Tensor], fan_ins: Sequence[int], target: float, scope: str
 ) -> list[torch.Tensor]:
-    """Bool per output channel: pruned after this update (see :func:`channel_keep_masks`)."""
+    """Bool per output channel: pruned after this update (see :func:`channel_keep_masks`); each layer's
+    strongest live channel (the first of equals) is never chosen."""
     if scope == "layer":
         chosen = []
         for score, gone in zip(scores, dead):
             keys = magnitude_keys(score, (~gone).to(torch.uint8))
-            k = count_to_prune(score.numel(), target) - int(gone.sum())
+            k = count_to_prune(score.numel(), target, keep_at_least=1) - int(gone.sum())
             chosen.append(select_smallest([keys], k)[0] | gone)
         return chosen
+    strongest = []
+    for score, gone in zip(scores, dead):
+        mark = torch.zeros_like(gone)
+        if not bool(gone.all()):
+            mark[int(score.masked_fill(gone, -1.0).argmax())] = True
+        strongest.append(mark)
     sizes = torch.cat([torch.full_like(s, n, dtype=torch.int64) for s, n in zip(scores, fan_ins)])
-    flat_scores = torch.cat([s.masked_fill(d, -1.0) for s, d in zip(scores, dead)])
+    # pruned channels first (their weights count against the budget), the strongest of each layer last
+    flat_scores = torch.cat([s.masked_fill(d, -1.0).masked_fill(k, math.inf) for s, d, k in zip(scores, dead, strongest)])
     budget = count_to_prune(sum(s.numel() * n for s, n in zip(scores, fan_ins)), target)
     order = torch.sort(flat_scores, stable=True).indices
     cumulative = sizes[order].cumsum(0)
     dead_all = torch.cat(list(dead))
-    take = (cumulative <= budget) | dead_all[order]
+    take = ((cumulative <= budget) & ~torch.cat(strongest)[order]) | dead_all[order]
     flat = torch.zeros_like(dead_all)
     flat[order[take]] = True
     return list(flat.split([s.numel() for s in scores]))
 
 
 def expand_channels(
-    weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None], chosen: Sequence[torch.Tensor]
+    weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None], chosen: Sequence[torch.Tensor],
+    out_dims: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Keep masks with the ``chosen`` output channels (rows) pruned on top of ``keeps``."""
+    """Keep masks with the ``chosen`` output channels (along ``out_dims``, default 0) pruned on top of ``keeps``."""
     out = []
-    for w, keep, rows in zip(weights, keeps, chosen):
+    for w, keep, rows, out_dim in zip(weights, keeps, chosen, out_dims or [0] * len(weights)):
         base = torch.ones(w.shape, dtype=torch.uint8, device=w.device) if keep is None else keep.clone()
-        base.view(w.shape[0], math.prod(w.shape[1:])).masked_fill_(rows.view(-1, 1), 0)
+        base.masked_fill_(rows.view([-1 if dim == out_dim else 1 for dim in range(w.dim())]), 0)
         out.append(base)
     return out
 
@@ -419,21 +434,22 @@ def units_to_prune(
     ``scores``: one per unit (L2 norm over every weight it owns; for ``scope="global"`` its RMS,
     comparable across families); ``sizes``: the weights each unit owns; ``dead``: units already
     pruned (they stay pruned and count); ``families``: units of one family (the same layers) share a
-    per-layer target. ``scope="layer"`` prunes ``round(target * units)`` of every family;
+    per-layer target. ``scope="layer"`` prunes ``round(target * units)`` of every family (one unit
+    always stays);
     ``"global"`` prunes the lowest-scoring units while the weights they own stay within
     ``round(target * total)`` (``total``: all targeted weights, default the units' own), leaving
     every family at least one unit. Ties go by unit order.
 
     >>> units_to_prune(torch.tensor([3.0, 1.0, 2.0, 0.5]), torch.tensor([4, 4, 4, 2]),
     ...                torch.zeros(4, dtype=torch.bool), torch.tensor([0, 0, 0, 1]), 0.5, "layer").tolist()
-    [False, True, True, True]
+    [False, True, True, False]
     """
     chosen = dead.clone()
     if scope == "layer":
         for family in torch.unique(families).tolist():
             members = (families == family).nonzero().squeeze(1)
             keys = magnitude_keys(scores[members], (~dead[members]).to(torch.uint8))
-            k = count_to_prune(members.numel(), target) - int(dead[members].sum())
+            k = min(count_to_prune(members.numel(), target), members.numel() - 1) - int(dead[members].sum())
             chosen[members] |= select_smallest([keys], k)[0]
         return chosen
     budget = count_to_prune(int(sizes.sum()) if total is None else total, target) - int(sizes[dead].sum())
@@ -462,7 +478,7 @@ def parse_nm(granularity: str) -> tuple[int, int] | None:
 
 
 def nm_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """View a weight as ``[-1, M]`` groups along the input dimension (last dim; Conv: in x kernel)."""
+    """View a ``[out, ...]`` weight as ``[-1, M]`` groups along the input dimension (last dim; Conv: in x kernel)."""
     return weight.reshape(weight.numel() // m, m)  # explicit sizes: an empty block (0 rows) reshapes too
 
 
@@ -473,23 +489,33 @@ def nm_keep_masks(
     m: int,
     keeps: Sequence[torch.Tensor | None] | None = None,
     scope: str = "layer",
+    out_dims: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Keep masks on the way to N:M sparsity: only the ``M - N`` smallest of each group may be pruned.
 
+    Groups are ``M`` consecutive weights of one output channel along its inputs: the last dim of a
+    ``[out, in]`` weight, the flattened in x kernel dims of a conv; for a weight whose output channels
+    index dim ``out_dims[i]`` (1: Transformers Conv1D ``[in, out]``, ConvTranspose), the other dims.
     At ``target = 1 - N/M`` every group keeps exactly its N largest weights; below it, the smallest
     candidates are pruned first, so a gradual schedule ends on a valid N:M pattern.
 
     >>> w = torch.tensor([[4.0, 1.0, 3.0, 2.0, -5.0, 0.5, 6.0, -7.0]])
     >>> nm_keep_masks([w], 0.5, 2, 4)[0].tolist()
     [[1, 0, 1, 0, 0, 0, 1, 1]]
+    >>> nm_keep_masks([w.reshape(2, 4).t()], 0.5, 2, 4, out_dims=[1])[0].t().tolist()   # stored [in, out]
+    [[1, 0, 1, 0], [0, 0, 1, 1]]
     """
     keeps = list(keeps) if keeps is not None else [None] * len(weights)
-    keys_per_layer = [_LazyKeys(_nm_keys, w, keep, n, m) for w, keep in zip(weights, keeps)]
-    return _prune_by_keys(weights, keeps, keys_per_layer, target, scope)
+    out_dims = list(out_dims) if out_dims is not None else [0] * len(weights)
+    keys_per_layer = [_LazyKeys(_nm_keys, w, keep, n, m, d) for w, keep, d in zip(weights, keeps, out_dims)]
+    return _prune_by_keys(weights, keeps, keys_per_layer, target, scope, keep_at_least=0)
 
 
-def _nm_keys(w: torch.Tensor, keep: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+def _nm_keys(w: torch.Tensor, keep: torch.Tensor | None, n: int, m: int, out_dim: int = 0) -> torch.Tensor:
     """One layer's N:M candidate keys: magnitudes, with each group's N largest (and the pruned) never selected."""
+    if out_dim != 0:  # groups run along the inputs of each output channel: work on [out, ...], answer in w's layout
+        moved = _nm_keys(w.movedim(out_dim, 0), None if keep is None else keep.movedim(out_dim, 0), n, m)
+        return moved.movedim(0, out_dim).contiguous()
     groups = nm_groups(w.detach(), m).to(torch.float32).abs()
     if keep is not None:
         groups = groups.masked_fill(nm_groups(keep, m) == 0, -1.0)  # pruned first among candidates

@@ -74,8 +74,9 @@ class GroupSelection:
     returns new keep masks for those weights and for the other parameters the pruned units own.
     """
 
-    def __init__(self, root: nn.Module, names: Sequence[str], granularity: str) -> None:
+    def __init__(self, root: nn.Module, names: Sequence[str], granularity: str, out_dims: Sequence[int] | None = None) -> None:
         self.root, self.names, self.granularity = root, list(names), granularity
+        self.out_dims = dict(zip(self.names, out_dims or [0] * len(self.names)))  # per-row selection: the output dim
         self.inputs: tuple[tuple, dict] | None = None
         self.on_inputs: Callable[[], None] | None = None  # a selection waiting for the first batch
         self.owned_names: list[str] = []
@@ -115,8 +116,8 @@ class GroupSelection:
                                  f"found by tracing it on its first batch, which failed: {err}") from err
             warnings.warn(f"GradualMagnitudePruning(granularity='channel'): the model could not be traced ({err}); "
                           "every layer keeps per-row channel selection, and shrink() may leave them as they are", stacklevel=4)
-            self._index([[(n, 0, i)] for n in self.names for i in range(params[n].shape[0])],
-                        [frozenset([n]) for n in self.names for _ in range(params[n].shape[0])])
+            self._index([[(n, self.out_dims[n], i)] for n in self.names for i in range(params[n].shape[self.out_dims[n]])],
+                        [frozenset([n]) for n in self.names for _ in range(params[n].shape[self.out_dims[n]])])
             return
         kind = "head" if self.granularity == "head" else "channel"
         candidates = groups.prunable(self.names)
@@ -134,8 +135,8 @@ class GroupSelection:
                               "heads with granularity='head'", stacklevel=4)
             left = [n for n in left if n not in in_heads]
             for name in left:  # per-row selection where no group can be removed whole
-                for index in range(params[name].shape[0]):
-                    slices.append([(name, 0, index)])
+                for index in range(params[name].shape[self.out_dims[name]]):
+                    slices.append([(name, self.out_dims[name], index)])
                     families.append(frozenset([name]))
         if left:
             reasons = {self._reason(groups, n, self.granularity) for n in left}

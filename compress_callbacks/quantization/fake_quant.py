@@ -80,7 +80,8 @@ def fake_quantize_weight_with_scale(weight: torch.Tensor, scale: torch.Tensor, b
     if (kernel is not None and weight.dtype == torch.float32 and scale.dtype == torch.float32 and weight.dim() >= 1
             and weight.is_contiguous() and scale.is_contiguous() and scale.numel() == weight.shape[0]):
         return kernel(weight, scale)  # the same values in one pass (compress_callbacks._native)
-    codes = weight_codes(weight, scale, bits)  # a temporary: dequantized in place (dequantize_codes allocates)
+    # the scale comes from max |w|: nothing to clamp. A temporary, dequantized in place (dequantize_codes allocates)
+    codes = weight_codes(weight, scale, bits, clamp=False)
     return codes.mul_(channel_view(scale, codes.dim())).to(weight.dtype)
 
 

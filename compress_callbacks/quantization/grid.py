@@ -64,17 +64,28 @@ def channel_view(values: Array, ndim: int, dim: int = 0) -> Array:
     return values.reshape(shape)
 
 
-def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int = 0, *, clamp: bool = True) -> torch.Tensor:
     """Integer codes (as floats) of ``weight`` on the grid ``scale`` (one per channel along ``dim``).
 
     ``round_half_even(w * (1 / s))`` clamped to ``[-qmax, qmax]``: the multiplication by the
     reciprocal is what ``torch.fake_quantize_per_channel_affine`` and the native kernel compute, so a
-    weight snapped by fake-quant gives back exactly its codes. Computed in at least float32; a scale
-    taken from ``max |w|`` never reaches the clamp. ``-0.0`` stays ``-0.0`` (``torch.round``).
+    weight snapped by fake-quant gives back exactly its codes. Computed in at least float32.
+    ``-0.0`` stays ``-0.0`` (``torch.round``).
+
+    ``clamp=False`` skips the clamp, a pass over the weight that changes nothing when ``scale`` comes
+    from each channel's ``max |w|`` with at most ``bits`` (``|w| * (1 / s)`` then rounds to at most
+    ``qmax``): fake-quant's own scales. Any other scale needs the clamp.
+
+    >>> w, s = torch.tensor([[0.3, -2.0]]), torch.tensor([2.0 / 7])   # s = max|w| / qmax(4 bits)
+    >>> torch.equal(weight_codes(w, s, bits=4, clamp=False), weight_codes(w, s, bits=4))
+    True
     """
     inverse = channel_view(scale.to(weight.device).reciprocal(), weight.dim(), dim)
+    codes = (weight * inverse).round_()
+    if not clamp:
+        return codes
     qmax = weight_qmax(bits)
-    return (weight * inverse).round_().clamp_(-qmax, qmax)
+    return codes.clamp_(-qmax, qmax)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 QAT's input observers, ``ptq.calibrate`` and export's output calibration all reduce a tensor to a
 range with :func:`tensor_range` and keep ranges in a :class:`RangeObserver`; which values count
-towards a range is decided in :func:`tensor_range` alone.
+towards a range is decided in :func:`tensor_range` alone: the finite ones (``inf`` / NaN never do).
 
 >>> import torch
 >>> observer = RangeObserver(2)
@@ -19,26 +19,38 @@ towards a range is decided in :func:`tensor_range` alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+
+from .fake_quant import _compiling
 
 __all__ = ["tensor_range", "moving_average_range", "RangeObserver"]
 
 
 def tensor_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(min, max)`` of ``x`` as 0-dim tensors on its device (``(inf, -inf)`` for an empty tensor).
+    """``(min, max)`` of the finite values of ``x``, as 0-dim tensors on its device.
 
-    >>> low, high = tensor_range(torch.tensor([[2.0, -1.0], [0.5, 4.0]]))
+    ``inf`` and NaN never enter a range (one overflowed activation would make every later scale
+    ``inf``, then every output NaN); a tensor without a finite value (empty, or all ``inf`` / NaN)
+    gives ``(inf, -inf)``, which widens no range.
+
+    >>> low, high = tensor_range(torch.tensor([[2.0, -1.0], [float("nan"), float("-inf")]]))
     >>> low.item(), high.item(), [t.item() for t in tensor_range(torch.zeros(0))]
-    (-1.0, 4.0, [inf, -inf])
+    (-1.0, 2.0, [inf, -inf])
     """
     x = x.detach()
     if x.numel() == 0:
         empty = torch.tensor(float("inf"), device=x.device)
         return empty, -empty
-    low, high = torch.aminmax(x)
-    return low, high
+    if x.device.type == "cpu" and not _compiling():  # reading two numbers back costs nothing here
+        low, high = torch.aminmax(x)
+        if math.isfinite(low) and math.isfinite(high):
+            return low, high
+    # elsewhere without a host sync: the extremes of the finite values only
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, float("inf")).amin(), torch.where(finite, x, float("-inf")).amax()
 
 
 def moving_average_range(
@@ -85,7 +97,7 @@ class RangeObserver:
 
     @property
     def seen(self) -> torch.Tensor:
-        """Which slots observed a value since the last reset (bool vector)."""
+        """Which slots observed a (finite) value since the last reset (bool vector)."""
         return self.observed_min <= self.observed_max
 
     def record(self, slot: int, low: torch.Tensor, high: torch.Tensor) -> None:
@@ -103,18 +115,20 @@ class RangeObserver:
         self.observed_max.fill_(float("-inf"))
 
     @torch.no_grad()
-    def fold_moving_average(self, averaging_constant: float, fresh: Sequence[int] = ()) -> None:
+    def fold_moving_average(self, averaging_constant: float, fresh: Sequence[int] | torch.Tensor = ()) -> None:
         """Move each observed slot's running range towards what it observed; then :meth:`reset`.
 
-        Slots in ``fresh`` (observed for the first time) take the observed range as it is; slots that
-        observed nothing keep their running range.
+        Slots in ``fresh`` (observed for the first time: indices, or a bool vector) take the observed
+        range as it is; slots that observed nothing keep their running range.
         """
         low, high, seen = self.observed_min, self.observed_max, self.seen
         ema_min, ema_max = moving_average_range(self.running_min, self.running_max, low, high, averaging_constant)
-        if fresh:
+        if torch.is_tensor(fresh):
+            first = fresh.to(seen.device, torch.bool)
+        else:
             first = torch.zeros_like(seen)
             first[list(fresh)] = True
-            ema_min, ema_max = torch.where(first, low, ema_min), torch.where(first, high, ema_max)
+        ema_min, ema_max = torch.where(first, low, ema_min), torch.where(first, high, ema_max)
         self.running_min.copy_(torch.where(seen, ema_min, self.running_min))
         self.running_max.copy_(torch.where(seen, ema_max, self.running_max))
         self.reset()

@@ -30,9 +30,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..targets import ModuleSpec, select_modules, unwrap_model
+from ..targets import ModuleSpec, is_transformers_conv1d, unwrap_model
 from . import fake_quant as FQ
 from .config import QuantizationConfig
+from .fast_path import fast_path_disabled, quantizable_modules, warn_left_out
 from .grid import batchnorm_fold_factor, channel_view
 from .observer import RangeObserver
 from .spec import LayerQuantSpec, get_qparams, set_qparams
@@ -45,15 +46,18 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _spec_for(module: nn.Module, bn: nn.Module | None, bn_name: str | None, weight_bits: int) -> LayerQuantSpec:
     weight = module.weight.detach().float()
+    axis = 1 if is_transformers_conv1d(module) else 0  # Conv1D: [in, out], channels are the columns
     grid_weight = weight * channel_view(batchnorm_fold_factor(bn).to(weight.device), weight.dim()) if bn is not None else weight
-    scale = FQ.per_channel_weight_scale(grid_weight, weight_bits)
-    return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name)
+    scale = FQ.per_channel_weight_scale(grid_weight.t() if axis else grid_weight, weight_bits)
+    return LayerQuantSpec(weight_bits=weight_bits, weight_scale=scale.cpu(), bn=bn_name, weight_axis=axis)
 
 
 def _snap_weight(module: nn.Module, spec: LayerQuantSpec, bn: nn.Module | None) -> None:
     """Store the weight on its grid, as QAT's ``finalize`` does (``q(w * f) / f`` for a folded conv)."""
     weight = module.weight.detach().float()
-    if bn is None:
+    if spec.weight_axis:
+        on_grid = FQ.fake_quantize_weight(weight.t(), spec.weight_bits).t()
+    elif bn is None:
         on_grid = FQ.fake_quantize_weight(weight, spec.weight_bits)
     else:
         on_grid = FQ.fold_bn_fake_quantize_weight(weight, batchnorm_fold_factor(bn).to(weight.device), spec.weight_bits)
@@ -101,7 +105,7 @@ def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[A
             handles.append(module.register_forward_pre_hook(on_bn_input(name)))
     count = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fast_path_disabled():  # every layer's forward runs (see .fast_path)
             for batch in batches:
                 producer.clear()
                 if isinstance(batch, dict):
@@ -144,14 +148,16 @@ def calibrate(
     config = QuantizationConfig(weight_bits=weight_bits, activation_bits=activation_bits, modules=modules, exclude=exclude)
     weight_bits, activation_bits = config.weight_bits, config.activation_bits
     root = unwrap_model(model)
-    layers = dict(select_modules(root, modules=config.modules, exclude=config.exclude))
+    names, skipped = quantizable_modules(root, modules=config.modules, exclude=config.exclude)
+    warn_left_out("calibrate", skipped, stacklevel=2)
+    named = dict(root.named_modules())
+    layers = {name: named[name] for name in names}
     was_training = root.training
     root.eval()
     try:
         ranges, edges = _observe(root, layers, batches)
     finally:
         root.train(was_training)
-    named = dict(root.named_modules())
     qparams = get_qparams(root)
     for name, module in layers.items():
         bn_name = edges.get(name) if fold_bn else None
@@ -192,7 +198,8 @@ def fake_quantized(model: nn.Module) -> Iterator[nn.Module]:
         if not spec.weight_only:
             handles.append(named[name].register_forward_pre_hook(hook_for(spec)))
     try:
-        yield model
+        with fast_path_disabled():  # a fused Transformer eval path would skip the hooked layers
+            yield model
     finally:
         for handle in handles:
             handle.remove()

@@ -1,226 +1,61 @@
-"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor)."""
+"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor).
+
+This module holds the callback, :class:`QuantizationAwareTraining`, which decides when layers switch
+and keeps their state; what a switched layer carries with it (its forward, its input-range observer,
+its BatchNorm pairing) lives in :mod:`compress_callbacks.quantization.qat_layers`.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
 from ..callback import CompressionTechnique
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import fake_quant as FQ
+from . import qat_layers
 from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
-from .grid import bn_fold_factor, channel_view
-from .observer import RangeObserver, tensor_range
+from .fast_path import keep_on_module_path, quantizable_modules, warn_left_out
+from .qat_layers import (  # noqa: F401  (re-exported: models pickled mid-training before the split name them here)
+    SUPPORTED_TYPES,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenSyncBatchNorm,
+    QATConv1d,
+    QATConv2d,
+    QATConv3d,
+    QATLinear,
+    _BnConsumptionCheck,
+)
+from .qat_layers import (
+    CONV_TYPES,
+    STATE_ATTR,
+    _find_conv_bn_pairs,
+    _frozen_bn_class,
+    _LayerState,
+    _Observation,
+    _qat_class,
+    _RangeGroup,
+    _supported_base,
+)
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = ["QuantizationAwareTraining"]
 
-STATE_ATTR = "_compress_qat"  # plain attribute on a fake-quantized module (not a buffer: state_dict unchanged)
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
 
-
-# ---------------------------------------------------------------------------------------- forward
-class _LayerState:
-    """What one fake-quantized layer reads in its forward; lives in the module's ``__dict__``."""
-
-    def __init__(self, owner: QuantizationAwareTraining, name: str, module: nn.Module, base: type) -> None:
-        self.owner = owner
-        self.name = name
-        self.module = module
-        self.base = base  # nn.Linear / nn.Conv*d: the forward we replace
-        self.original_class = type(module)
-        self.bits = owner.weight_bits
-        self.quantize_input = owner.activation_bits is not None
-        self.bn: _BatchNorm | None = None
-        self.bn_name: str | None = None
-        self.check_bn = False  # verify on the next forward that the BN really consumes this conv's output
-        self.last_output: torch.Tensor | None = None
-        self.bn_hook: Any = None
-        self.initialized = False  # input range observed at least once
-        self.group: _RangeGroup | None = None
-        self.slot = 0  # index in the group's packed tensors
-        self.qparams: tuple[torch.Tensor, ...] = ()  # (scale, inv_scale, qlo, qhi): views into the group
-
-    def bn_factor(self) -> torch.Tensor:
-        bn = self.bn
-        return bn_fold_factor(_dist.whole(bn.weight), bn.running_var, bn.eps)
-
-    def weight(self, module: nn.Module) -> torch.Tensor:
-        """The fake-quantized weight the layer computes with (BN-folded grid when paired).
-
-        In the forward pass FSDP2 has put whole weights in place; outside it (``finalize``) a
-        sharded weight is gathered whole here.
-        """
-        weight = _dist.whole(module.weight)
-        if self.bn is None:
-            return FQ.fake_quantize_weight(weight, self.bits)
-        return FQ.fold_bn_fake_quantize_weight(weight, self.bn_factor(), self.bits)
-
-    def grid_weight(self, module: nn.Module) -> torch.Tensor:
-        """The weight whose per-channel grid is quantized: ``w``, or ``w * bn_factor`` when folded."""
-        weight = _dist.whole(module.weight)
-        if self.bn is None:
-            return weight
-        return weight * channel_view(self.bn_factor(), weight.dim())
-
-    def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        if not self.quantize_input or x.numel() == 0:
-            return x
-        owner = self.owner
-        observe = training and owner._observing
-        if observe or not self.initialized:
-            with torch.no_grad():
-                lo, hi = tensor_range(x)
-                group = self.group
-                if not self.initialized:
-                    group.initialize(self.slot, lo, hi)
-                    self.initialized = True
-                if observe:
-                    group.record(self.slot, lo, hi)
-                    owner._observed = True
-        return FQ.fake_quantize_activation_with_bounds(x, *self.qparams)
-
-
-def _qat_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    state = self.__dict__[STATE_ATTR]
-    return F.linear(state.input(input, self.training), state.weight(self), self.bias)
-
-
-def _qat_conv_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    state = self.__dict__[STATE_ATTR]
-    out = self._conv_forward(state.input(input, self.training), state.weight(self), self.bias)
-    if state.check_bn:
-        state.last_output = out
-    return out
-
-
-def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train()`` of a frozen BatchNorm: stays in eval-statistics mode."""
-    self.training = False
-    return self
-
-
-_QAT_CLASSES: dict[type, type] = {}
-_FROZEN_BN_CLASSES: dict[type, type] = {}
-
-
-def _subclass(cache: dict[type, type], cls: type, prefix: str, namespace: dict[str, Any]) -> type:
-    if cls not in cache:
-        sub = type(prefix + cls.__name__, (cls,), dict(namespace, _compress_original_class=cls))
-        sub.__module__ = __name__
-        cache[cls] = sub
-    return cache[cls]
-
-
-def _qat_class(cls: type) -> type:
-    forward = _qat_linear_forward if issubclass(cls, nn.Linear) else _qat_conv_forward
-    return _subclass(_QAT_CLASSES, cls, "QAT", {"forward": forward})
-
-
-def _frozen_bn_class(cls: type) -> type:
-    return _subclass(_FROZEN_BN_CLASSES, cls, "Frozen", {"train": _frozen_bn_train})
-
-
-# module-level names so a model pickled mid-training (torch.save(model)) can be loaded back
-QATLinear, QATConv1d, QATConv2d, QATConv3d = (_qat_class(c) for c in SUPPORTED_TYPES)
-FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm = (
-    _frozen_bn_class(c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-)
-
-
-# ---------------------------------------------------------------------------------------- observers
-class _RangeGroup(RangeObserver):
-    """Input-range observers of the layers on one device, packed so a real update costs a few ops.
-
-    Adds to the shared :class:`~compress_callbacks.quantization.observer.RangeObserver` the layers'
-    activation qparams (views of which the forward reads) and the reduction over ranks.
-    """
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        super().__init__(size, device)
-
-        def full(value: float) -> torch.Tensor:
-            return torch.full((size,), value, dtype=torch.float32, device=device)
-
-        self.scale, self.inv_scale, self.qlo, self.qhi = full(1.0), full(1.0), full(0.0), full(0.0)
-        self.zero_point = torch.zeros(size, dtype=torch.int32, device=device)
-        self.fresh: list[int] = []  # slots first initialized since the last update
-
-    def views(self, slot: int) -> tuple[torch.Tensor, ...]:
-        """``(scale, inv_scale, qlo, qhi)`` of one layer: views that follow every refresh."""
-        return tuple(t[slot : slot + 1] for t in (self.scale, self.inv_scale, self.qlo, self.qhi))
-
-    def set_qparams(self, index: slice | int, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        scale, zero_point = FQ.activation_qparams(lo, hi, ACTIVATION_QMIN, ACTIVATION_QMAX)
-        inv_scale, qlo, qhi = FQ.activation_bounds(scale, zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
-        for target, value in zip(
-            (self.scale, self.zero_point, self.inv_scale, self.qlo, self.qhi), (scale, zero_point, inv_scale, qlo, qhi)
-        ):
-            target[index] = value
-
-    def initialize(self, slot: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        self.running_min[slot] = lo
-        self.running_max[slot] = hi
-        self.set_qparams(slot, lo, hi)
-        self.fresh.append(slot)
-
-    @torch.no_grad()
-    def update(self, averaging_constant: float) -> None:
-        """Fold this update's observations (reduced over ranks) into the moving averages."""
-        if _dist.world_size() > 1:
-            size = self.observed_min.numel()
-            packed = torch.cat([-self.observed_min, self.observed_max])
-            _dist.all_reduce_(packed, "max")
-            self.observed_min.copy_(-packed[:size])
-            self.observed_max.copy_(packed[size:])
-        self.fold_moving_average(averaging_constant, self.fresh)
-        self.refresh_qparams()
-        self.fresh.clear()
-
-    def refresh_qparams(self) -> None:
-        self.set_qparams(slice(None), self.running_min, self.running_max)
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def _supported_base(module: nn.Module) -> type | None:
-    """The Linear/Conv base whose forward ``module`` uses unchanged (None: unsupported)."""
-    for base in SUPPORTED_TYPES:
-        if isinstance(module, base):
-            return base if type(module).forward is base.forward else None
-    return None
-
-
-def _find_conv_bn_pairs(root: nn.Module, convs: dict[int, str]) -> dict[str, str]:
-    """``{conv name: bn name}`` for targeted convs registered right before a BatchNorm of matching width.
-
-    (``nn.Sequential(conv, bn)``, torchvision's ``conv1``/``bn1``, ...). The first QAT forward
-    checks that the BatchNorm really consumes the conv's output and unpairs it otherwise.
-    """
-    pairs: dict[str, str] = {}
-    taken: set[int] = set()
-    for parent_name, parent in root.named_modules():
-        children = list(parent.named_children())
-        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
-            if (
-                id(conv) in convs
-                and isinstance(bn, _BatchNorm)
-                and bn.track_running_stats
-                and bn.running_var is not None
-                and bn.num_features == conv.out_channels
-                and id(bn) not in taken
-            ):
-                taken.add(id(bn))
-                pairs[convs[id(conv)]] = f"{parent_name}.{bn_name}" if parent_name else bn_name
-    return pairs
+def __getattr__(name: str) -> type:
+    """``QATConv1D`` (made on first use) by its old path here, so a model pickled mid-training loads back."""
+    if name == "QATConv1D":
+        return qat_layers.QATConv1D
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------- callback
@@ -256,15 +91,25 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             channel's current ``max |w|`` (nothing is clipped; straight-through gradients).
         activation_bits: 8 (layer inputs, per tensor, affine uint8, moving-average min/max
             observers) or None (weight-only).
-        freeze_observers_step: from this step on the input ranges stay fixed.
+        freeze_observers_step: from this step on the input ranges stay fixed. At or before
+            ``start_step``, each range is fixed from the first input the layer gets (under DDP: the
+            union of every rank's first input, agreed on at the first update).
         freeze_bn_step: from this step on every BatchNorm uses its running statistics (and keeps
             them), even after ``model.train()``.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
+            ``nn.MultiheadAttention``'s ``out_proj`` is left out with a warning (the attention computes
+            with its weight and never calls it; naming it is an error).
 
     A Conv followed by a BatchNorm is trained with the BN folded into the fake-quantized weight
     (``q(w * gamma / sqrt(var + eps))``, running statistics), so the int8 folded conv computes what
     was trained. Observer ranges are updated once per real update with that update's observed
-    min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges.
+    min/max (all micro-batches, all ranks: ``all_reduce``), so every rank holds the same ranges; every
+    rank takes part in that reduction whatever its batch (an empty one included). Values that are not
+    finite (``inf``, NaN) never enter a range.
+
+    While fake-quant is active, an ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` holding a
+    targeted layer runs with PyTorch's fused eval "fast path" off, so its layers are fake-quantized in
+    eval under ``no_grad`` too (see :mod:`compress_callbacks.quantization.fast_path`).
 
     Modules are switched in place (their class becomes a subclass whose forward fake-quantizes); the
     ``Parameter`` objects, the optimizer and DDP are untouched, and ``state_dict`` keys never change.
@@ -299,22 +144,54 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._groups: list[_RangeGroup] = []
         self._batchnorms: list[_BatchNorm] = []
         self._active = False
+        self._observation = _Observation()  # shared with the layers' forward (not the callback itself)
         self._observing = False
         self._observed = False  # a training forward recorded input ranges since the last update
+        self._ranges_started = False  # every input range started (as of the last update: the same on every rank)
         self._bn_frozen = False
+        self._leave_module_path: Callable[[], None] | None = None  # undoes keep_on_module_path
         self._loaded: dict[str, Any] | None = None
         self._final_rows: list[dict[str, Any]] = []
 
+    @property
+    def _observing(self) -> bool:
+        return self._observation.observing
+
+    @_observing.setter
+    def _observing(self, value: bool) -> None:
+        self._observation.observing = value
+
+    @property
+    def _observed(self) -> bool:
+        return self._observation.observed
+
+    @_observed.setter
+    def _observed(self, value: bool) -> None:
+        self._observation.observed = value
+
     # ------------------------------------------------------------------ lifecycle
+    def target_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs this callback fake-quantizes on ``model`` (unwrapped).
+
+        The selection of ``modules`` / ``exclude``, less the layers whose parent reads their weight
+        itself (``nn.MultiheadAttention``'s ``out_proj``: see :mod:`.fast_path`).
+        """
+        return self._selection(model, warn_shared=False)[0]
+
+    def _selection(self, model: nn.Module, *, warn_shared: bool) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        names, skipped = quantizable_modules(model, modules=self.modules, exclude=self.exclude, warn_shared=warn_shared)
+        named = dict(model.named_modules())
+        return [(name, named[name]) for name in names], skipped
+
     def validate(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected = self._selection(model, warn_shared=True)[0]
         for name, module in selected:
             if STATE_ATTR in module.__dict__:
                 raise ValueError(f"`modules`: {name!r} is already fake-quantized by another QuantizationAwareTraining")
             if _supported_base(module) is None:
                 raise ValueError(
                     f"`modules`: {name!r} is a {type(module).__name__}; QuantizationAwareTraining supports "
-                    "nn.Linear and nn.Conv1d/2d/3d (and subclasses that keep their forward); exclude it "
+                    "nn.Linear, nn.Conv1d/2d/3d and Transformers Conv1D (and subclasses that keep their forward); exclude it "
                     f"with `exclude=[{name!r}]`"
                 )
             if not module.weight.is_floating_point():
@@ -322,7 +199,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        selected = select_modules(model, modules=self.modules, exclude=self.exclude)
+        selected, skipped = self._selection(model, warn_shared=False)  # validate warned
+        warn_left_out(type(self).__name__, skipped, stacklevel=3)  # at the user's manager.attach
         self._root = model
         self._layers = [_LayerState(self, name, module, _supported_base(module)) for name, module in selected]
         convs = {id(st.module): st.name for st in self._layers if issubclass(st.base, CONV_TYPES)}
@@ -335,11 +213,24 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._sync(step)
 
     def on_update(self, step: int) -> None:
-        if self._observed or any(g.fresh for g in self._groups):
+        if self._groups and self._must_fold():
             for group in self._groups:
-                group.update(self.averaging_constant)
+                first = group.update(self.averaging_constant)
+                members = [st for st in self._layers if st.group is group]
+                if _dist.world_size() > 1 and not all(st.initialized for st in members):  # started on another rank
+                    started = first.tolist()
+                    for st in members:
+                        st.initialized = st.initialized or started[st.slot]
             self._observed = False
+            self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
         self._sync(step)
+
+    def _must_fold(self) -> bool:
+        """Whether this update folds observations. Under DDP the answer is the same on every rank
+        (the fold reduces over ranks): while active, when the observers run or a range is yet to start."""
+        if _dist.world_size() > 1:
+            return self._active and (self._observing or not self._ranges_started)
+        return self._observed or any(g.fresh for g in self._groups)
 
     def finalize(self, model: nn.Module) -> None:
         specs: dict[str, LayerQuantSpec] = {}
@@ -362,6 +253,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                     activation_qmin=ACTIVATION_QMIN,
                     activation_qmax=ACTIVATION_QMAX,
                     bn=st.bn_name,
+                    weight_axis=1 if st.input_first else 0,
                 )
         if never_observed:
             warnings.warn(
@@ -394,6 +286,11 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                 module.__class__ = st.original_class
                 module.__dict__.pop(STATE_ATTR, None)
             self._set_bn_check(st, active and st.bn is not None)
+        if active:  # a Transformer layer's fused eval path would skip the fake-quantized children
+            self._leave_module_path = keep_on_module_path(self._root, [st.name for st in self._layers])
+        elif self._leave_module_path is not None:
+            self._leave_module_path()
+            self._leave_module_path = None
         self._active = active
 
     def _set_bn_frozen(self, frozen: bool) -> None:
@@ -412,24 +309,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             st.bn = self._root.get_submodule(st.bn_name) if st.bn_name else None
 
     def _set_bn_check(self, st: _LayerState, on: bool) -> None:
-        if st.bn_hook is not None:
-            st.bn_hook.remove()
-            st.bn_hook = None
-        st.check_bn, st.last_output = on, None
-        if on:
-
-            def check(bn: nn.Module, args: tuple, st: _LayerState = st) -> None:
-                consumed = bool(args) and args[0] is st.last_output
-                if not consumed:
-                    warnings.warn(
-                        f"QuantizationAwareTraining: {st.bn_name!r} does not consume the output of {st.name!r}; "
-                        "training it without BatchNorm folding",
-                        stacklevel=2,
-                    )
-                    st.bn, st.bn_name = None, None
-                self._set_bn_check(st, False)
-
-            st.bn_hook = st.bn.register_forward_pre_hook(check)
+        st.set_bn_check(on)
 
     def _build_groups(self) -> None:
         by_device: dict[torch.device, list[_LayerState]] = {}
@@ -463,6 +343,25 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             "bn_frozen": self._bn_frozen,
         }
 
+    def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
+        super().check_state(state, model)
+        keys = ("names", "bn", "initialized", "running_min", "running_max", "observed_min", "observed_max")
+        if any(key not in state for key in keys):
+            raise ValueError(f"`state` of {self.name} lacks {[k for k in keys if k not in state]}: not its state_dict()")
+        names = list(state["names"])
+        if any(len(state[key]) != len(names) or (key[0] in "ro" and not torch.is_tensor(state[key])) for key in keys[1:]):
+            raise ValueError(f"`state` of {self.name}: {keys[1:]} must hold one entry per module name ({len(names)})")
+        root = self._root if self._layers else model
+        if root is None:
+            return
+        targets = [st.name for st in self._layers] or [n for n, _ in select_modules(root, modules=self.modules, exclude=self.exclude)]
+        if names != targets:
+            raise ValueError(f"`state` of {self.name} holds ranges for modules {names[:4]}..., this model's targets are {targets[:4]}...")
+        modules = dict(root.named_modules())
+        for bn_name in state["bn"]:
+            if bn_name is not None and not isinstance(modules.get(bn_name), _BatchNorm):
+                raise ValueError(f"`state` of {self.name}: {bn_name!r} (a folded BatchNorm) is no BatchNorm of this model")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._layers:
             self._restore(state)
@@ -471,9 +370,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             self._loaded = state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        self.check_state(state, None)
         names = [st.name for st in self._layers]
-        if list(state["names"]) != names:
-            raise ValueError(f"`state` holds QAT ranges for modules {state['names'][:3]}..., this model has {names[:3]}...")
         self._set_bn_pairs(dict(zip(names, state["bn"])))
         for i, st in enumerate(self._layers):
             st.initialized = bool(state["initialized"][i])
@@ -484,6 +382,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             group.fresh.clear()
             group.refresh_qparams()
         self._observed = False
+        self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
         if self._active:  # pairing may have changed: re-verify on the next forward
             for st in self._layers:
                 self._set_bn_check(st, st.bn is not None)

@@ -6,7 +6,8 @@ buffer, so ``state_dict`` is unchanged) to ``{qualified_module_name: LayerQuantS
 
 Conventions (shared by training and export):
 
-- weights: per output channel (dim 0), symmetric, zero point 0, signed restricted range
+- weights: per output channel (dim ``weight_axis``: 0, or 1 for Transformers ``Conv1D``, whose
+  weight is stored ``[in, out]``), symmetric, zero point 0, signed restricted range
   ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8: [-127, 127]);
 - activations (the layer's input): per tensor, affine, ``[activation_qmin, activation_qmax]``
   (uint8 [0, 255] by default), ``x_q = clamp(round(x / scale) + zero_point, qmin, qmax)``;
@@ -63,10 +64,13 @@ class LayerQuantSpec:
     activation_qmin: int = ACTIVATION_QMIN
     activation_qmax: int = ACTIVATION_QMAX
     bn: str | None = None  # qualified name of the BatchNorm folded into this conv during training
+    weight_axis: int = 0  # the weight's dim of output channels: 1 for Transformers Conv1D ([in, out])
 
     def __post_init__(self) -> None:  # the bit widths QuantizationConfig accepts, checked the same way
         self.weight_bits = check_weight_bits(self.weight_bits)
         self.activation_bits = check_activation_bits(self.activation_bits)
+        if self.weight_axis not in (0, 1) or isinstance(self.weight_axis, bool):
+            raise ValueError(f"`weight_axis` must be 0 or 1 (Transformers Conv1D), got {self.weight_axis!r}")
 
     @property
     def weight_only(self) -> bool:
@@ -75,7 +79,7 @@ class LayerQuantSpec:
 
 def quantize_weight(weight: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
     """Integer codes (int8 tensor) of a (BN-folded, if ``spec.bn``) weight on the spec's grid."""
-    return weight_codes(weight.float(), spec.weight_scale.float(), spec.weight_bits).to(torch.int8)
+    return weight_codes(weight.float(), spec.weight_scale.float(), spec.weight_bits, dim=spec.weight_axis).to(torch.int8)
 
 
 def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tensor:
@@ -85,7 +89,7 @@ def dequantized_weight(codes: torch.Tensor, spec: LayerQuantSpec) -> torch.Tenso
     >>> dequantized_weight(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), spec).tolist()
     [[1.0, -0.5], [0.25, 31.75]]
     """
-    return dequantize_codes(codes, spec.weight_scale)
+    return dequantize_codes(codes, spec.weight_scale, dim=spec.weight_axis)
 
 
 def get_qparams(model: nn.Module) -> dict[str, LayerQuantSpec]:

@@ -1,0 +1,108 @@
+"""Mask selection on weights whose rows are split into blocks across ranks (FSDP2's ``fully_shard``).
+
+Each rank holds one block of rows of every weight; :func:`sharded_keep_masks` gives each rank its
+block of exactly the masks :func:`~compress_callbacks.pruning.masks.unstructured_keep_masks` (or
+``nm_keep_masks``) computes on the whole weights, moving only histograms and a few counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .masks import (
+    _apply_selection,
+    _guard,
+    _largest_kept,
+    _LazyKeys,
+    _materialize,
+    _NativeMagnitudeKeys,
+    _nm_keys,
+    _take_below,
+    _unguard_,
+    count_to_prune,
+    kth_smallest_key,
+    magnitude_key_source,
+)
+
+__all__ = ["sharded_keep_masks"]
+
+
+def sharded_keep_masks(
+    blocks: Sequence[torch.Tensor],
+    keeps: Sequence[torch.Tensor | None],
+    numels: Sequence[int],
+    target: float,
+    scope: str,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+    gather_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+    rank: int,
+    nm: tuple[int, int] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`unstructured_keep_masks` (or, with ``nm``, :func:`nm_keep_masks`) for weights whose
+    rows are split into blocks across ranks.
+
+    ``blocks`` / ``keeps``: this rank's block of each weight (blocks in rank order make up the
+    weight, as FSDP2's dim-0 sharding lays them out); ``numels``: the whole weights' sizes;
+    ``sum_over_ranks`` sums a tensor over ranks in place; ``gather_over_ranks`` stacks one tensor
+    per rank (rank order); ``rank``: this rank's index in that order. Only histograms and per-layer
+    tie counts travel, never weights: the radix select runs on each rank's blocks with summed
+    histograms, and the ties at the threshold go in layer order, then rank order, then flat index,
+    which is the flat order of the whole weights. The result is this rank's block of exactly the
+    masks a single process computes on the whole weights.
+    """
+    keeps = list(keeps)
+    groups = [list(range(len(blocks)))] if scope == "global" else [[i] for i in range(len(blocks))]
+    out: list[torch.Tensor | None] = [None] * len(blocks)
+    for group in groups:
+        kept = torch.tensor([int(keeps[i].sum(dtype=torch.int64)) if keeps[i] is not None else blocks[i].numel()
+                             for i in group], dtype=torch.int64)
+        pruned_now = sum(numels[i] for i in group) - int(sum_over_ranks(kept).sum())
+        guarded, largest, keep_at_least = [keeps[i] for i in group], [-1] * len(group), 0
+        if nm is None and scope == "global":  # each layer's largest kept weight, wherever it lies, stays
+            largest, keep_at_least = _largest_kept_over_ranks([blocks[i] for i in group], guarded, gather_over_ranks, rank)
+            guarded = [_guard(blocks[i], keeps[i], index) for i, index in zip(group, largest)]
+        elif nm is None:
+            keep_at_least = 1
+        k = count_to_prune(sum(numels[i] for i in group), target, keep_at_least) - pruned_now
+        sources = [magnitude_key_source(blocks[i], keep) if nm is None else _LazyKeys(_nm_keys, blocks[i], keep, *nm)
+                   for i, keep in zip(group, guarded)]
+        if k <= 0:
+            for i in group:
+                out[i] = torch.ones(blocks[i].shape, dtype=torch.uint8, device=blocks[i].device) if keeps[i] is None else keeps[i].clone()
+            continue
+        threshold, below = kth_smallest_key(sources, k, sum_over_ranks)
+        equal = torch.tensor([int((_materialize(src) == threshold).sum()) for src in sources], dtype=torch.int64)
+        table = gather_over_ranks(equal)  # [ranks, layers of the group]
+        ties_left = k - below
+        allowance = torch.zeros_like(table)
+        for layer in range(table.shape[1]):  # layer order, then rank order: the whole weights' flat order
+            for r in range(table.shape[0]):
+                take = min(ties_left, int(table[r, layer]))
+                allowance[r, layer] = take
+                ties_left -= take
+        for column, (i, src) in enumerate(zip(group, sources)):
+            ties = int(allowance[rank, column])
+            if isinstance(src, _NativeMagnitudeKeys):
+                out[i], _ = src.prune_below(src.weight, src.keep, threshold, ties)
+            else:
+                chosen, _ = _take_below(_materialize(src), threshold, ties)
+                out[i] = _apply_selection([keeps[i]], [blocks[i].shape], [chosen])[0]
+            _unguard_([out[i]], [largest[column]])
+    return out  # type: ignore[return-value]
+
+
+def _largest_kept_over_ranks(
+    blocks: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None],
+    gather_over_ranks: Callable[[torch.Tensor], torch.Tensor], rank: int,
+) -> tuple[list[int], int]:
+    """Each layer's largest kept weight over all ranks' blocks (the first of equals in the whole
+    weights' order: lowest rank, then flat index): its flat index in this rank's block (-1 where
+    another rank holds it, or the layer keeps nothing), and how many layers keep a weight."""
+    found = [_largest_kept(block, keep) for block, keep in zip(blocks, keeps)]
+    table = gather_over_ranks(torch.tensor([value for value, _ in found], dtype=torch.float32))  # [ranks, layers]
+    best, holder = table.amax(dim=0), table.argmax(dim=0)  # argmax: the first rank with the largest value
+    indices = [index if int(holder[layer]) == rank and float(best[layer]) >= 0 else -1
+               for layer, (_, index) in enumerate(found)]
+    return indices, int((best >= 0).sum())
