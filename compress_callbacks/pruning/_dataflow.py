@@ -369,7 +369,16 @@ class Interpreter:
         return rows
 
     def _param(self, arg) -> str | None:
-        return self.names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+        """The parameter a weight argument is, or is computed from elementwise (fake-quantized: QAT)."""
+        for _ in range(16):
+            if not isinstance(arg, torch.fx.Node):
+                return None
+            if arg.name in self.names:
+                return self.names[arg.name]
+            source = arg.args[0] if arg.op == "call_function" and arg.args else None
+            same_shape = isinstance(source, torch.fx.Node) and _shape(source) is not None and _shape(source) == _shape(arg)
+            arg = source if same_shape else None
+        return None
 
     def linear(self, node, real, args):
         x, weight = self.state(args[0]), self._param(args[1])
@@ -565,6 +574,11 @@ class Interpreter:
         if isinstance(real, (tuple, list)):
             return (state,) + tuple(_unlabelled(r, []) for r in real[1:])
         return state
+
+
+def _shape(node: torch.fx.Node):
+    value = node.meta.get("val")
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def real_dtype(t: torch.Tensor) -> torch.dtype:
