@@ -438,11 +438,11 @@ def units_to_prune(
     at least one unit;
     ``"global"`` prunes the lowest-scoring units while the weights they own stay within
     ``round(target * total)`` (``total``: all targeted weights, default the units' own), leaving
-    every family at least one unit. Ties go by unit order.
+    every family at least one unit. Ties go by unit order. Below, family 1 has one unit: it stays.
 
     >>> units_to_prune(torch.tensor([3.0, 1.0, 2.0, 0.5]), torch.tensor([4, 4, 4, 2]),
     ...                torch.zeros(4, dtype=torch.bool), torch.tensor([0, 0, 0, 1]), 0.5, "layer").tolist()
-    [False, True, True, True]
+    [False, True, True, False]
     """
     chosen = dead.clone()
     if scope == "layer":
