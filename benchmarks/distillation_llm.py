@@ -9,7 +9,7 @@ batches for the same number of steps; only the loss differs:
     full KD                DistillationLoss(teacher): the teacher runs every step
     cached top-k KD        DistillationLoss(None) fed entries of cache_teacher_logits(teacher, ..., top_k=k)
                            (k = 16, 64); the teacher never exists in the training process
-    reverse KL, JSD        cached top-64 with divergence="reverse_kl" / "jsd" (beta 0.5)
+    reverse KL, JSD        divergence="reverse_kl" / "jsd" (beta 0.5), full logits and cached top-64
 
 Each arm trains in a fresh process, so its memory is its own. Reported per arm: held-out
 perplexity (files training never saw), the teacher's compute per training step (a forward pass,
@@ -40,7 +40,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.lm_corpus import LMSpec, perplexity, pretrained_lm, random_windows, token_ids  # noqa: E402
+from benchmarks.lm_corpus import LMSpec, perplexity, pretrained_lm, random_windows, token_ids, training_record  # noqa: E402
 
 TEMPERATURE, ALPHA = 1.0, 0.5
 ARMS = {  # name: (kind, top_k, divergence)
@@ -48,7 +48,9 @@ ARMS = {  # name: (kind, top_k, divergence)
     "full KD": ("full", None, "forward_kl"),
     "cached top-16 KD": ("cached", 16, "forward_kl"),
     "cached top-64 KD": ("cached", 64, "forward_kl"),
+    "full reverse KL": ("full", None, "reverse_kl"),
     "cached top-64 reverse KL": ("cached", 64, "reverse_kl"),
+    "full JSD (beta 0.5)": ("full", None, "jsd"),
     "cached top-64 JSD (beta 0.5)": ("cached", 64, "jsd"),
 }
 
@@ -146,17 +148,17 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets (< 60 s once the quick teacher is cached)")
     parser.add_argument("--steps", type=int, default=None, help="student steps (default 200, quick 20)")
-    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pre-training steps (default 600, quick 60)")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="teacher pre-training steps (default 3000, quick 60)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     quick = args.quick
-    teacher_spec = LMSpec(seq_len=64, batch_size=16, steps=args.teacher_steps or (60 if quick else 600), lr=3e-3)
+    teacher_spec = LMSpec(seq_len=64, batch_size=16, steps=args.teacher_steps or (60 if quick else 3000), lr=3e-3)
     steps = args.steps or (20 if quick else 200)
     torch.set_num_threads(args.threads)
 
-    start = time.perf_counter()
+    cached_teacher = training_record(teacher_spec) is not None
     teacher = pretrained_lm(teacher_spec)
-    teacher_seconds = time.perf_counter() - start
+    teacher_seconds = training_record(teacher_spec)["seconds"]
     heldout = token_ids("heldout", teacher_spec.vocab_size)
     eval_windows = 64 if quick else 1024
     teacher_ppl = perplexity(teacher, heldout, teacher_spec.seq_len, max_windows=eval_windows)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"teacher: Llama {teacher_spec.layers} layers x {teacher_spec.width}, vocabulary {teacher_spec.vocab_size} (BPE on the "
         f"stdlib's sources), {teacher_spec.steps} steps x {teacher_spec.batch_size} x {teacher_spec.seq_len} tokens"
-        f" ({'trained now in ' + format(teacher_seconds, '.0f') + ' s' if teacher_seconds > 5 else 'read from the cache'}); "
+        f" ({'read from the cache, ' if cached_teacher else ''}trained in {teacher_seconds:.0f} s); "
         f"held-out perplexity {teacher_ppl:.2f}",
         f"students: {teacher_spec.layers // 2} layers x {teacher_spec.width}, {steps} steps x {teacher_spec.batch_size} x "
         f"{teacher_spec.seq_len} tokens ({tokens} tokens), AdamW lr 3e-3 cosine, T={TEMPERATURE}, alpha={ALPHA} (soft), "
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> str:
                  f"({'met' if top64 <= 1.01 * full else 'NOT met'}), no teacher in memory: "
                  f"{'met' if not by_arm['cached top-64 KD']['teacher_in_memory'] else 'NOT met'}; cache <= 512 bytes per token at "
                  f"k=64: {per_token_64:.0f} ({'met' if per_token_64 <= 512 else 'NOT met'})")
+    if quick:
+        lines.append("(--quick: a barely trained teacher and 20 steps; the targets are meant for the full run)")
     text = "\n".join(lines)
     print(text)
     return text

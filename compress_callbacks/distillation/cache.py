@@ -6,8 +6,9 @@
 (float16, minus the position's largest: softmax does not see the shift) with their vocabulary
 indices (uint16 up to 65,536 entries, else int32) and the log of the rest's mass at the cache's
 ``temperature`` (float32). At k = 64 that is 260 bytes per position. ``load_teacher_logits(path)``
-reopens the file as a sequence of :class:`TopKLogits` aligned with ``batches``; the file is memory-
-mapped and an entry is read only when asked for.
+reopens the file as a sequence of :class:`TopKLogits` aligned with ``batches``; it reads the footer
+only, and ``cache[i]`` reads batch ``i``'s bytes from the file when asked for (the file is never
+held in memory, mapped or not).
 
 >>> import os, tempfile, torch, torch.nn as nn
 >>> from compress_callbacks import DistillationLoss
@@ -375,7 +376,7 @@ def load_teacher_logits(path: str | os.PathLike) -> TeacherLogitsCache:
 
 
 class TeacherLogitsCache(Sequence):
-    """The batches of a teacher-logit file, memory-mapped: ``cache[i]`` reads batch ``i`` only.
+    """The batches of a teacher-logit file, read lazily: ``cache[i]`` reads batch ``i``'s bytes only.
 
     >>> import os, tempfile, torch, torch.nn as nn
     >>> path = os.path.join(tempfile.mkdtemp(), "teacher.topk")
@@ -402,14 +403,6 @@ class TeacherLogitsCache(Sequence):
         self._entries: list[dict[str, Any]] = footer["batches"]
         self.positions = sum(entry["rows"] for entry in self._entries)
         self._data_end: int = footer["data_end"]
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._data_end,)) if self._entries else None
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: reopen the file, do not pickle its contents
-        return {key: value for key, value in self.__dict__.items() if key != "_data"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._data_end,)) if self._entries else None
 
     @property
     def bytes_per_position(self) -> float:
@@ -427,16 +420,16 @@ class TeacherLogitsCache(Sequence):
             raise TypeError(f"a TeacherLogitsCache is indexed by batch number, got {type(number).__name__}")
         if not -len(self) <= number < len(self):
             raise IndexError(f"batch {number}: the cache holds {len(self)} batches (was it written from other data?)")
+        number %= len(self)
         entry = self._entries[number]
         rows, k = entry["rows"], self.top_k
-        offset = entry["offset"]
+        data, offset = self._read(number), 0
 
         def take(name: str, count: int) -> np.ndarray:
             nonlocal offset
             dtype = np.dtype(_NUMPY[name]) if name != "packed" else np.dtype(np.uint8)
-            size = count * dtype.itemsize
-            array = np.array(self._data[offset:offset + size].view(dtype))  # a copy of this batch only
-            offset += size + (-size % 8)
+            array = np.frombuffer(data, dtype, count, offset).copy()
+            offset += count * dtype.itemsize + (-count * dtype.itemsize % 8)
             return array
 
         values = torch.from_numpy(take(self._value_dtype, rows * k)).reshape(rows, k)
@@ -453,6 +446,17 @@ class TeacherLogitsCache(Sequence):
             counted = counted.reshape(shape)
         return TopKLogits(values.reshape(*shape, k), indices.reshape(*shape, k), log_tail.reshape(shape), self.vocab_size,
                           self.temperature, counted, entry["fingerprint"])
+
+    def _read(self, number: int) -> bytes:
+        """Batch ``number``'s bytes, read from the file now (nothing of the file is held in memory)."""
+        start = self._entries[number]["offset"]
+        end = self._entries[number + 1]["offset"] if number + 1 < len(self) else self._data_end
+        with open(self.path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(end - start)
+        if len(data) != end - start:
+            raise ValueError(f"{self.path!r} was cut short after it was opened: batch {number} is incomplete")
+        return data
 
     def zip(self, batches: Iterable[Any]) -> Iterator[tuple[Any, TopKLogits]]:
         """``(batch, entry)`` pairs; ValueError when ``batches`` gives more or fewer batches than the cache holds."""
