@@ -256,3 +256,87 @@ def test_calibration_batches_of_a_language_model_may_differ_in_batch_and_sequenc
         _calibration_batches([tokens((3, 5, 2), seed=1)], example, free_dims=2)
     with pytest.raises(ValueError, match=r"only the batch size may differ"):
         _calibration_batches([tokens((3, 5), seed=1)], example)
+
+
+# ----------------------------------------------------------------------------------- 4-bit weights, packed
+@pytest.fixture(scope="module")
+def llama_4bit_file(tmp_path_factory):
+    llama = qat_finalized(tiny_llama(), weight_bits=4)
+    ids = tokens((2, 6), seed=80)
+    return llama, export_onnx(llama, example_inputs=(ids, torch.ones_like(ids)), path=tmp_path_factory.mktemp("lm4") / "llama4.onnx")
+
+
+def quantized_weight_bytes(onnx_model):
+    """Bytes of the quantized layers' weights: their codes (int8 or packed) and weight scales."""
+    from onnx import numpy_helper
+
+    initializers = {init.name: numpy_helper.to_array(init) for init in onnx_model.graph.initializer}
+    used = set()
+    for node in onnx_model.graph.node:
+        if node.op_type == "MatMulNBits":
+            used.update(node.input[1:3])
+        elif node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            used.update(node.input[:2])
+    return sum(initializers[name].nbytes for name in used)
+
+
+def test_4bit_llama_weights_are_packed_trained_codes_about_half_the_int8_size(llama_4bit_file, llama_file):
+    from onnx import numpy_helper
+
+    from compress_callbacks.export.onnx_nbits import unpack_nbits
+
+    llama, path = llama_4bit_file
+    onnx_model = onnx.load(path)
+    initializers = {init.name: numpy_helper.to_array(init) for init in onnx_model.graph.initializer}
+    nbits = {node.input[1]: node for node in onnx_model.graph.node if node.op_type == "MatMulNBits"}
+    specs = get_qparams(llama)
+    assert len(nbits) == len(specs) == 15 and all(spec.weight_bits == 4 for spec in specs.values())
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] in initializers for n in onnx_model.graph.node)
+    for name, spec in specs.items():
+        node = nbits[f"model.{name}.codes_packed4"]
+        weight = llama.get_submodule(name).weight.detach()
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attributes["K"], attributes["N"], attributes["bits"]) == (weight.shape[1], weight.shape[0], 4)
+        codes = unpack_nbits(initializers[node.input[1]], weight.shape[1])
+        assert np.array_equal(codes, quantize_weight(weight, spec).numpy())
+        assert np.array_equal(initializers[node.input[2]], spec.weight_scale.numpy())  # one block per row here
+    ratio = quantized_weight_bytes(onnx_model) / quantized_weight_bytes(onnx.load(llama_file))
+    assert ratio <= 0.55, ratio  # codes: half; the per-row scales are the same in both
+
+
+def test_4bit_llama_through_onnx_runtime_matches_the_fake_quant_model_at_two_shapes(llama_4bit_file):
+    llama, path = llama_4bit_file
+    onnx_bytes = onnx.load(path).SerializeToString()
+    as_written, session = unoptimized_session(onnx_bytes), OnnxRuntimeModule(onnx_bytes)
+    for number, shape in enumerate(SHAPES):
+        ids, mask = tokens(shape, seed=90 + number), right_padded_mask(shape)
+        reference = fake_quant_logits(llama, ids, mask)
+        assert_matches(as_written(ids, mask), reference, EXACT, mask)
+        assert_matches(session(ids, mask), reference, INT8_KERNELS, mask)
+
+
+@pytest.mark.parametrize("in_features, group_size", [(64, None), (40, None), (64, 16), (96, 32)])
+def test_matmulnbits_packing_computes_codes_times_scales(in_features, group_size):
+    """One MatMulNBits node of ``pack_nbits``'s output against ``x @ (codes * scales).T``: one block per row,
+    a padded last block (40 inputs, blocks of 16) and group scales (the layout a ``weight_group_size`` uses)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress_callbacks.export.onnx_nbits import pack_nbits
+
+    generator = np.random.default_rng(0)
+    out_features = 8
+    codes = generator.integers(-7, 8, (out_features, in_features))
+    groups = 1 if group_size is None else in_features // group_size
+    scale = generator.uniform(0.01, 0.1, (out_features, groups)).astype(np.float32)
+    packed, scales, block = pack_nbits(codes, scale[:, 0] if group_size is None else scale, group_size)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft",
+                            K=in_features, N=out_features, bits=4, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])],
+                              initializer=[numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    x = generator.standard_normal((3, in_features)).astype(np.float32)
+    [y] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    weight = codes * np.repeat(scale, in_features // groups, axis=1)
+    np.testing.assert_allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)

@@ -25,8 +25,10 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..quantization.spec import get_qparams
 from ..targets import unwrap_model
 from .inductor import _int8_layers_copy
+from .onnx_nbits import _pack_low_bit_matmuls
 from .ort import _output_template
 
 __all__: list[str] = []  # internal to compress_callbacks.export
@@ -53,6 +55,20 @@ def check_token_inputs(inputs: tuple) -> None:
             f"({', '.join(str(t.dtype).removeprefix('torch.') for t in inputs)}). Another model (pixel inputs, more "
             "arguments): wrap it in an nn.Module taking tensors, exported with a dynamic batch axis only"
         )
+
+
+def check_exportable_specs(model: nn.Module) -> None:
+    """Refuse specs of schemes the ONNX export does not write yet (before anything is traced): group-wise
+    weight scales (``weight_group_size``) and activations other than static per-tensor ranges."""
+    for name, spec in get_qparams(unwrap_model(model)).items():
+        group_size = getattr(spec, "weight_group_size", None)
+        scheme = getattr(spec, "activation_scheme", "static")
+        if group_size is not None or scheme != "static":
+            what = f"weight_group_size={group_size}" if group_size is not None else f"activation_scheme={scheme!r}"
+            raise ValueError(
+                f"layer {name!r} was trained with {what}: the ONNX export writes per-channel weights with static "
+                "per-tensor input ranges only (compress_callbacks.export.to_torchao runs the LLM schemes)"
+            )
 
 
 class _PositionalCall(nn.Module):
@@ -92,11 +108,13 @@ def language_model_onnx(model: nn.Module, inputs: tuple):
     Graph inputs ``input_0`` (``input_ids``) and ``input_1`` (``attention_mask``, if given), both
     ``[batch, sequence]`` with symbolic dims; outputs ``output_<i>`` (the logits: ``[batch, sequence,
     vocab]``). Weights are the int8 codes of the specs (per-channel scales, ``DequantizeLinear`` on
-    axis 0), each quantized layer's input ``QuantizeLinear`` / ``DequantizeLinear`` with its learned
-    scale and zero point. Raises ``RuntimeError`` with a one-line cause when ``torch.export`` or the
+    axis 0; layers of 4 bits or fewer packed two codes a byte in ``MatMulNBits``, see :mod:`.onnx_nbits`),
+    each quantized layer's input ``QuantizeLinear`` / ``DequantizeLinear`` with its learned scale and
+    zero point. Raises ``RuntimeError`` with a one-line cause when ``torch.export`` or the
     ONNX translation fails.
     """
     check_token_inputs(inputs)
+    check_exportable_specs(model)
     graph_model = _PositionalCall(_int8_layers_copy(model)).eval()
     with torch.no_grad():
         outputs = graph_model(*inputs)
@@ -124,6 +142,13 @@ def language_model_onnx(model: nn.Module, inputs: tuple):
             f"{_root_cause(error)}"
         ) from None
     onnx_model = program.model_proto
+    for node in onnx_model.graph.node:  # the exporter's stack traces and class names: most of a small model's file,
+        del node.metadata_props[:]  # and paths of the machine it was exported on
+    low_bit = {f"model.{name}.codes": spec for name, spec in get_qparams(unwrap_model(model)).items() if spec.weight_bits <= 4}
+    unpacked = set(low_bit) - set(_pack_low_bit_matmuls(onnx_model, low_bit))
+    if unpacked:
+        warnings.warn(f"export_onnx: {len(unpacked)} layer(s) of 4 bits or fewer are stored as int8 codes (not a MatMul "
+                      f"ONNX Runtime's MatMulNBits takes): {', '.join(sorted(unpacked)[:4])}", stacklevel=4)
     if len(onnx_model.graph.output) != n_out:
         template = None
     return onnx_model, template
