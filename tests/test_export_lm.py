@@ -340,3 +340,33 @@ def test_matmulnbits_packing_computes_codes_times_scales(in_features, group_size
     [y] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     weight = codes * np.repeat(scale, in_features // groups, axis=1)
     np.testing.assert_allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_group_wise_or_dynamic_specs_are_refused_naming_the_layer(llama, tmp_path):
+    """The LLM schemes (``weight_group_size``, per-token ``activation_scheme``) are not written to ONNX yet."""
+    import dataclasses
+
+    from compress_callbacks.quantization.spec import LayerQuantSpec
+
+    @dataclasses.dataclass
+    class LLMSchemeSpec(LayerQuantSpec):  # the fields QuantizationAwareTraining's LLM modes put on a spec
+        weight_group_size: int | None = None
+        activation_scheme: str = "static"
+
+    specs = get_qparams(llama)
+    down = specs["model.layers.1.mlp.down_proj"]
+    ids = tokens((2, 5), seed=0)
+    for fields, what in (({"weight_group_size": 32, "weight_scale": down.weight_scale[:, None].repeat(1, 4)},
+                          "weight_group_size=32"),
+                         ({"activation_scheme": "dynamic", "input_scale": None, "input_zero_point": None},  # per token
+                          "activation_scheme='dynamic'")):
+        odd = LLMSchemeSpec(**{**dataclasses.asdict(down), **fields})
+        set_qparams(llama, {**specs, "model.layers.1.mlp.down_proj": odd})
+        try:
+            with pytest.raises(ValueError, match=rf"'model.layers.1.mlp.down_proj' was trained with {what}"):
+                export_onnx(llama, example_inputs=ids, path=tmp_path / "m.onnx")
+            with pytest.raises(ValueError, match=rf"'model.layers.1.mlp.down_proj' was trained with {what}"):
+                to_int8(llama, example_inputs=ids)
+        finally:
+            set_qparams(llama, specs)
+    assert not (tmp_path / "m.onnx").exists()

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..targets import unwrap_model
-from .onnx_lm import check_token_inputs, is_transformers_model, language_model_onnx
+from .onnx_lm import check_exportable_specs, check_token_inputs, is_transformers_model, language_model_onnx
 from .onnx_passes import _fold_weight_quantizers, _uint8_weight_codes
 from .ort import _calibration_batches, _layers_ort_computes_float, _output_template, _quantize_outputs
 from .quantized_graph import _as_tuple, _float32_inputs, _require_qparams, quantized_copy
@@ -45,6 +45,7 @@ def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
     and sequence axes, opset 18); any other model by the TorchScript exporter (dynamic batch, opset 17).
     """
     inputs = _float32_inputs(_as_tuple(example_inputs))
+    check_exportable_specs(model)
     if is_transformers_model(model):
         onnx_model, template = language_model_onnx(model, inputs)
         if weight_dtype == "uint8":
