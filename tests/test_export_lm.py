@@ -167,7 +167,8 @@ def test_q_dq_weights_and_input_ranges_in_the_file_are_the_trained_ones(llama, l
 # ----------------------------------------------------------------------------------- to_int8
 @pytest.fixture(scope="module")
 def llama_int8(llama):
-    return to_int8(llama, example_inputs=tokens((1, 1), seed=30))  # input_ids alone (aten::diff before); size-1 axes
+    # input_ids alone (aten::diff before), size-1 axes; uint8 weight codes (the choice on CPUs without VNNI)
+    return to_int8(llama, example_inputs=tokens((1, 1), seed=30), weight_dtype="uint8")
 
 
 def test_to_int8_llama_from_input_ids_alone_matches_the_fake_quant_model_at_two_shapes(llama, llama_int8):
@@ -181,7 +182,10 @@ def test_to_int8_llama_from_input_ids_alone_matches_the_fake_quant_model_at_two_
 
 
 def test_to_int8_llama_runs_every_quantized_layer_as_an_integer_matmul(llama, llama_int8):
-    optimized = _ort_optimized_graph(onnx.load_from_string(llama_int8.onnx_model))
+    onnx_model = onnx.load_from_string(llama_int8.onnx_model)
+    uint8 = {i.name for i in onnx_model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2}
+    assert len(uint8) == len(get_qparams(llama))
+    optimized = _ort_optimized_graph(onnx_model)
     assert sum(node.op_type == "MatMulIntegerToFloat" for node in optimized.node) == len(get_qparams(llama))
 
 

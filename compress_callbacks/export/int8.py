@@ -82,6 +82,10 @@ def to_int8(
     float32, casts floating inputs to float32 and returns float32. ``calibration`` is read once, up
     front, and each batch is checked against ``example_inputs`` (same number of inputs, same shapes
     but for the batch size) whether or not a layer needs it.
+
+    A Transformers ``PreTrainedModel`` goes through ``export_onnx``'s language-model path (dynamic batch
+    and sequence axes, ``input_ids`` and optionally ``attention_mask``; see ``docs/export.md``): the
+    module takes any batch size and sequence length and returns the model's output class (``.logits``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")

@@ -136,6 +136,13 @@ def export_onnx(
     specs (quantize it with ``calibrate`` first) or one not finalized yet. A half-precision model is
     exported in float32 (with a warning). ``calibration`` is read once, up front, and every batch is
     checked against ``example_inputs`` (same number of inputs, same shapes but for the batch size).
+
+    A Transformers ``PreTrainedModel`` (a causal LM) is exported with ``torch.export`` instead (opset
+    18, :mod:`.onnx_lm`): ``example_inputs`` is ``input_ids`` or ``(input_ids, attention_mask)``, both
+    the batch and the sequence axis are dynamic, the model runs with ``use_cache=False`` (logits of
+    every position, no key/value cache), and layers of 4 bits or fewer are packed as ONNX Runtime's
+    ``MatMulNBits`` (:mod:`.onnx_nbits`). Specs with ``weight_group_size`` or dynamic activations raise
+    ``ValueError`` naming the layer; an exporter failure raises one ``RuntimeError`` naming the cause.
     """
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
