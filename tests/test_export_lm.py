@@ -126,15 +126,14 @@ def test_llama_file_has_dynamic_batch_and_sequence_axes(llama_file):
 
 
 def test_onnx_runtime_logits_match_the_fake_quant_model_at_two_shapes_from_one_file(llama, llama_file):
-    onnx_bytes = onnx.load(llama_file).SerializeToString()
-    as_written, int8_kernels = unoptimized_session(onnx_bytes), OnnxRuntimeModule(onnx_bytes)
+    """The file as written; ONNX Runtime's int8 kernels are checked through ``to_int8`` below, which picks
+    the weight dtype this CPU runs without saturation (int8 codes on a CPU without VNNI may saturate)."""
+    as_written = unoptimized_session(onnx.load(llama_file).SerializeToString())
     for number, shape in enumerate(SHAPES):
         ids, mask = tokens(shape, seed=20 + number), right_padded_mask(shape)
-        reference = fake_quant_logits(llama, ids, mask)
         logits = as_written(ids, mask)
         assert logits.shape == (*shape, VOCAB)
-        assert_matches(logits, reference, EXACT, mask)
-        assert_matches(int8_kernels(ids, mask), reference, INT8_KERNELS, mask)
+        assert_matches(logits, fake_quant_logits(llama, ids, mask), EXACT, mask)
 
 
 def test_q_dq_weights_and_input_ranges_in_the_file_are_the_trained_ones(llama, llama_file):
