@@ -5,8 +5,9 @@ A finalized model is a plain float ``nn.Module`` whose quantized layers carry th
 those specs; nothing is re-estimated, so the int8 model computes what training simulated.
 
 One module each: ``quantized_graph`` (the float graph with BN folded and fake-quant on the learned
-grid: ``quantized_copy``, ``FakeQuantLayer``), ``onnx_export`` (``export_onnx``), ``onnx_passes``
-(rewrites of the exported Q/DQ graph), ``ort`` (``OnnxRuntimeModule`` and what export asks of ONNX
+grid: ``quantized_copy``, ``FakeQuantLayer``), ``onnx_export`` (``export_onnx``), ``onnx_lm``
+(Transformers models through ``torch.export``: dynamic batch and sequence axes), ``onnx_nbits``
+(4-bit weights packed as ``MatMulNBits``), ``onnx_passes`` (rewrites of the exported Q/DQ graph), ``ort`` (``OnnxRuntimeModule`` and what export asks of ONNX
 Runtime), ``inductor`` (``Int8Layer``, ``InductorInt8Module``), ``int8`` (``to_int8``) and
 ``compact`` (``save_compressed`` / ``load_compressed``).
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .inductor import InductorInt8Module, _int8_layers_copy
 from .onnx_export import _onnx_model
+from .onnx_lm import check_token_inputs, is_transformers_model
 from .onnx_passes import _constant_weights, _integer_heads
 from .ort import OnnxRuntimeModule, _calibration_batches, _quantize_float_layer_outputs
 from .quantized_graph import _as_tuple, _require_qparams
@@ -81,6 +82,10 @@ def to_int8(
     float32, casts floating inputs to float32 and returns float32. ``calibration`` is read once, up
     front, and each batch is checked against ``example_inputs`` (same number of inputs, same shapes
     but for the batch size) whether or not a layer needs it.
+
+    A Transformers ``PreTrainedModel`` goes through ``export_onnx``'s language-model path (dynamic batch
+    and sequence axes, ``input_ids`` and optionally ``attention_mask``; see ``docs/export.md``): the
+    module takes any batch size and sequence length and returns the model's output class (``.logits``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
@@ -90,7 +95,10 @@ def to_int8(
         raise ValueError(f"`calibration` is for backend='onnxruntime' only (Inductor computes those layers in int8 "
                          f"with float outputs), got backend={backend!r}")
     inputs = _as_tuple(example_inputs)
-    batches = _calibration_batches(calibration, inputs)
+    language_model = is_transformers_model(model)
+    if language_model and backend == "onnxruntime":
+        check_token_inputs(inputs)
+    batches = _calibration_batches(calibration, inputs, free_dims=2 if language_model else 1)
     qparams = _require_qparams(model, "to_int8")
     if backend == "onnxruntime":
         weight_dtype = weight_dtype or ("int8" if cpu_has_vnni() else "uint8")

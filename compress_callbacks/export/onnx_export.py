@@ -13,15 +13,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
+import tempfile
 import warnings
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from .onnx_passes import _fold_weight_quantizers
+from ..targets import unwrap_model
+from .onnx_lm import check_exportable_specs, check_token_inputs, is_transformers_model, language_model_onnx
+from .onnx_passes import _fold_weight_quantizers, _uint8_weight_codes
 from .ort import _calibration_batches, _layers_ort_computes_float, _output_template, _quantize_outputs
 from .quantized_graph import _as_tuple, _float32_inputs, _require_qparams, quantized_copy
 
@@ -36,10 +41,22 @@ def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
 
     Graph inputs are named ``input_<position>`` (an input the graph does not use is left out of it),
     outputs ``output_<i>`` in the order of the model's output tensors (nested tuples / dicts flattened).
+    A Transformers ``PreTrainedModel`` is exported by :mod:`.onnx_lm` (``torch.export``, dynamic batch
+    and sequence axes, opset 18); any other model by the TorchScript exporter (dynamic batch, opset 17).
     """
+    inputs = _float32_inputs(_as_tuple(example_inputs))
+    check_exportable_specs(model)
+    if is_transformers_model(model):
+        onnx_model, template = language_model_onnx(model, inputs)
+        if weight_dtype == "uint8":
+            _uint8_weight_codes(onnx_model)
+        return onnx_model, template
+    return _torchscript_onnx_model(model, inputs, weight_dtype)
+
+
+def _torchscript_onnx_model(model: nn.Module, inputs: tuple, weight_dtype: str):
     import onnx
 
-    inputs = _float32_inputs(_as_tuple(example_inputs))
     graph_model = quantized_copy(model)
     with torch.no_grad():
         outputs = graph_model(*inputs)
@@ -47,24 +64,55 @@ def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
     input_names = [f"input_{i}" for i in range(len(inputs))]
     output_names = [f"output_{i}" for i in range(n_out)]
     buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated in favour of dynamo; it is the one
-        warnings.simplefilter("ignore", DeprecationWarning)  # that maps fake-quant ops to Q/DQ directly
-        torch.onnx.export(
-            graph_model,
-            inputs,
-            buffer,
-            dynamo=False,
-            opset_version=ONNX_OPSET,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
-            do_constant_folding=True,
-        )
+    try:
+        with warnings.catch_warnings(), _without_exporter_log():  # the TorchScript exporter is deprecated in favour
+            warnings.simplefilter("ignore", DeprecationWarning)  # of dynamo; it maps fake-quant ops to Q/DQ directly
+            torch.onnx.export(
+                graph_model,
+                inputs,
+                buffer,
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
+                do_constant_folding=True,
+            )
+    except torch.onnx.OnnxExporterError as error:
+        raise RuntimeError(
+            f"the TorchScript ONNX exporter cannot export {type(unwrap_model(model)).__name__}: {error}. A Transformers "
+            "language model exports (dynamic batch and sequence axes) when passed as the PreTrainedModel itself, "
+            "with `example_inputs=input_ids` or `(input_ids, attention_mask)`, not inside a wrapper"
+        ) from None
     onnx_model = onnx.load_from_string(buffer.getvalue())
     _fold_weight_quantizers(onnx_model, weight_dtype)
     if len(onnx_model.graph.output) != n_out:
         template = None
     return onnx_model, template
+
+
+@contextlib.contextmanager
+def _without_exporter_log():
+    """Hold back what is written to the process's stdout (file descriptor 1) meanwhile; pass it on unless an
+    exception ends the block. The TorchScript exporter prints its whole IR graph there when it fails
+    (its ONNX log is always on in torch 2.13), pages of it for a language model, before raising."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 1)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                text = held.read().decode(errors="replace")
+                if text:
+                    sys.stdout.write(text)
 
 
 def export_onnx(
@@ -88,12 +136,23 @@ def export_onnx(
     specs (quantize it with ``calibrate`` first) or one not finalized yet. A half-precision model is
     exported in float32 (with a warning). ``calibration`` is read once, up front, and every batch is
     checked against ``example_inputs`` (same number of inputs, same shapes but for the batch size).
+
+    A Transformers ``PreTrainedModel`` (a causal LM) is exported with ``torch.export`` instead (opset
+    18, :mod:`.onnx_lm`): ``example_inputs`` is ``input_ids`` or ``(input_ids, attention_mask)``, both
+    the batch and the sequence axis are dynamic, the model runs with ``use_cache=False`` (logits of
+    every position, no key/value cache), and layers of 4 bits or fewer are packed as ONNX Runtime's
+    ``MatMulNBits`` (:mod:`.onnx_nbits`). Specs with ``weight_group_size`` or dynamic activations raise
+    ``ValueError`` naming the layer; an exporter failure raises one ``RuntimeError`` naming the cause.
     """
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")
-    batches = _calibration_batches(calibration, _as_tuple(example_inputs))
+    inputs = _as_tuple(example_inputs)
+    language_model = is_transformers_model(model)
+    if language_model:
+        check_token_inputs(inputs)
+    batches = _calibration_batches(calibration, inputs, free_dims=2 if language_model else 1)
     _require_qparams(model, "export_onnx")
-    onnx_model, _ = _onnx_model(model, example_inputs, weight_dtype=weight_dtype)
+    onnx_model, _ = _onnx_model(model, inputs, weight_dtype=weight_dtype)
     float_layers = _layers_ort_computes_float(onnx_model) if batches is not None else None
     if float_layers:  # the file needs the calibrated points, not a second look at what stays float
         _quantize_outputs(onnx_model, float_layers, batches)

@@ -1,6 +1,7 @@
 """Passes over an exported Q/DQ ONNX graph (``ModelProto``, edited in place).
 
 - ``_fold_weight_quantizers``: ``QuantizeLinear(float weight)`` becomes an integer initializer;
+- ``_uint8_weight_codes``: int8 weight initializers stored as uint8 + 128 (the same grid);
 - ``_integer_heads``: a Q/DQ ``Gemm`` producing a graph output becomes ``MatMulInteger`` + rescale;
 - ``_constant_weights``: the weights of layers ONNX Runtime computes in float, dequantized once;
 - ``_output_points`` / ``_insert_output_quantizers`` / ``_quantized_skip_inputs``: calibrated Q/DQ
@@ -95,13 +96,11 @@ def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
         if scale is None or zero_point is None or zero_point.dtype != np.int8 or np.any(zero_point != 0):
             continue
         codes = weight_codes(_tensor(weight), _tensor(scale), bits=8, dim=_channel_axis(node, scale)).numpy()
-        if weight_dtype == "uint8":
-            codes, zero_point = codes + 128, zero_point.astype(np.int32) + 128
-        dtype = np.uint8 if weight_dtype == "uint8" else np.int8
+        codes, zero_point = _stored_codes(codes, zero_point, weight_dtype)
         name = node.input[0] + "_quantized"
-        graph.initializer.append(numpy_helper.from_array(codes.astype(dtype), name))
+        graph.initializer.append(numpy_helper.from_array(codes, name))
         zp_name = name + "_zero_point"
-        graph.initializer.append(numpy_helper.from_array(np.asarray(zero_point).astype(dtype), zp_name))
+        graph.initializer.append(numpy_helper.from_array(zero_point, zp_name))
         for consumer in graph.node:
             if consumer.op_type == "DequantizeLinear" and consumer.input[0] == node.output[0]:
                 consumer.input[0] = name
@@ -109,6 +108,42 @@ def _fold_weight_quantizers(onnx_model, weight_dtype: str = "int8") -> None:
         removed.append(node)
     for node in removed:
         graph.node.remove(node)
+    _drop_unused(graph)
+
+
+def _stored_codes(codes: np.ndarray, zero_point: np.ndarray, weight_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weight codes and their (zero) zero point as stored: int8, or uint8 shifted by 128 (same grid).
+
+    >>> _stored_codes(np.array([-127, 0, 127]), np.zeros(1, np.int8), "uint8")
+    (array([  1, 128, 255], dtype=uint8), array([128], dtype=uint8))
+    """
+    if weight_dtype == "uint8":
+        return (codes.astype(np.int32) + 128).astype(np.uint8), (np.asarray(zero_point).astype(np.int32) + 128).astype(np.uint8)
+    return codes.astype(np.int8), np.asarray(zero_point).astype(np.int8)
+
+
+def _uint8_weight_codes(onnx_model) -> None:
+    """Store the int8 weight codes that feed ``DequantizeLinear`` (zero point 0) as uint8 codes + 128.
+
+    For graphs whose weights are int8 initializers already (the dynamo export of :mod:`.onnx_lm`);
+    ``_fold_weight_quantizers(..., "uint8")`` does the same while folding TorchScript's weight quantizers.
+    """
+    from onnx import numpy_helper
+
+    graph = onnx_model.graph
+    initializers = {init.name for init in graph.initializer}
+    value = _constant_values(graph)
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers or len(node.input) < 3:
+            continue
+        codes, zero_point = value(node.input[0]), value(node.input[2])
+        if codes.dtype != np.int8 or zero_point is None or np.any(zero_point != 0):
+            continue
+        codes, zero_point = _stored_codes(codes, zero_point, "uint8")
+        name = f"{node.input[0]}_uint8"
+        graph.initializer.extend([numpy_helper.from_array(codes, name),
+                                  numpy_helper.from_array(zero_point, f"{name}_zero_point")])
+        node.input[0], node.input[2] = name, f"{name}_zero_point"
     _drop_unused(graph)
 
 

@@ -190,10 +190,12 @@ def _layers_ort_computes_float(onnx_model) -> list | None:
     return layers
 
 
-def _calibration_batches(calibration: Iterable[Any] | None, example_inputs: tuple) -> tuple[tuple, ...] | None:
+def _calibration_batches(calibration: Iterable[Any] | None, example_inputs: tuple,
+                         free_dims: int = 1) -> tuple[tuple, ...] | None:
     """``calibration`` read once and checked against ``example_inputs``: each batch a tensor or a tuple of
-    tensors, as many as the model's inputs, each shaped like its example but for the batch size (the
-    only dynamic dimension of the exported graph) and, like it, floating or not. None stays None."""
+    tensors, as many as the model's inputs, each shaped like its example but for its first ``free_dims``
+    dims (the dynamic ones of the exported graph: the batch; batch and sequence for a Transformers model)
+    and, like it, floating or not. None stays None."""
     if calibration is None:
         return None
     if isinstance(calibration, (torch.Tensor, dict, str, bytes)) or not hasattr(calibration, "__iter__"):
@@ -201,14 +203,15 @@ def _calibration_batches(calibration: Iterable[Any] | None, example_inputs: tupl
     batches = tuple(_as_calibration_batch(batch, len(example_inputs)) for batch in calibration)
     if not batches:
         raise ValueError("`calibration` must hold at least one batch of model inputs, got none")
+    free = ("N", "T")[:free_dims]
     for number, batch in enumerate(batches):
         for position, (tensor, example) in enumerate(zip(batch, example_inputs)):
-            if (tensor.dim() != example.dim() or tensor.shape[1:] != example.shape[1:]
+            if (tensor.dim() != example.dim() or tensor.shape[free_dims:] != example.shape[free_dims:]
                     or tensor.is_floating_point() != example.is_floating_point()):
                 raise ValueError(
                     f"`calibration`: batch {number}, input {position} has shape {tuple(tensor.shape)} ({tensor.dtype}); "
-                    f"the model is exported for shape (N, {', '.join(map(str, example.shape[1:]))}) ({example.dtype}), "
-                    "only the batch size may differ"
+                    f"the model is exported for shape ({', '.join(free + tuple(map(str, example.shape[free_dims:])))}) "
+                    f"({example.dtype}), only {' and '.join(('the batch size', 'the sequence length')[:free_dims])} may differ"
                 )
     return batches
 
