@@ -292,6 +292,8 @@ def test_lm_head_stays_at_8_bits_unless_named():
         manager.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
     specs = get_qparams(manager.finalize(model))
     assert specs["lm_head"].weight_bits == 8 and specs["model.layers.0.mlp.down_proj"].weight_bits == 4
+    rows = {row["module"]: row for row in manager.callbacks[0].summary_rows()}  # the table as finalized
+    assert (rows["lm_head"]["weight_bits"], rows["lm_head"]["input_bits"], rows["lm_head"]["weight_group"]) == (8, "8/token", 32)
     named = tiny_llama()
     manager = CompressionManager(QuantizationAwareTraining(weight_bits=4, activation_scheme="dynamic",
                                                            modules=["re:.*proj", "lm_head"]))

@@ -94,8 +94,8 @@ def head_layers(root: nn.Module, selected: Sequence[tuple[str, nn.Module]], modu
     """The selected layers kept at 8-bit weights while ``weight_bits`` < 8: the output head and the
     layers tied to its weight (a tied input embedding), unless one of them is named exactly in ``modules``.
 
-    An LM head at 4 bits carries most of a model's quantization loss; keeping it at 8 bits unless
-    asked is the common default (llama.cpp's and ExecuTorch's LLM recipes).
+    An LM head at 4 bits carries most of a model's quantization loss; keeping it at higher precision
+    unless asked is the common default (llama.cpp's 4-bit mixes keep ``output.weight`` at 6+ bits).
     """
     head = output_head_name(root)
     names = [name for name, _ in selected]

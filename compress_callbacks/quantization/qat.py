@@ -1,4 +1,4 @@
-"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor).
+"""Quantization-aware training: fake-quant on weights (per channel or group) and layer inputs (per tensor or token).
 
 This module holds the callback, :class:`QuantizationAwareTraining`, which decides when layers switch
 and keeps their state; what a switched layer carries with it (its forward, its input-range observer,
@@ -59,6 +59,13 @@ def __getattr__(name: str) -> type:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _input_bits(st: _LayerState, activation_bits: int | None) -> int | str:
+    """The summary's input column: 8, ``"8/token"`` (dynamic) or ``"-"`` (weight-only, an embedding)."""
+    if st.dynamic_input:
+        return f"{activation_bits}/token"
+    return activation_bits if st.quantize_input else "-"
+
+
 # ---------------------------------------------------------------------------------------- callback
 class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationConfig):
     """Fake-quantize Linear/Conv weights and inputs from ``start_step`` on; ``finalize`` snaps to the grid.
@@ -99,7 +106,19 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             them), even after ``model.train()``.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
             ``nn.MultiheadAttention``'s ``out_proj`` is left out with a warning (the attention computes
-            with its weight and never calls it; naming it is an error).
+            with its weight and never calls it; naming it is an error). An ``nn.Embedding`` named here
+            (by name or type) is fake-quantized weight-only, per row (or per group).
+        weight_group_size: None (one scale per output channel) or g >= 2: every g consecutive weights
+            along the input dim share a symmetric scale; g must divide every layer's input features
+            (Conv layers are refused).
+        activation_scheme: ``"static"`` (the observed per-tensor range) or ``"dynamic"``: each token's
+            own int8 range, computed at run time as torchao's 8da4w does (no observers, no state).
+        learn_scales: trainable (LSQ) weight scales, initialised from the min/max grid at
+            ``start_step``; ``attach`` adds them to the optimizer (see :meth:`scale_parameters`).
+
+    With ``weight_bits`` < 8, a Transformers model's output head (``get_output_embeddings()``, and an
+    embedding tied to it) keeps 8-bit weights unless named exactly in ``modules``; a weight tied
+    between two targeted layers is quantized once, on one grid (see ``docs/quantization.md``).
 
     A Conv followed by a BatchNorm is trained with the BN folded into the fake-quantized weight
     (``q(w * gamma / sqrt(var + eps))``, running statistics), so the int8 folded conv computes what
@@ -473,10 +492,11 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                     "type": st.original_class.__name__,
                     "shape": tuple(st.module.weight.shape),
                     "weight_bits": st.bits,
-                    "input_bits": self.activation_bits or "-",
+                    "input_bits": _input_bits(st, self.activation_bits),
                     "input_min": float(st.group.running_min[st.slot]) if observed else "-",
                     "input_max": float(st.group.running_max[st.slot]) if observed else "-",
                     "folded_bn": st.bn_name or "-",
+                    **({"weight_group": st.group_size} if self.weight_group_size is not None else {}),
                 }
             )
         return rows
