@@ -26,7 +26,7 @@ import torch
 
 from .._native import activation_kernels, fake_quantize_rows_kernel
 from .config import DYNAMIC_ACTIVATION_QMAX, DYNAMIC_ACTIVATION_QMIN
-from .grid import channel_view, group_rows, ungroup_rows, weight_codes, weight_qmax
+from .grid import channel_view, group_rows, round_to_codes, scaled_weight, ungroup_rows, weight_codes, weight_qmax
 
 __all__ = [
     "WEIGHT_SCALE_EPS",
@@ -259,14 +259,15 @@ class _LearnedScaleFakeQuant(torch.autograd.Function):
     def backward(ctx, grad_output):  # type: ignore[override]
         weight, positive = ctx.saved_tensors
         qmax = weight_qmax(ctx.bits)
-        unclamped = weight_codes(weight, positive, ctx.bits, clamp=False)
-        inside = unclamped.abs() <= qmax
+        ratio = scaled_weight(weight.float(), positive)  # w / s
+        codes = round_to_codes(ratio.clone(), ctx.bits, clamp=False)
+        inside = codes.abs() <= qmax
         grad_weight = torch.where(inside, grad_output, 0.0).to(weight.dtype)
-        ratio = weight.float() * channel_view(positive.reciprocal(), weight.dim())
-        slope = torch.where(inside, unclamped - ratio, unclamped.clamp(-qmax, qmax))
-        per_scale = weight[0].numel() if weight.dim() > 0 else 1
-        grad_scale = (grad_output.float() * slope).reshape(weight.shape[0], -1).sum(dim=1)
-        return grad_weight, grad_scale.mul_(lsq_gradient_factor(per_scale, ctx.bits)), None
+        # d(q * s)/ds: round(w/s) - w/s where the code is inside the grid, the clamped code (+-qmax) outside
+        slope = codes.clamp_(-qmax, qmax).sub_(ratio.mul_(inside))
+        rows = weight.shape[0]
+        grad_scale = (grad_output.float().reshape(rows, -1) * slope.reshape(rows, -1)).sum(dim=1)
+        return grad_weight, grad_scale.mul_(lsq_gradient_factor(weight[0].numel(), ctx.bits)), None
 
 
 def fake_quantize_weight_learned(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:

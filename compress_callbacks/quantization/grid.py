@@ -40,6 +40,8 @@ __all__ = [
     "group_rows",
     "ungroup_rows",
     "weight_codes",
+    "scaled_weight",
+    "round_to_codes",
     "dequantize_codes",
     "bn_fold_factor",
     "batchnorm_fold_factor",
@@ -125,8 +127,25 @@ def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int 
     if scale.dim() == 2:  # per group: the groups are the channels of the grouped view
         rows = group_rows(weight, _group_size(weight, scale, dim), dim)
         return ungroup_rows(weight_codes(rows, scale.reshape(-1), bits, clamp=clamp), weight.shape, dim)
-    inverse = channel_view(scale.to(weight.device).reciprocal(), weight.dim(), dim)
-    codes = (weight * inverse).round_()
+    return round_to_codes(scaled_weight(weight, scale, dim), bits, clamp=clamp)
+
+
+def scaled_weight(weight: torch.Tensor, scale: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``w * (1 / s)`` per channel along ``dim``: the value :func:`round_to_codes` rounds (a new tensor).
+
+    >>> scaled_weight(torch.tensor([[1.0, -3.0]]), torch.tensor([2.0])).tolist()
+    [[0.5, -1.5]]
+    """
+    return weight * channel_view(scale.to(weight.device).reciprocal(), weight.dim(), dim)
+
+
+def round_to_codes(scaled: torch.Tensor, bits: int, *, clamp: bool = True) -> torch.Tensor:
+    """``round_half_even(scaled)``, clamped to ``[-qmax, qmax]`` unless ``clamp=False`` (in place).
+
+    >>> round_to_codes(torch.tensor([0.5, -1.5, 9.0]), bits=4).tolist()
+    [0.0, -2.0, 7.0]
+    """
+    codes = scaled.round_()
     if not clamp:
         return codes
     qmax = weight_qmax(bits)
