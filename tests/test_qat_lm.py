@@ -526,3 +526,46 @@ def _ddp_worker():
 
 def test_ddp_two_processes_agree_on_learned_scales(launch_two_processes):
     launch_two_processes(_ddp_worker, timeout=240)
+
+
+def _fsdp2_worker(path):
+    """Two ranks, FSDP2 (``fully_shard``, gloo), groups + per-token inputs + learned scales, the same
+    batches on both ranks: weights, scales and specs equal a single process's."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    reference = mlp(4)
+    model = copy.deepcopy(reference)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    runs = []
+    for net in (model, reference):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        qat = QuantizationAwareTraining(start_step=1, learn_scales=True, **W4G4_DYNAMIC)
+        manager = CompressionManager(qat)
+        manager.attach(net, optimizer)
+        runs.append((manager, optimizer, qat))
+    for x, y in data(5):
+        for net, (_, optimizer, _) in zip((model, reference), runs):
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(runs[0][2].scale_parameters(), runs[1][2].scale_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    finalized, expected = runs[0][0].finalize(model), runs[1][0].finalize(reference)
+    whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in finalized.state_dict().items()}
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(whole[key], value, rtol=1e-5, atol=1e-6)
+    for name, spec in get_qparams(finalized).items():
+        torch.testing.assert_close(spec.weight_scale, get_qparams(expected)[name].weight_scale, rtol=1e-5, atol=1e-7)
+    with open(f"{path}/rank{dist.get_rank()}.txt", "w") as f:
+        f.write("ok")
+
+
+def test_fsdp2_groups_dynamic_and_learned_scales_match_a_single_process(tmp_path, launch_two_processes):
+    launch_two_processes(_fsdp2_worker, tmp_path)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
