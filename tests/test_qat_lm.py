@@ -494,6 +494,49 @@ def test_transformers_trainer_trains_llama_with_8da4w_and_learned_scales(tmp_pat
     assert "lm_head" not in specs and specs["model.layers.0.mlp.up_proj"].weight_group_size == 32
 
 
+def test_scale_gradients_do_not_pile_up_when_the_loop_zeroes_only_the_model():
+    """The Trainer zeroes gradients with ``model.zero_grad()``; the scales are not the model's."""
+    results = []
+    for zero in ("optimizer", "model"):
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        qat = QuantizationAwareTraining(learn_scales=True, **W4G4_DYNAMIC)
+        CompressionManager(qat).attach(model, optimizer)
+        for x, y in data(3):
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            (optimizer if zero == "optimizer" else model).zero_grad()
+        results.append([s.detach().clone() for s in qat.scale_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def trainer_run(output_dir, resume=None):
+    """A Trainer run with learned scales; attached before ``train`` (to the Trainer's optimizer) so that
+    a resumed run's optimizer holds the scales when the Trainer loads its state."""
+    from transformers import Trainer, TrainingArguments
+
+    from compress_callbacks.integrations.transformers import CompressionCallback
+
+    model = tiny_llama()
+    qat = QuantizationAwareTraining(start_step=1, weight_bits=4, weight_group_size=32, activation_scheme="dynamic",
+                                    learn_scales=True, exclude=["lm_head"])
+    manager = CompressionManager(qat)
+    dataset = [{"input_ids": row, "labels": row} for ids in tokens(8, batch=1) for row in ids]
+    args = TrainingArguments(str(output_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[CompressionCallback(manager)])
+    manager.attach(model, trainer.create_optimizer())
+    trainer.train(resume_from_checkpoint=resume)
+    return model, qat
+
+
+def test_transformers_trainer_resume_with_learned_scales_matches_an_uninterrupted_run(tmp_path):
+    full, full_qat = trainer_run(tmp_path)
+    resumed, resumed_qat = trainer_run(tmp_path, resume=str(tmp_path / "checkpoint-2"))
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(full_qat.scale_parameters(), resumed_qat.scale_parameters()))
+
+
 # ------------------------------------------------------------------------------------ DDP
 def _ddp_worker():
     import torch.distributed as dist

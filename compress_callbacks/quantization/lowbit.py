@@ -187,6 +187,13 @@ class LearnedScales:
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
+    def clear_gradients(self) -> None:
+        """Drop the scales' gradients after a real update: a loop that zeroes the model's gradients
+        only (the Transformers Trainer calls ``model.zero_grad()``) would otherwise add every step's
+        scale gradients up, since the scales are not the model's parameters."""
+        for p in self.parameters:
+            p.grad = None
+
     def state(self) -> dict[str, Any]:
         return {"scales": [p.detach().to("cpu").clone() for p in self.parameters], "scales_initialized": self.initialized}
 

@@ -268,7 +268,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         ``attach`` adds them to the optimizer it is given: to its first param group without weight
         decay (the Transformers Trainer's bias / norm group), else to its first group, so they follow
         that group's learning rate and schedule. Pass them yourself to an optimizer made after
-        ``attach``. With Adam-like optimizers a scale moves by about the learning rate per update:
+        ``attach``. With the Transformers Trainer and checkpoints, attach to ``trainer.create_optimizer()``
+        before ``trainer.train`` (see ``docs/quantization.md``). With Adam-like optimizers a scale moves by about the learning rate per update:
         keep it well below the scales (``max |w| / qmax``, ~1e-2 for 4-bit LLM weights). They are initialized from the weights' min/max grid
         when fake-quant starts (``start_step``), and saved in this callback's ``state_dict``.
         """
@@ -279,6 +280,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             self._learned.average_gradients()
 
     def on_update(self, step: int) -> None:
+        if self._learned is not None:
+            self._learned.clear_gradients()
         if self._groups and self._must_fold():
             for group in self._groups:
                 first = group.update(self.averaging_constant)
