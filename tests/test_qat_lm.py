@@ -612,3 +612,64 @@ def _fsdp2_worker(path):
 def test_fsdp2_groups_dynamic_and_learned_scales_match_a_single_process(tmp_path, launch_two_processes):
     launch_two_processes(_fsdp2_worker, tmp_path)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["ok", "ok"]
+
+
+# ------------------------------------------------------------------------------------ other layer kinds
+def test_gpt2_conv1d_groups_and_learned_scales_finalize_to_the_trained_model():
+    """Transformers Conv1D stores [in, out]: groups run along its first dim."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    qat = QuantizationAwareTraining(weight_bits=4, weight_group_size=16, activation_scheme="dynamic", learn_scales=True)
+    manager = CompressionManager(qat)
+    with pytest.warns(UserWarning, match="skipping 'lm_head'"):  # tied to wte, not named: left alone
+        manager.attach(model, optimizer)
+    assert qat.scale_parameters()[0].shape == (96, 2)  # c_attn: [in 32, out 96], 2 groups per output
+    for ids in tokens(3, length=8):
+        lm_step(model, optimizer, ids)
+    model.eval()
+    ids = tokens(1, length=8, seed=5)[0]
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        compressed = manager.finalize(model)
+        with fake_quantized(compressed):
+            reference = compressed(input_ids=ids).logits
+    torch.testing.assert_close(trained, reference, rtol=0, atol=1e-4)
+    spec = get_qparams(compressed)["transformer.h.0.attn.c_attn"]
+    weight = compressed.transformer.h[0].attn.c_attn.weight.detach()
+    assert spec.weight_axis == 1 and spec.weight_scale.shape == (96, 2)
+    codes = quantize_weight(weight, spec).float()
+    assert torch.equal(dequantized_weight(codes, spec), weight) and codes.abs().max() <= 7
+
+
+def test_learned_per_channel_scales_on_a_conv_with_folded_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    qat = QuantizationAwareTraining(weight_bits=4, learn_scales=True, freeze_bn_step=2)
+    manager = CompressionManager(qat)
+    manager.attach(model, optimizer)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        F.cross_entropy(model(torch.randn(8, 3, 6, 6, generator=g)), torch.randint(0, 3, (8,), generator=g)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    x = torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        trained = model(x)
+        compressed = manager.finalize(model)
+        with fake_quantized(compressed):
+            reference = compressed(x)
+    torch.testing.assert_close(trained, reference, rtol=0, atol=1e-4)
+    spec = get_qparams(compressed)["0"]
+    assert spec.bn == "1" and spec.weight_scale.shape == (4,)
+    from compress_callbacks.quantization.grid import batchnorm_fold_factor
+
+    folded = compressed[0].weight.detach() * batchnorm_fold_factor(compressed[1]).view(-1, 1, 1, 1)
+    codes = (folded / spec.weight_scale.view(-1, 1, 1, 1)).round()
+    torch.testing.assert_close(codes * spec.weight_scale.view(-1, 1, 1, 1), folded, rtol=0, atol=1e-6)
+    assert codes.abs().max() <= 7  # the folded weight lies on the learned 4-bit grid
