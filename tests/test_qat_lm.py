@@ -673,3 +673,46 @@ def test_learned_per_channel_scales_on_a_conv_with_folded_batchnorm():
     codes = (folded / spec.weight_scale.view(-1, 1, 1, 1)).round()
     torch.testing.assert_close(codes * spec.weight_scale.view(-1, 1, 1, 1), folded, rtol=0, atol=1e-6)
     assert codes.abs().max() <= 7  # the folded weight lies on the learned 4-bit grid
+
+
+def test_lightning_trains_with_groups_dynamic_inputs_and_learned_scales(tmp_path):
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compress_callbacks.integrations.lightning import CompressionCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    module = Module()
+    qat = QuantizationAwareTraining(start_step=1, learn_scales=True, **W4G4_DYNAMIC)
+    manager = CompressionManager(qat)
+    g = torch.Generator().manual_seed(1)
+    batches = DataLoader(TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)), batch_size=8)
+    trainer = L.Trainer(max_steps=4, callbacks=[CompressionCallback(manager)], accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    start = None
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            nonlocal start
+            if manager.step == 1:  # scales just initialised from the weights
+                start = [s.detach().clone() for s in qat.scale_parameters()]
+
+    trainer.callbacks.append(Record())
+    trainer.fit(module, batches)
+    assert manager.step == 4 and start is not None
+    owned = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(s) in owned for s in qat.scale_parameters())
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(start, qat.scale_parameters()))  # trained
+    specs = get_qparams(manager.finalize(module))
+    assert specs["net.0"].activation_scheme == "dynamic" and specs["net.2"].weight_group_size == 4
