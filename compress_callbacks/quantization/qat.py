@@ -268,10 +268,13 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         ``attach`` adds them to the optimizer it is given: to its first param group without weight
         decay (the Transformers Trainer's bias / norm group), else to its first group, so they follow
         that group's learning rate and schedule. Pass them yourself to an optimizer made after
-        ``attach``. With the Transformers Trainer and checkpoints, attach to ``trainer.create_optimizer()``
-        before ``trainer.train`` (see ``docs/quantization.md``). With Adam-like optimizers a scale moves by about the learning rate per update:
-        keep it well below the scales (``max |w| / qmax``, ~1e-2 for 4-bit LLM weights). They are initialized from the weights' min/max grid
-        when fake-quant starts (``start_step``), and saved in this callback's ``state_dict``.
+        ``attach``. With the Transformers Trainer and checkpoints, attach to
+        ``trainer.create_optimizer()`` before ``trainer.train`` (see ``docs/quantization.md``).
+
+        They are initialized from the weights' min/max grid when fake-quant starts (``start_step``)
+        and saved in this callback's ``state_dict``. With Adam-like optimizers a scale moves by about
+        the learning rate per update: keep it well below the scales (``max |w| / qmax``, ~1e-2 for
+        4-bit LLM weights).
         """
         return list(self._learned.parameters) if self._learned is not None else []
 
