@@ -36,6 +36,7 @@ __all__ = [
     "ArgumentTypeError",
     "ArgumentValueError",
     "TechniqueConfig",
+    "check_bool",
     "check_choice",
     "check_fraction",
     "check_int",
@@ -133,6 +134,21 @@ def check_fraction(value: Any, argument: str, *, allow_none: bool = False) -> fl
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ArgumentValueError(argument, f"`{argument}` must be {accepted}, got {value!r}")
     return float(value)
+
+
+def check_bool(value: Any, argument: str) -> bool:
+    """``value`` if it is a ``bool`` (not 0 / 1 / "yes"); raise naming ``argument``.
+
+    >>> check_bool(True, "learn_scales")
+    True
+    >>> check_bool(1, "learn_scales")
+    Traceback (most recent call last):
+    ...
+    compress_callbacks.config.ArgumentTypeError: `learn_scales` must be True or False, got 1
+    """
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(argument, f"`{argument}` must be True or False, got {value!r}")
+    return value
 
 
 def check_choice(value: Any, argument: str, choices: tuple[str, ...], accepted: str = "") -> str:

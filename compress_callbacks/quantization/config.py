@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import TechniqueConfig, check_int
+from ..config import ArgumentValueError, TechniqueConfig, check_bool, check_choice, check_int
 from ..targets import ModuleSpec, normalize_spec
 
 __all__ = [
@@ -23,14 +23,25 @@ __all__ = [
     "ACTIVATION_QMIN",
     "MAX_WEIGHT_BITS",
     "MIN_WEIGHT_BITS",
+    "ACTIVATION_SCHEMES",
+    "DYNAMIC_ACTIVATION_QMAX",
+    "DYNAMIC_ACTIVATION_QMIN",
+    "MIN_WEIGHT_GROUP_SIZE",
     "QuantizationConfig",
     "check_activation_bits",
+    "check_activation_scheme",
+    "check_weight_group_size",
     "check_weight_bits",
 ]
 
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8  # symmetric signed per-channel weights
 ACTIVATION_BITS = 8  # layer inputs: per tensor, affine uint8 ...
 ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255  # ... on this grid
+#: "static": one observed range per layer input; "dynamic": a range per token, computed at run time
+ACTIVATION_SCHEMES = ("static", "dynamic")
+#: the per-token grid of ``activation_scheme="dynamic"``: signed int8, torchao's / XNNPACK's 8da4w activations
+DYNAMIC_ACTIVATION_QMIN, DYNAMIC_ACTIVATION_QMAX = -128, 127
+MIN_WEIGHT_GROUP_SIZE = 2  # a group of one weight would be its own scale (torchao refuses it too)
 
 
 def check_weight_bits(value: object) -> int:
@@ -53,6 +64,24 @@ def check_activation_bits(value: object) -> int | None:
     )
 
 
+def check_weight_group_size(value: object) -> int | None:
+    """``weight_group_size`` checked: an int >= 2, or None (one scale per output channel).
+
+    >>> check_weight_group_size(32), check_weight_group_size(None)
+    (32, None)
+    """
+    return check_int(value, "weight_group_size", minimum=MIN_WEIGHT_GROUP_SIZE, allow_none=True, note=" (per output channel)")
+
+
+def check_activation_scheme(value: object) -> str:
+    """``activation_scheme`` checked: ``"static"`` or ``"dynamic"``.
+
+    >>> check_activation_scheme("dynamic")
+    'dynamic'
+    """
+    return check_choice(value, "activation_scheme", ACTIVATION_SCHEMES)
+
+
 @dataclasses.dataclass
 class QuantizationConfig(TechniqueConfig):
     """When and how to fake-quantize (see ``QuantizationAwareTraining`` for each field's meaning).
@@ -71,6 +100,9 @@ class QuantizationConfig(TechniqueConfig):
     freeze_bn_step: int | None = None
     modules: ModuleSpec = None
     exclude: ModuleSpec = None
+    weight_group_size: int | None = None
+    activation_scheme: str = "static"
+    learn_scales: bool = False
 
     def validate(self) -> None:
         self.start_step = check_int(self.start_step, "start_step", minimum=0)
@@ -80,3 +112,12 @@ class QuantizationConfig(TechniqueConfig):
         self.freeze_bn_step = check_int(self.freeze_bn_step, "freeze_bn_step", minimum=0, allow_none=True)
         self.modules = None if self.modules is None else normalize_spec(self.modules, argument="modules")
         self.exclude = None if self.exclude is None else normalize_spec(self.exclude, argument="exclude")
+        self.weight_group_size = check_weight_group_size(self.weight_group_size)
+        self.activation_scheme = check_activation_scheme(self.activation_scheme)
+        self.learn_scales = check_bool(self.learn_scales, "learn_scales")
+        if self.activation_scheme == "dynamic" and self.activation_bits is None:
+            raise ArgumentValueError(
+                "activation_scheme",
+                "`activation_scheme` 'dynamic' quantizes layer inputs per token at 8 bits: it needs `activation_bits=8` "
+                "(with `activation_bits=None`, weight-only, leave `activation_scheme` at 'static')",
+            )

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from .._native import activation_kernels, fake_quantize_rows_kernel
-from .grid import channel_view, weight_codes, weight_qmax
+from .config import DYNAMIC_ACTIVATION_QMAX, DYNAMIC_ACTIVATION_QMIN
+from .grid import channel_view, group_rows, round_to_codes, scaled_weight, ungroup_rows, weight_codes, weight_qmax
 
 __all__ = [
     "WEIGHT_SCALE_EPS",
@@ -38,6 +39,12 @@ __all__ = [
     "activation_bounds",
     "fake_quantize_activation",
     "fake_quantize_activation_with_bounds",
+    "per_group_weight_scale",
+    "fake_quantize_weight_groups",
+    "lsq_gradient_factor",
+    "fake_quantize_weight_learned",
+    "per_token_activation_qparams",
+    "fake_quantize_per_token",
 ]
 
 #: smallest weight scale (an all-zero channel gets it; any floor only coarsens, never clips)
@@ -189,3 +196,145 @@ def fake_quantize_activation(
     [-0.20000000298023224, 0.30000001192092896, 0.800000011920929]
     """
     return fake_quantize_activation_with_bounds(x, scale, *activation_bounds(scale, zero_point, qmin, qmax))
+
+
+# ---------------------------------------------------------------------------------------- low-bit LLM schemes
+# Group-wise weights, trainable (LSQ) scales and per-token dynamic activations: the modes of
+# ``weight_group_size`` / ``learn_scales`` / ``activation_scheme="dynamic"``. A group is a channel of
+# the grouped view (:func:`~compress_callbacks.quantization.grid.group_rows`), so groups reuse the
+# per-channel functions above (and their one-pass kernel) unchanged.
+
+
+def per_group_weight_scale(weight: torch.Tensor, bits: int, group_size: int, dim: int = 0) -> torch.Tensor:
+    """float32 ``[out, in / group_size]`` scales of a 2-D weight: each group's ``max |w| / qmax``.
+
+    ``dim`` is the weight's dim of output channels (1 for Transformers ``Conv1D``'s ``[in, out]``).
+
+    >>> per_group_weight_scale(torch.tensor([[7.0, -1.0, 0.5, 0.0]]), 4, group_size=2).tolist()
+    [[1.0, 0.0714285746216774]]
+    """
+    out_channels = weight.shape[dim]
+    return per_channel_weight_scale(group_rows(weight, group_size, dim), bits).reshape(out_channels, -1)
+
+
+def fake_quantize_weight_groups(weight: torch.Tensor, bits: int, group_size: int, dim: int = 0) -> torch.Tensor:
+    """Fake-quantize a 2-D weight per group of ``group_size`` input weights (symmetric, ``max |w|``
+    scales, straight-through): :func:`fake_quantize_weight` on the grouped view.
+
+    >>> w = torch.tensor([[7.0, -1.0, 0.5, 0.26]], requires_grad=True)
+    >>> fake_quantize_weight_groups(w, 2, group_size=2).tolist()   # 2-bit: codes {-1, 0, 1} per group
+    [[7.0, -0.0, 0.5, 0.5]]
+    """
+    return ungroup_rows(fake_quantize_weight(group_rows(weight, group_size, dim), bits), weight.shape, dim)
+
+
+def lsq_gradient_factor(weights_per_scale: int, bits: int) -> float:
+    """LSQ's scale-gradient factor ``1 / sqrt(n * qmax)`` (Esser et al., 2020) for ``n`` weights per scale.
+
+    It keeps a scale's update commensurate with its weights' under one learning rate.
+
+    >>> lsq_gradient_factor(28, 4)   # 1 / sqrt(28 * 7)
+    0.07142857142857142
+    """
+    return 1.0 / (weights_per_scale * weight_qmax(bits)) ** 0.5
+
+
+class _LearnedScaleFakeQuant(torch.autograd.Function):
+    """``clamp(round(w / s), -qmax, qmax) * s`` per channel (dim 0) with a trainable ``s`` (LSQ).
+
+    Gradients: ``w`` straight through where its code is not clipped (0 where it is); ``s`` the LSQ
+    estimate ``round(w / s) - w / s`` (``+-qmax`` where clipped) summed over the channel, times
+    :func:`lsq_gradient_factor`. A scale is floored at :data:`WEIGHT_SCALE_EPS` in the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale, bits):  # type: ignore[override]
+        positive = scale.detach().float().clamp_min(WEIGHT_SCALE_EPS)
+        codes = weight_codes(weight.detach(), positive, bits)
+        ctx.bits = bits
+        ctx.save_for_backward(weight, positive)
+        return codes.mul_(channel_view(positive, codes.dim())).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        weight, positive = ctx.saved_tensors
+        qmax = weight_qmax(ctx.bits)
+        ratio = scaled_weight(weight.float(), positive)  # w / s
+        codes = round_to_codes(ratio.clone(), ctx.bits, clamp=False)
+        inside = codes.abs() <= qmax
+        grad_weight = torch.where(inside, grad_output, 0.0).to(weight.dtype)
+        # d(q * s)/ds: round(w/s) - w/s where the code is inside the grid, the clamped code (+-qmax) outside
+        slope = codes.clamp_(-qmax, qmax).sub_(ratio.mul_(inside))
+        rows = weight.shape[0]
+        grad_scale = (grad_output.float().reshape(rows, -1) * slope.reshape(rows, -1)).sum(dim=1)
+        return grad_weight, grad_scale.mul_(lsq_gradient_factor(weight[0].numel(), ctx.bits)), None
+
+
+def fake_quantize_weight_learned(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Fake-quantize ``weight`` on the trainable grid ``scale`` (``[out]``, or ``[out, in / g]``: per
+    group), with LSQ gradients for both (see :class:`_LearnedScaleFakeQuant`).
+
+    >>> w = torch.tensor([[0.9, -0.2, 3.0]], requires_grad=True)
+    >>> s = torch.nn.Parameter(torch.tensor([0.5]))
+    >>> out = fake_quantize_weight_learned(w, s, bits=3)   # codes in [-3, 3]: 3.0 is clipped to 1.5
+    >>> out.tolist()
+    [[1.0, -0.0, 1.5]]
+    >>> out.sum().backward(); w.grad.tolist()              # no gradient where clipped
+    [[1.0, 1.0, 0.0]]
+    """
+    if scale.dim() == 2:
+        rows = group_rows(weight, weight.shape[1 - dim] // scale.shape[1], dim)
+        return ungroup_rows(_LearnedScaleFakeQuant.apply(rows, scale.reshape(-1), bits), weight.shape, dim)
+    if dim == 1:
+        return _LearnedScaleFakeQuant.apply(weight.t(), scale, bits).t()
+    return _LearnedScaleFakeQuant.apply(weight, scale, bits)
+
+
+@torch.no_grad()
+def per_token_activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of each token (row of ``x`` over its last dim), shaped ``[..., 1]``, in ``x``'s dtype.
+
+    torchao's int8 asymmetric per-token choice (``choose_qparams_affine``, ``MappingType.ASYMMETRIC``,
+    the activations of ``Int8DynamicActivationIntxWeightConfig``): the range widened to contain 0,
+    ``scale = (hi - lo) / 255`` floored at the dtype's smallest normal number,
+    ``zero_point = clamp(-128 - round(lo / scale), -128, 127)``.
+
+    >>> scale, zero_point = per_token_activation_qparams(torch.tensor([[0.0, 2.55], [-1.0, 1.55]]))
+    >>> [round(v, 6) for v in scale.flatten().tolist()], zero_point.flatten().tolist()
+    ([0.01, 0.01], [-128.0, -28.0])
+    """
+    lo = x.amin(dim=-1, keepdim=True).clamp_max_(0)
+    hi = x.amax(dim=-1, keepdim=True).clamp_min_(0)
+    scale = ((hi - lo) / float(DYNAMIC_ACTIVATION_QMAX - DYNAMIC_ACTIVATION_QMIN)).clamp_min_(torch.finfo(x.dtype).smallest_normal)
+    zero_point = (DYNAMIC_ACTIVATION_QMIN - torch.round(lo / scale)).clamp_(DYNAMIC_ACTIVATION_QMIN, DYNAMIC_ACTIVATION_QMAX)
+    return scale, zero_point
+
+
+class _PerTokenFakeQuant(torch.autograd.Function):
+    """``(clamp(round(x * (1 / s)) + z, -128, 127) - z) * s`` per token; gradient where nothing was clamped."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        scale, zero_point = per_token_activation_qparams(x)
+        shifted = (x * scale.reciprocal()).round_().add_(zero_point)
+        codes = shifted.clamp(DYNAMIC_ACTIVATION_QMIN, DYNAMIC_ACTIVATION_QMAX)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(codes == shifted)
+        return codes.sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad_output, 0.0)
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token int8 fake quant of a layer input, as torchao's 8da4w / XNNPACK run it at inference.
+
+    Every token (``x`` viewed as ``[-1, x.shape[-1]]``) gets its own asymmetric range, computed
+    from ``x`` itself: nothing is observed or stored. Computed in ``x``'s dtype, as torchao does.
+
+    >>> fake_quantize_per_token(torch.tensor([[0.0, 1.0, 2.55]])).tolist()
+    [[0.0, 1.0, 2.549999952316284]]
+    """
+    return _PerTokenFakeQuant.apply(x)

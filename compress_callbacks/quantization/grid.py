@@ -7,7 +7,11 @@ path call these functions, so the codes the int8 model holds are the ones traini
   restricted range, zero point 0), the scale broadcast along the channel dim;
 - :func:`bn_fold_factor`: ``gamma / sqrt(running_var + eps)``, what eval BatchNorm multiplies each
   channel by (a conv followed by it computes the conv of ``w * factor``);
-- :func:`channel_view`: one value per channel shaped to broadcast against a weight (torch or numpy).
+- :func:`channel_view`: one value per channel shaped to broadcast against a weight (torch or numpy);
+- :func:`group_rows`: a 2-D weight with group-wise scales (``weight_group_size``) seen as one row per
+  group, output channels first: ``[out * in / g, g]``. A group is then a channel of that view, so
+  the per-channel math above (codes, scales, fake-quant) serves groups unchanged. A scale of shape
+  ``[out, in / g]`` (two dims) means groups everywhere below.
 
 >>> import torch
 >>> w = torch.tensor([[0.6, -1.0, 0.26], [0.5, 0.375, -0.125]])
@@ -18,6 +22,9 @@ path call these functions, so the codes the int8 model holds are the ones traini
 [[0.5, -1.0, 0.5], [0.5, 0.5, -0.0]]
 >>> bn_fold_factor(torch.tensor([2.0]), torch.tensor([3.0]), eps=1.0).tolist()
 [1.0]
+>>> groups = torch.tensor([[0.5, 0.25]])                  # one output channel, two groups of 2
+>>> weight_codes(torch.tensor([[1.0, -0.5, 0.25, 0.5]]), groups, bits=4).tolist()
+[[2.0, -1.0, 1.0, 2.0]]
 """
 
 from __future__ import annotations
@@ -30,7 +37,11 @@ import torch.nn as nn
 __all__ = [
     "weight_qmax",
     "channel_view",
+    "group_rows",
+    "ungroup_rows",
     "weight_codes",
+    "scaled_weight",
+    "round_to_codes",
     "dequantize_codes",
     "bn_fold_factor",
     "batchnorm_fold_factor",
@@ -64,8 +75,41 @@ def channel_view(values: Array, ndim: int, dim: int = 0) -> Array:
     return values.reshape(shape)
 
 
+def group_rows(weight: torch.Tensor, group_size: int, dim: int = 0) -> torch.Tensor:
+    """A 2-D weight, output channels (along ``dim``) first, as ``[out * in / group_size, group_size]``:
+    one row per group of ``group_size`` consecutive input weights (a view when ``dim=0``).
+
+    >>> group_rows(torch.arange(8.0).reshape(2, 4), 2).tolist()
+    [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
+    >>> group_rows(torch.arange(8.0).reshape(4, 2), 2, dim=1).tolist()   # [in, out] (Transformers Conv1D)
+    [[0.0, 2.0], [4.0, 6.0], [1.0, 3.0], [5.0, 7.0]]
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"group-wise scales need a 2-D weight, got shape {tuple(weight.shape)}")
+    rows = weight.t() if dim == 1 else weight
+    return rows.reshape(-1, group_size)
+
+
+def ungroup_rows(grouped: Array, shape: torch.Size | tuple, dim: int = 0) -> Array:
+    """The inverse of :func:`group_rows`: back to a weight of ``shape`` (output channels along ``dim``).
+
+    >>> w = torch.arange(8.0).reshape(4, 2)
+    >>> torch.equal(ungroup_rows(group_rows(w, 2, dim=1), w.shape, dim=1), w)
+    True
+    """
+    if dim == 1:
+        return grouped.reshape(shape[1], shape[0]).T
+    return grouped.reshape(shape)
+
+
+def _group_size(weight: torch.Tensor, scale: torch.Tensor, dim: int) -> int:
+    """Weights per group of a ``[out, groups]`` scale on a 2-D ``weight`` (channels along ``dim``)."""
+    return weight.shape[1 - dim] // scale.shape[1]
+
+
 def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int = 0, *, clamp: bool = True) -> torch.Tensor:
-    """Integer codes (as floats) of ``weight`` on the grid ``scale`` (one per channel along ``dim``).
+    """Integer codes (as floats) of ``weight`` on the grid ``scale`` (one per channel along ``dim``,
+    or ``[out, in / g]``: one per group of ``g`` input weights, see :func:`group_rows`).
 
     ``round_half_even(w * (1 / s))`` clamped to ``[-qmax, qmax]``: the multiplication by the
     reciprocal is what ``torch.fake_quantize_per_channel_affine`` and the native kernel compute, so a
@@ -80,8 +124,28 @@ def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int 
     >>> torch.equal(weight_codes(w, s, bits=4, clamp=False), weight_codes(w, s, bits=4))
     True
     """
-    inverse = channel_view(scale.to(weight.device).reciprocal(), weight.dim(), dim)
-    codes = (weight * inverse).round_()
+    if scale.dim() == 2:  # per group: the groups are the channels of the grouped view
+        rows = group_rows(weight, _group_size(weight, scale, dim), dim)
+        return ungroup_rows(weight_codes(rows, scale.reshape(-1), bits, clamp=clamp), weight.shape, dim)
+    return round_to_codes(scaled_weight(weight, scale, dim), bits, clamp=clamp)
+
+
+def scaled_weight(weight: torch.Tensor, scale: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``w * (1 / s)`` per channel along ``dim``: the value :func:`round_to_codes` rounds (a new tensor).
+
+    >>> scaled_weight(torch.tensor([[1.0, -3.0]]), torch.tensor([2.0])).tolist()
+    [[0.5, -1.5]]
+    """
+    return weight * channel_view(scale.to(weight.device).reciprocal(), weight.dim(), dim)
+
+
+def round_to_codes(scaled: torch.Tensor, bits: int, *, clamp: bool = True) -> torch.Tensor:
+    """``round_half_even(scaled)``, clamped to ``[-qmax, qmax]`` unless ``clamp=False`` (in place).
+
+    >>> round_to_codes(torch.tensor([0.5, -1.5, 9.0]), bits=4).tolist()
+    [0.0, -2.0, 7.0]
+    """
+    codes = scaled.round_()
     if not clamp:
         return codes
     qmax = weight_qmax(bits)
@@ -89,12 +153,16 @@ def weight_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, dim: int 
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """``codes * scale`` per channel along ``dim``, in float32 or wider (the inverse of :func:`weight_codes`).
+    """``codes * scale`` per channel along ``dim`` (or per group: a ``[out, in / g]`` scale), in float32 or
+    wider (the inverse of :func:`weight_codes`).
 
     >>> dequantize_codes(torch.tensor([[2, -1], [1, 127]], dtype=torch.int8), torch.tensor([0.5, 0.25])).tolist()
     [[1.0, -0.5], [0.25, 31.75]]
     """
     values = codes.to(torch.promote_types(codes.dtype, torch.float32))
+    if scale.dim() == 2:
+        rows = group_rows(values, _group_size(values, scale, dim), dim)
+        return ungroup_rows(dequantize_codes(rows, scale.reshape(-1)), values.shape, dim)
     return values * channel_view(scale.to(codes.device, torch.float32), codes.dim(), dim)
 
 

@@ -176,7 +176,8 @@ def calibrate(
 
 @contextlib.contextmanager
 def fake_quantized(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, each quantized layer's input is fake-quantized with its stored range.
+    """Within the block, each quantized layer's input is fake-quantized with its stored range (or per
+    token, ``activation_scheme="dynamic"``).
 
     With weights already on their grid (a finalized or calibrated model), this is what the
     fake-quant model computes in eval: the reference for int8 backends.
@@ -188,6 +189,8 @@ def fake_quantized(model: nn.Module) -> Iterator[nn.Module]:
     def hook_for(spec: LayerQuantSpec):
         def hook(_module, args):
             x = args[0]
+            if spec.dynamic:  # a range per token, from the input itself
+                return (FQ.fake_quantize_per_token(x),) + tuple(args[1:])
             q = torch.fake_quantize_per_tensor_affine(
                 x.float(), spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax
             ).to(x.dtype)

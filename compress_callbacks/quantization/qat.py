@@ -1,4 +1,4 @@
-"""Quantization-aware training: fake-quant on weights (per channel) and layer inputs (per tensor).
+"""Quantization-aware training: fake-quant on weights (per channel or group) and layer inputs (per tensor or token).
 
 This module holds the callback, :class:`QuantizationAwareTraining`, which decides when layers switch
 and keeps their state; what a switched layer carries with it (its forward, its input-range observer,
@@ -21,7 +21,7 @@ from ..callback import CompressionTechnique
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import fake_quant as FQ
 from . import qat_layers
-from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, QuantizationConfig
+from .config import ACTIVATION_QMAX, ACTIVATION_QMIN, DYNAMIC_ACTIVATION_QMAX, DYNAMIC_ACTIVATION_QMIN, MAX_WEIGHT_BITS, QuantizationConfig
 from .fast_path import keep_on_module_path, quantizable_modules, warn_left_out
 from .qat_layers import (  # noqa: F401  (re-exported: models pickled mid-training before the split name them here)
     SUPPORTED_TYPES,
@@ -46,6 +46,7 @@ from .qat_layers import (
     _RangeGroup,
     _supported_base,
 )
+from .lowbit import LearnedScales, check_embeddings, check_group_size, head_layers
 from .spec import LayerQuantSpec, get_qparams, set_qparams
 
 __all__ = ["QuantizationAwareTraining"]
@@ -56,6 +57,13 @@ def __getattr__(name: str) -> type:
     if name == "QATConv1D":
         return qat_layers.QATConv1D
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _input_bits(st: _LayerState, activation_bits: int | None) -> int | str:
+    """The summary's input column: 8, ``"8/token"`` (dynamic) or ``"-"`` (weight-only, an embedding)."""
+    if st.dynamic_input:
+        return f"{activation_bits}/token"
+    return activation_bits if st.quantize_input else "-"
 
 
 # ---------------------------------------------------------------------------------------- callback
@@ -98,7 +106,19 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             them), even after ``model.train()``.
         modules / exclude: module names, ``"re:"`` regexes or types; default every Linear/Conv.
             ``nn.MultiheadAttention``'s ``out_proj`` is left out with a warning (the attention computes
-            with its weight and never calls it; naming it is an error).
+            with its weight and never calls it; naming it is an error). An ``nn.Embedding`` named here
+            (by name or type) is fake-quantized weight-only, per row (or per group).
+        weight_group_size: None (one scale per output channel) or g >= 2: every g consecutive weights
+            along the input dim share a symmetric scale; g must divide every layer's input features
+            (Conv layers are refused).
+        activation_scheme: ``"static"`` (the observed per-tensor range) or ``"dynamic"``: each token's
+            own int8 range, computed at run time as torchao's 8da4w does (no observers, no state).
+        learn_scales: trainable (LSQ) weight scales, initialised from the min/max grid at
+            ``start_step``; ``attach`` adds them to the optimizer (see :meth:`scale_parameters`).
+
+    With ``weight_bits`` < 8, a Transformers model's output head (``get_output_embeddings()``, and an
+    embedding tied to it) keeps 8-bit weights unless named exactly in ``modules``; a weight tied
+    between two targeted layers is quantized once, on one grid (see ``docs/quantization.md``).
 
     A Conv followed by a BatchNorm is trained with the BN folded into the fake-quantized weight
     (``q(w * gamma / sqrt(var + eps))``, running statistics), so the int8 folded conv computes what
@@ -132,12 +152,18 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         freeze_bn_step: int | None = None,
         modules: ModuleSpec = None,
         exclude: ModuleSpec = None,
+        weight_group_size: int | None = None,
+        activation_scheme: str = "static",
+        learn_scales: bool = False,
     ) -> None:
         super().__init__()
         self.settings = QuantizationConfig(
             start_step=start_step, weight_bits=weight_bits, activation_bits=activation_bits,
             freeze_observers_step=freeze_observers_step, freeze_bn_step=freeze_bn_step, modules=modules, exclude=exclude,
+            weight_group_size=weight_group_size, activation_scheme=activation_scheme, learn_scales=learn_scales,
         )
+        self._learned = LearnedScales() if self.settings.learn_scales else None
+        self.needs_before_update = self._learned is not None  # averages the scales' gradients under DDP
 
         self._root: nn.Module | None = None
         self._layers: list[_LayerState] = []
@@ -191,11 +217,14 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             if _supported_base(module) is None:
                 raise ValueError(
                     f"`modules`: {name!r} is a {type(module).__name__}; QuantizationAwareTraining supports "
-                    "nn.Linear, nn.Conv1d/2d/3d and Transformers Conv1D (and subclasses that keep their forward); exclude it "
+                    "nn.Linear, nn.Conv1d/2d/3d, Transformers Conv1D and (named) nn.Embedding (and subclasses that keep "
+                    "their forward); exclude it "
                     f"with `exclude=[{name!r}]`"
                 )
             if not module.weight.is_floating_point():
                 raise ValueError(f"`modules`: {name!r} has a {module.weight.dtype} weight; fake-quant needs floats")
+        check_group_size(selected, self.weight_group_size)
+        check_embeddings(selected)
         require_optimizer_owns_weights(selected, optimizer)
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
@@ -203,6 +232,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         warn_left_out(type(self).__name__, skipped, stacklevel=3)  # at the user's manager.attach
         self._root = model
         self._layers = [_LayerState(self, name, module, _supported_base(module)) for name, module in selected]
+        self._attach_lowbit(model, selected, optimizer)
         convs = {id(st.module): st.name for st in self._layers if issubclass(st.base, CONV_TYPES)}
         self._set_bn_pairs(_find_conv_bn_pairs(model, convs))
         self._batchnorms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -212,7 +242,49 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             self._loaded = None
         self._sync(step)
 
+    def _attach_lowbit(self, model: nn.Module, selected: list[tuple[str, nn.Module]], optimizer) -> None:
+        """The output head's bit width, tied weights and learned scales (see :mod:`.lowbit`)."""
+        kept = head_layers(model, selected, self.modules, self.weight_bits)
+        if kept:
+            warnings.warn(
+                f"QuantizationAwareTraining: keeping the output head {kept} at {MAX_WEIGHT_BITS}-bit weights "
+                f"(weight_bits={self.weight_bits} for the other layers); name it in `modules` to quantize it at "
+                f"{self.weight_bits} bits",
+                stacklevel=4,
+            )
+        first_holder: dict[int, str] = {}
+        for st in self._layers:
+            if st.name in kept:
+                st.bits = MAX_WEIGHT_BITS
+            holder = first_holder.setdefault(id(st.module.weight), st.name)
+            st.tied_to = holder if holder != st.name else None
+        if self._learned is not None:
+            self._learned.create(self._layers)
+            self._learned.add_to(optimizer)
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The trainable weight scales of ``learn_scales=True`` (empty otherwise, or before ``attach``).
+
+        ``attach`` adds them to the optimizer it is given: to its first param group without weight
+        decay (the Transformers Trainer's bias / norm group), else to its first group, so they follow
+        that group's learning rate and schedule. Pass them yourself to an optimizer made after
+        ``attach``. With the Transformers Trainer and checkpoints, attach to
+        ``trainer.create_optimizer()`` before ``trainer.train`` (see ``docs/quantization.md``).
+
+        They are initialized from the weights' min/max grid when fake-quant starts (``start_step``)
+        and saved in this callback's ``state_dict``. With Adam-like optimizers a scale moves by about
+        the learning rate per update: keep it well below the scales (``max |w| / qmax``, ~1e-2 for
+        4-bit LLM weights).
+        """
+        return list(self._learned.parameters) if self._learned is not None else []
+
+    def on_before_update(self, step: int) -> None:
+        if self._learned is not None:
+            self._learned.average_gradients()
+
     def on_update(self, step: int) -> None:
+        if self._learned is not None:
+            self._learned.clear_gradients()
         if self._groups and self._must_fold():
             for group in self._groups:
                 first = group.update(self.averaging_constant)
@@ -238,22 +310,26 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         with torch.no_grad():
             for st in self._layers:
                 module = st.module
-                scale = FQ.per_channel_weight_scale(st.grid_weight(module), st.bits)
-                snapped = st.weight(module)  # exactly the weight the fake-quant forward used
-                _dist.local(module.weight).copy_(_dist.local_block_of(snapped, module.weight))
+                scale = st.weight_scale(module) if st.tied_to is None else specs[st.tied_to].weight_scale
+                if st.tied_to is None:  # a tied weight is snapped once, by its first holder
+                    snapped = st.weight(module)  # exactly the weight the fake-quant forward used
+                    _dist.local(module.weight).copy_(_dist.local_block_of(snapped, module.weight))
                 quantized_input = st.quantize_input and st.initialized
                 if st.quantize_input and not st.initialized:
                     never_observed.append(st.name)
                 specs[st.name] = LayerQuantSpec(
                     weight_bits=st.bits,
                     weight_scale=scale.detach().to("cpu", torch.float32),
-                    activation_bits=self.activation_bits if quantized_input else None,
+                    activation_bits=self.activation_bits if quantized_input or st.dynamic_input else None,
                     input_scale=float(st.group.scale[st.slot]) if quantized_input else None,
                     input_zero_point=int(st.group.zero_point[st.slot]) if quantized_input else None,
-                    activation_qmin=ACTIVATION_QMIN,
-                    activation_qmax=ACTIVATION_QMAX,
+                    activation_qmin=DYNAMIC_ACTIVATION_QMIN if st.dynamic_input else ACTIVATION_QMIN,
+                    activation_qmax=DYNAMIC_ACTIVATION_QMAX if st.dynamic_input else ACTIVATION_QMAX,
                     bn=st.bn_name,
                     weight_axis=1 if st.input_first else 0,
+                    weight_group_size=st.group_size,
+                    activation_scheme="dynamic" if st.dynamic_input else "static",
+                    tied_to=st.tied_to,
                 )
         if never_observed:
             warnings.warn(
@@ -266,6 +342,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         self._set_bn_frozen(False)
         set_qparams(model, {**get_qparams(model), **specs})
         self._layers, self._groups, self._batchnorms, self._root = [], [], [], None
+        if self._learned is not None:
+            self._learned.parameters = []
 
     # ------------------------------------------------------------------ switching
     def _sync(self, step: int) -> None:
@@ -277,6 +355,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
     def _set_active(self, active: bool) -> None:
         if active == self._active:
             return
+        if active and self._learned is not None and not self._learned.initialized:
+            self._learned.initialize(self._layers)  # from the weights as they are when fake-quant starts
         for st in self._layers:
             module = st.module
             if active:
@@ -341,6 +421,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             "active": self._active,
             "observers_frozen": not self._observing,
             "bn_frozen": self._bn_frozen,
+            **(self._learned.state() if self._learned is not None else {}),
         }
 
     def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
@@ -351,6 +432,12 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         names = list(state["names"])
         if any(len(state[key]) != len(names) or (key[0] in "ro" and not torch.is_tensor(state[key])) for key in keys[1:]):
             raise ValueError(f"`state` of {self.name}: {keys[1:]} must hold one entry per module name ({len(names)})")
+        if self._learned is not None:
+            if "scales" not in state or "scales_initialized" not in state:
+                raise ValueError(f"`state` of {self.name} holds no learned scales: it was saved without learn_scales=True")
+            mine = self._learned.parameters
+            if mine and [tuple(t.shape) for t in state["scales"]] != [tuple(p.shape) for p in mine]:
+                raise ValueError(f"`state` of {self.name}: its learned scales do not fit this model's layers")
         root = self._root if self._layers else model
         if root is None:
             return
@@ -378,6 +465,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             if st.group is not None:
                 for attr in ("running_min", "running_max", "observed_min", "observed_max"):
                     getattr(st.group, attr)[st.slot] = state[attr][i]
+        if self._learned is not None:
+            self._learned.load(state)
         for group in self._groups:
             group.fresh.clear()
             group.refresh_qparams()
@@ -409,10 +498,11 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                     "type": st.original_class.__name__,
                     "shape": tuple(st.module.weight.shape),
                     "weight_bits": st.bits,
-                    "input_bits": self.activation_bits or "-",
+                    "input_bits": _input_bits(st, self.activation_bits),
                     "input_min": float(st.group.running_min[st.slot]) if observed else "-",
                     "input_max": float(st.group.running_max[st.slot]) if observed else "-",
                     "folded_bn": st.bn_name or "-",
+                    **({"weight_group": st.group_size} if self.weight_group_size is not None else {}),
                 }
             )
         return rows

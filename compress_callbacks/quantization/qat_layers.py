@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 STATE_ATTR = "_compress_qat"  # plain attribute on a fake-quantized module (not a buffer: state_dict unchanged)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 SUPPORTED_TYPES = (nn.Linear,) + CONV_TYPES
+EMBEDDING_TYPES = (nn.Embedding,)  # weight-only, per row (or group), when named in `modules`
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -94,6 +95,14 @@ class _LayerState:
         self.group: _RangeGroup | None = None
         self.slot = 0  # index in the group's packed tensors
         self.qparams: tuple[torch.Tensor, ...] = ()  # (scale, inv_scale, qlo, qhi): views into the group
+        # the low-bit modes (weight_group_size, learn_scales, activation_scheme="dynamic", nn.Embedding)
+        self.embedding = base is not None and issubclass(base, EMBEDDING_TYPES)  # weight-only: its input is indices
+        self.dynamic_input = owner.activation_scheme == "dynamic" and self.quantize_input and not self.embedding
+        self.quantize_input = self.quantize_input and not (self.dynamic_input or self.embedding)
+        self.group_size: int | None = owner.weight_group_size
+        self.scale: nn.Parameter | None = None  # learn_scales: the trainable grid (one per weight, shared when tied)
+        self.tied_to: str | None = None  # an earlier layer of this callback holding the same weight (snapped there)
+        self.custom_grid = self.group_size is not None or owner.learn_scales
 
     def bn_factor(self) -> torch.Tensor:
         bn = self.bn
@@ -106,11 +115,52 @@ class _LayerState:
         sharded weight is gathered whole here.
         """
         weight = _dist.whole(module.weight)
+        if self.custom_grid:
+            return self.custom_grid_weight(weight)
         if self.input_first:  # per output channel: the columns of Conv1D's [in, out] weight
             return FQ.fake_quantize_weight(weight.t(), self.bits).t()
         if self.bn is None:
             return FQ.fake_quantize_weight(weight, self.bits)
         return FQ.fold_bn_fake_quantize_weight(weight, self.bn_factor(), self.bits)
+
+    def custom_grid_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight` on group-wise or learned grids (a learned one with a folded BatchNorm too:
+        groups are refused on convs)."""
+        if self.bn is not None:
+            factor = channel_view(self.bn_factor(), weight.dim())
+            return FQ.fake_quantize_weight_learned(weight * factor, self.scale, self.bits) / factor
+        return self.quantize_rows(weight, 1 if self.input_first else 0)
+
+    def quantize_rows(self, weight: torch.Tensor, dim: int = 0, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` (output channels along ``dim``) fake-quantized on this layer's grid: learned
+        (``scale``, default the layer's), per group, or per channel."""
+        if self.scale is not None:
+            return FQ.fake_quantize_weight_learned(weight, self.scale if scale is None else scale, self.bits, dim)
+        if self.group_size is not None:
+            return FQ.fake_quantize_weight_groups(weight, self.bits, self.group_size, dim)
+        return FQ.fake_quantize_weight(weight.t(), self.bits).t() if dim else FQ.fake_quantize_weight(weight, self.bits)
+
+    def embedding_rows(self, module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+        """The rows ``indices`` look up, fake-quantized: a row's scales depend on that row only, so this
+        equals a lookup in the fake-quantized table, at the cost of the rows the batch reads."""
+        weight = _dist.whole(module.weight)
+        rows = F.embedding(indices, weight, module.padding_idx, None, 2.0, module.scale_grad_by_freq, module.sparse)
+        flat = rows.reshape(-1, weight.shape[1])
+        scale = None
+        if self.scale is not None:  # the looked-up rows' scales ([rows] or [rows, groups])
+            scale = F.embedding(indices, self.scale.reshape(weight.shape[0], -1), module.padding_idx)
+            scale = scale.reshape(flat.shape[0], *self.scale.shape[1:])
+        return self.quantize_rows(flat, 0, scale).reshape(rows.shape)
+
+    def weight_scale(self, module: nn.Module) -> torch.Tensor:
+        """The grid ``finalize`` stores (float32, output channels first): the learned scales, else
+        ``max |w| / qmax`` per channel (``[out]``) or per group (``[out, in / g]``) of :meth:`grid_weight`."""
+        if self.scale is not None:
+            return self.scale.detach().float().clamp_min(FQ.WEIGHT_SCALE_EPS)
+        grid = self.grid_weight(module)
+        if self.group_size is not None:
+            return FQ.per_group_weight_scale(grid, self.bits, self.group_size)
+        return FQ.per_channel_weight_scale(grid, self.bits)
 
     def grid_weight(self, module: nn.Module) -> torch.Tensor:
         """The weight whose per-channel grid is quantized, output channels first: ``w`` (Conv1D:
@@ -138,7 +188,7 @@ class _LayerState:
         observers, so that the next update can agree on it over ranks); until then, inputs pass float.
         """
         if not self.quantize_input or x.numel() == 0:
-            return x
+            return FQ.fake_quantize_per_token(x) if self.dynamic_input and x.numel() else x
         flags = self.observation
         observe = training and flags.observing
         if observe or not self.initialized:
@@ -176,6 +226,10 @@ def _qat_conv_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _qat_embedding_forward(self: nn.Embedding, input: torch.Tensor) -> torch.Tensor:
+    return self.__dict__[STATE_ATTR].embedding_rows(self, input)
+
+
 def _frozen_bn_train(self: nn.Module, mode: bool = True) -> nn.Module:
     """``train()`` of a frozen BatchNorm: stays in eval-statistics mode."""
     self.training = False
@@ -198,6 +252,8 @@ def _qat_class(cls: type) -> type:
     conv1d = transformers_conv1d_class()
     if conv1d is not None and issubclass(cls, conv1d):
         forward = _qat_input_first_linear_forward
+    elif issubclass(cls, EMBEDDING_TYPES):
+        forward = _qat_embedding_forward
     else:
         forward = _qat_linear_forward if issubclass(cls, nn.Linear) else _qat_conv_forward
     return _subclass(_QAT_CLASSES, cls, "QAT", {"forward": forward})
@@ -209,6 +265,7 @@ def _frozen_bn_class(cls: type) -> type:
 
 # module-level names so a model pickled mid-training (torch.save(model)) can be loaded back
 QATLinear, QATConv1d, QATConv2d, QATConv3d = (_qat_class(c) for c in SUPPORTED_TYPES)
+QATEmbedding = _qat_class(nn.Embedding)
 FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSyncBatchNorm = (
     _frozen_bn_class(c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 )
@@ -315,7 +372,7 @@ class _RangeGroup(RangeObserver):
 def _supported_base(module: nn.Module) -> type | None:
     """The Linear/Conv/Conv1D base whose forward ``module`` uses unchanged (None: unsupported)."""
     conv1d = transformers_conv1d_class()
-    for base in SUPPORTED_TYPES + ((conv1d,) if conv1d is not None else ()):
+    for base in SUPPORTED_TYPES + EMBEDDING_TYPES + ((conv1d,) if conv1d is not None else ()):
         if isinstance(module, base):
             return base if type(module).forward is base.forward else None
     return None
