@@ -212,17 +212,21 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             self._loaded = None
         self._sync(step)
 
+    @torch.compiler.disable  # outside compiled graphs: runs eagerly between them, nothing recompiles
     def on_update(self, step: int) -> None:
         if self._groups and self._must_fold():
             for group in self._groups:
                 first = group.update(self.averaging_constant)
                 members = [st for st in self._layers if st.group is group]
-                if _dist.world_size() > 1 and not all(st.initialized for st in members):  # started on another rank
+                if not all(st.initialized for st in members):  # started in a compiled forward or on another rank
                     started = first.tolist()
                     for st in members:
                         st.initialized = st.initialized or started[st.slot]
             self._observed = False
             self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
+        for st in self._layers:  # a pairing checked in compiled forwards, which cannot remove the hook
+            if st.check_bn and st.bn_seen:
+                st.settle_bn_check(st.bn_consumed)
         self._sync(step)
 
     def _must_fold(self) -> bool:
@@ -378,6 +382,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             if st.group is not None:
                 for attr in ("running_min", "running_max", "observed_min", "observed_max"):
                     getattr(st.group, attr)[st.slot] = state[attr][i]
+                st.group.set_started(st.slot, st.initialized)
         for group in self._groups:
             group.fresh.clear()
             group.refresh_qparams()
