@@ -216,6 +216,9 @@ def test_compiling_the_whole_step_does_not_recompile_at_each_update():
     for x, y in data[:6]:
         step(model, optimizer, x, y)
     compiled_frames = counters["stats"]["unique_graphs"]
+    # the step's own pieces (forward, backward, optimizer) and a recompile at the first update; tracing
+    # into the mask updates and the native kernels made 42 graphs here
+    assert compiled_frames <= 6
     for x, y in data[6:]:
         step(model, optimizer, x, y)
     assert counters["stats"]["unique_graphs"] == compiled_frames
