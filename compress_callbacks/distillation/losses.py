@@ -118,6 +118,7 @@ def position_weights(
     return weights.div_(count.clamp(min=1)), count.to(torch.int64)
 
 
+@torch.compiler.disable  # its fused gradient is one pass already; Dynamo cannot trace it (2.13 fails inside)
 def token_kd_losses(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TopKLogits,
@@ -160,6 +161,7 @@ def token_kd_losses(
     return soft, (hard if args[2] is not None else None)
 
 
+@torch.compiler.disable  # its fused gradient is one pass already; Dynamo cannot trace it (2.13 fails inside)
 def token_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | TopKLogits,

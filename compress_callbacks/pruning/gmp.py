@@ -43,6 +43,13 @@ STATE_MASKED_AFTER_UPDATE = tuple(getattr(torch.optim, name) for name in ("Adama
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
 
+# Masking runs between compiled graphs, never inside one: under ``torch.compile`` these entry points
+# (the backward-end hooks and the optimizer-step events) run eagerly instead of being traced, so the
+# native kernels and the Python bookkeeping neither break a user's graph nor recompile it each step.
+_outside_graphs = torch.compiler.disable
+
+
+@_outside_graphs
 def _queue_end_of_backward(callback) -> None:
     """Run ``callback`` when the running backward pass ends, after the callbacks queued before it."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)
@@ -240,12 +247,14 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         for param in self._params:
             self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._on_grad_accumulated))
 
+    @_outside_graphs
     def _on_grad_accumulated(self, param: torch.Tensor) -> None:
         task = _graph_task_id()  # a pass that raised never ran its callbacks: the next pass has another id
         if self._queued_for is None or task != self._queued_for:
             self._queued_for = task
             _queue_end_of_backward(lambda: _queue_end_of_backward(self._mask_grads_after_backward))
 
+    @_outside_graphs
     def _mask_grads_after_backward(self) -> None:
         self._queued_for = None
         masked = [(i, p.grad, keep) for i, (p, keep) in enumerate(zip(self._params, self._keeps))
@@ -260,6 +269,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             handle.remove()
         self._grad_hooks = []
 
+    @_outside_graphs
     def on_before_update(self, step: int) -> None:
         grads, keeps = [], []
         for p, keep, ref in zip(self._params, self._keeps, self._masked_grads):
@@ -275,6 +285,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         if grads:
             self._mask_(grads, keeps)
 
+    @_outside_graphs
     def on_update(self, step: int) -> None:
         if self._mask_weights_after_update or self._mask_state_after_update:
             self._enforce_masks(weights=self._mask_weights_after_update, state=self._mask_state_after_update)

@@ -278,10 +278,12 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         """
         return list(self._learned.parameters) if self._learned is not None else []
 
+    @torch.compiler.disable
     def on_before_update(self, step: int) -> None:
         if self._learned is not None:
             self._learned.average_gradients()
 
+    @torch.compiler.disable  # outside compiled graphs: runs eagerly between them, nothing recompiles
     def on_update(self, step: int) -> None:
         if self._learned is not None:
             self._learned.clear_gradients()
@@ -289,12 +291,15 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             for group in self._groups:
                 first = group.update(self.averaging_constant)
                 members = [st for st in self._layers if st.group is group]
-                if _dist.world_size() > 1 and not all(st.initialized for st in members):  # started on another rank
+                if not all(st.initialized for st in members):  # started in a compiled forward or on another rank
                     started = first.tolist()
                     for st in members:
                         st.initialized = st.initialized or started[st.slot]
             self._observed = False
             self._ranges_started = all(st.initialized for st in self._layers if st.group is not None)
+        for st in self._layers:  # a pairing checked in compiled forwards, which cannot remove the hook
+            if st.check_bn and st.bn_seen:
+                st.settle_bn_check(st.bn_consumed)
         self._sync(step)
 
     def _must_fold(self) -> bool:
@@ -465,6 +470,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
             if st.group is not None:
                 for attr in ("running_min", "running_max", "observed_min", "observed_max"):
                     getattr(st.group, attr)[st.slot] = state[attr][i]
+                st.group.set_started(st.slot, st.initialized)
         if self._learned is not None:
             self._learned.load(state)
         for group in self._groups:

@@ -53,21 +53,25 @@ class _Observation:
 
 class _BnConsumptionCheck:
     """Forward pre-hook of the BatchNorm paired with a conv: on its first call, unpair the two unless the
-    BatchNorm's input is the conv's output (a class, not a closure, so that the model pickles)."""
+    BatchNorm's input is the conv's output (a class, not a closure, so that the model pickles).
+
+    Inside a ``torch.compile`` graph it only notes what it saw (constants written, nothing read, so
+    nothing to guard on): a hook cannot be removed inside a graph. The next real update settles it
+    (:meth:`_LayerState.settle_bn_check`, from the callback's ``on_update``, outside graphs).
+    """
 
     def __init__(self, state: _LayerState) -> None:
         self.state = state
 
     def __call__(self, bn: nn.Module, args: tuple) -> None:
         st = self.state
-        if not (bool(args) and args[0] is st.last_output):
-            warnings.warn(
-                f"QuantizationAwareTraining: {st.bn_name!r} does not consume the output of {st.name!r}; "
-                "training it without BatchNorm folding",
-                stacklevel=2,
-            )
-            st.bn, st.bn_name = None, None
-        st.set_bn_check(False)
+        consumed = bool(args) and args[0] is st.last_output
+        if FQ._compiling():
+            st.bn_seen = True
+            if not consumed:
+                st.bn_consumed = False
+            return
+        st.settle_bn_check(consumed)
 
 
 class _LayerState:
@@ -91,6 +95,8 @@ class _LayerState:
         self.check_bn = False  # verify on the next forward that the BN really consumes this conv's output
         self.last_output: torch.Tensor | None = None
         self.bn_hook: Any = None
+        self.bn_seen = False  # compiled forwards: the check ran (settled at the next update)
+        self.bn_consumed = True  # compiled forwards: every checked BN input was this conv's output
         self.initialized = False  # input range observed at least once
         self.group: _RangeGroup | None = None
         self.slot = 0  # index in the group's packed tensors
@@ -178,8 +184,20 @@ class _LayerState:
             self.bn_hook.remove()
             self.bn_hook = None
         self.check_bn, self.last_output = on, None
+        self.bn_seen, self.bn_consumed = False, True
         if on:
             self.bn_hook = self.bn.register_forward_pre_hook(_BnConsumptionCheck(self))
+
+    def settle_bn_check(self, consumed: bool) -> None:
+        """End the pairing check: keep the pair if the BatchNorm ``consumed`` the conv's output, else unpair (warned)."""
+        if not consumed:
+            warnings.warn(
+                f"QuantizationAwareTraining: {self.bn_name!r} does not consume the output of {self.name!r}; "
+                "training it without BatchNorm folding",
+                stacklevel=3,
+            )
+            self.bn, self.bn_name = None, None
+        self.set_bn_check(False)
 
     def input(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """``x`` fake-quantized with the layer's range; observed while the observers run.
@@ -191,6 +209,8 @@ class _LayerState:
             return FQ.fake_quantize_per_token(x) if self.dynamic_input and x.numel() else x
         flags = self.observation
         observe = training and flags.observing
+        if not self.initialized and FQ._compiling():
+            return self._input_until_started(x)
         if observe or not self.initialized:
             with torch.no_grad():
                 lo, hi = tensor_range(x)
@@ -205,6 +225,20 @@ class _LayerState:
                     group.record(self.slot, lo, hi)
                     flags.observed = True
         return FQ.fake_quantize_activation_with_bounds(x, *self.qparams)
+
+    def _input_until_started(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`input` in a compiled graph before the range started: no host sync, nothing to guard on.
+
+        The first input with a finite value starts the range on the group's tensors (a graph cannot
+        branch on it); from then on inputs are fake-quantized, before it they pass float (a ``where``,
+        for the forwards until the next update, which marks the layer initialized outside the graph).
+        """
+        with torch.no_grad():
+            lo, hi = tensor_range(x)
+            started = self.group.start(self.slot, lo, hi)
+            self.group.record(self.slot, lo, hi)
+            self.observation.observed = True
+        return torch.where(started, FQ.fake_quantize_activation_with_bounds(x, *self.qparams), x)
 
 
 def _qat_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -320,7 +354,11 @@ class _RangeGroup(RangeObserver):
 
         self.scale, self.inv_scale, self.qlo, self.qhi = full(1.0), full(1.0), full(0.0), full(0.0)
         self.zero_point = torch.zeros(size, dtype=torch.int32, device=device)
-        self.fresh: list[int] = []  # slots first initialized since the last update
+        self.fresh: list[int] = []  # slots first initialized since the last update (eager forwards)
+        # slots whose range started (``settled``: as of the last update); compiled forwards start
+        # ranges here, without a host sync, and the next update reads which did
+        self.started = torch.zeros(size, dtype=torch.bool, device=device)
+        self.settled = torch.zeros(size, dtype=torch.bool, device=device)
 
     def views(self, slot: int) -> tuple[torch.Tensor, ...]:
         """``(scale, inv_scale, qlo, qhi)`` of one layer: views that follow every refresh."""
@@ -338,7 +376,24 @@ class _RangeGroup(RangeObserver):
         self.running_min[slot] = lo
         self.running_max[slot] = hi
         self.set_qparams(slot, lo, hi)
+        self.started[slot] = True
         self.fresh.append(slot)
+
+    def start(self, slot: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """:meth:`initialize` slot ``slot`` at ``[lo, hi]`` if it has not started and the range holds a
+        finite value, without a host sync; returns whether it has started (a 1-element tensor)."""
+        index = slice(slot, slot + 1)
+        started = self.started[index] | (lo <= hi)  # a new tensor: autograd may keep it (a view would change)
+        new = started & ~self.started[index]
+        self.running_min[index] = torch.where(new, lo, self.running_min[index])
+        self.running_max[index] = torch.where(new, hi, self.running_max[index])
+        self.set_qparams(index, self.running_min[index], self.running_max[index])
+        self.started[index] = started
+        return started
+
+    def set_started(self, slot: int, started: bool) -> None:
+        """Mark slot ``slot``'s range as started, or not (a resumed state)."""
+        self.started[slot] = self.settled[slot] = started
 
     @torch.no_grad()
     def update(self, averaging_constant: float) -> torch.Tensor:
@@ -350,9 +405,7 @@ class _RangeGroup(RangeObserver):
         every rank holds the same ranges.
         """
         size = self.observed_min.numel()
-        first = torch.zeros(size, dtype=torch.bool, device=self.device)
-        if self.fresh:
-            first[self.fresh] = True
+        first = self.started & ~self.settled
         if _dist.world_size() > 1:
             packed = torch.cat([-self.observed_min, self.observed_max, first.float()])
             _dist.all_reduce_(packed, "max")
@@ -362,6 +415,8 @@ class _RangeGroup(RangeObserver):
         self.fold_moving_average(averaging_constant, first)
         self.refresh_qparams()
         self.fresh.clear()
+        self.started |= first
+        self.settled |= first
         return first
 
     def refresh_qparams(self) -> None:
