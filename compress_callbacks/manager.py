@@ -147,7 +147,7 @@ class CompressionManager:
         self.hooked = False
         self._phases: list[Any] = []  # each callback's log_phase() after the last update
         self._pending: dict[str, float] | None = None  # values logged by callbacks during the running update
-        self._last_logged: tuple[int, dict[str, float]] | None = None
+        self._last_logged: tuple[int, int, dict[str, float]] | None = None  # (record number, step, values)
         self.last_event_step: int | None = None
 
     # ------------------------------------------------------------------ properties
@@ -337,16 +337,22 @@ class CompressionManager:
             self._send(values, step)
 
     @property
-    def last_logged(self) -> tuple[int, dict[str, float]] | None:
-        """``(step, values)`` of the last record the manager logged (adapters forward it to their loggers)."""
-        return None if self._last_logged is None else (self._last_logged[0], dict(self._last_logged[1]))
+    def last_logged(self) -> tuple[int, int, dict[str, float]] | None:
+        """``(record number, step, values)`` of the last record the manager logged: the adapters forward
+        each new record to their loggers (values logged again at the same step join that step's record,
+        under a new number)."""
+        if self._last_logged is None:
+            return None
+        number, step, values = self._last_logged
+        return number, step, dict(values)
 
     def _send(self, values: dict[str, float], step: int | None = None) -> None:
         step = self._step if step is None else step
-        if self._last_logged is not None and self._last_logged[0] == step:
-            self._last_logged[1].update(values)
+        if self._last_logged is None:
+            self._last_logged = (1, step, dict(values))
         else:
-            self._last_logged = (step, dict(values))
+            number, last_step, last_values = self._last_logged
+            self._last_logged = (number + 1, step, {**last_values, **values} if last_step == step else dict(values))
         trackers = getattr(self.accelerator, "trackers", None) if self.accelerator is not None else None
         if trackers:
             self.accelerator.log(values, step=step)

@@ -234,6 +234,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         return self._observed or any(g.fresh for g in self._groups)
 
     def finalize(self, model: nn.Module) -> None:
+        self._final_rows = self.summary_rows()  # before snapping: the trained weights' quantization error
         specs: dict[str, LayerQuantSpec] = {}
         never_observed = []
         with torch.no_grad():
@@ -262,7 +263,6 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                 "(finalize before start_step?); their inputs stay float (weight-only spec)",
                 stacklevel=2,
             )
-        self._final_rows = self.summary_rows()
         self._set_active(False)
         self._set_bn_frozen(False)
         set_qparams(model, {**get_qparams(model), **specs})
