@@ -3,6 +3,7 @@ logged at ``log_every`` and at events only; ``manager.summary()`` / ``manager.re
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -309,3 +310,58 @@ def test_transformers_trainer_logs_events_at_their_steps(tmp_path, one_thread):
     assert [logs["step"] for logs in logged] == [2, 4, 5]  # mask updates, QAT start (logging_steps=100)
     assert logged[0][f"{GMP}/target_sparsity"] == pytest.approx(manager.callbacks[0].sparsity_at(2))
     assert logged[-1][f"{QAT}/active"] == 1.0 and logged[-1][f"{QAT}/weight_error/max"] > 0.0
+
+
+# ------------------------------------------------------------------------------------ DDP / FSDP2
+def _distributed_logging_worker():
+    """Two ranks. DDP (different data per rank): every rank logs the same compression values. FSDP2 (the
+    same batches on both ranks): the values measured on sharded weights equal a single process's, and
+    rank 0 alone reports them without waiting for the other rank."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from torch.distributed.fsdp import fully_shard
+
+    accelerator = Accelerator(cpu=True)
+    rank = dist.get_rank()
+
+    def callbacks():
+        return (GradualMagnitudePruning(0.5, start_step=0, end_step=4, update_every=2), QuantizationAwareTraining(start_step=1))
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    manager = CompressionManager(*callbacks(), accelerator=accelerator, log_every=4)
+    manager.attach(model, optimizer)
+    train(model, optimizer, 4, seed=10 + rank)
+    number, step, values = manager.last_logged
+    assert step == 4 and f"{QAT}/layer/0/weight_error" in values and f"{QAT}/layer/0/input_max" in values
+    everyone = [None, None]
+    dist.all_gather_object(everyone, values)
+    assert everyone[0] == everyone[1]
+
+    reference = mlp(4)
+    sharded = copy.deepcopy(reference)
+    for layer in sharded:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    managers = []
+    for net in (sharded, reference):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        managers.append(CompressionManager(*callbacks(), log_every=4))
+        managers[-1].attach(net, optimizer)
+        train(net, optimizer, 4, seed=3)
+    (_, _, got), (_, _, want) = (m.last_logged for m in managers)
+    assert set(got) == set(want) and got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    if rank == 0:  # reporting from one rank must not wait for the other
+        report = managers[0].report()["techniques"]["1:QuantizationAwareTraining"]["layers"]
+        assert {name: row["weight_error"] for name, row in report.items()} == {
+            name: got[f"{QAT}/layer/{name}/weight_error"] for name in ("0", "2", "4")}
+        assert "weight_error" in managers[0].summary()
+    dist.barrier()
+    for m, net in zip(managers, (sharded, reference)):
+        m.finalize(net)
+
+
+def test_ddp_and_fsdp2_ranks_log_whole_model_values(launch_two_processes):
+    launch_two_processes(_distributed_logging_worker, timeout=240)
