@@ -4,7 +4,10 @@ logged at ``log_every`` and at events only; ``manager.summary()`` / ``manager.re
 from __future__ import annotations
 
 import copy
+import io
 import json
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -365,3 +368,67 @@ def _distributed_logging_worker():
 
 def test_ddp_and_fsdp2_ranks_log_whole_model_values(launch_two_processes):
     launch_two_processes(_distributed_logging_worker, timeout=240)
+
+
+# ------------------------------------------------------------------------------------ progress bars
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal (tqdm shows bars there with ``progress=None``)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_calibrate_shows_a_progress_bar_on_a_terminal_and_when_asked(monkeypatch, capfd):
+    from compress_callbacks.quantization.ptq import calibrate
+
+    batches = [torch.randn(4, 12) for _ in range(3)]
+    calibrate(mlp(), batches)  # stderr is no terminal here: no bar
+    assert "calibrate" not in capfd.readouterr().err
+    calibrate(mlp(), batches, progress=True)
+    shown = capfd.readouterr().err
+    assert "calibrate: 100%" in shown and "3/3" in shown
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    calibrate(mlp(), batches)
+    calibrate(mlp(), batches, progress=False)
+    monkeypatch.undo()
+    assert terminal.getvalue().count("calibrate: 100%") == 1
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="`progress`"):
+        calibrate(model, batches, progress="yes")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing touched
+
+
+def test_export_calibration_shows_a_progress_bar_on_a_terminal(monkeypatch):
+    from compress_callbacks.export import to_int8
+    from compress_callbacks.quantization.ptq import calibrate
+
+    torch.manual_seed(0)  # the conv feeds a float pooling: ONNX Runtime needs a calibrated range for its output
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    model = calibrate(model, batches, progress=False)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        to_int8(model, example_inputs=batches[0][:1], calibration=batches)
+    monkeypatch.undo()
+    assert "calibrate (ONNX Runtime): 100%" in terminal.getvalue()
+
+
+def test_export_executorch_shows_its_stages_and_calibration_on_a_terminal(monkeypatch, tmp_path):
+    from compress_callbacks.export import export_executorch
+    from compress_callbacks.quantization.ptq import calibrate
+
+    batches = [torch.randn(4, 12) for _ in range(2)]
+    model = calibrate(mlp().eval(), batches, progress=False)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_executorch(model, batches[0][:1], tmp_path / "m.pte", calibration=batches)
+    monkeypatch.undo()
+    shown = terminal.getvalue()
+    assert "calibrate (ExecuTorch): 100%" in shown and "2/2" in shown
+    assert "export_executorch: 100%" in shown and "3/3" in shown and "parity check" in shown
