@@ -19,7 +19,7 @@ SUMMARY_STATISTICS = ("min", "p10", "p50", "p90", "max", "mean")
 
 
 def relative_l2_error(approximation: torch.Tensor, reference: torch.Tensor) -> float:
-    """``||approximation - reference|| / ||reference||`` over all elements (float64 sums).
+    """``||approximation - reference|| / ||reference||`` over all elements (in float32 at least).
 
     0.0 when both are all zeros; ``inf`` when only ``reference`` is.
 
@@ -29,8 +29,9 @@ def relative_l2_error(approximation: torch.Tensor, reference: torch.Tensor) -> f
     """
     if approximation.shape != reference.shape:
         raise ValueError(f"`approximation` {tuple(approximation.shape)} and `reference` {tuple(reference.shape)} differ in shape")
-    reference = reference.detach().double()
-    error = float(torch.linalg.vector_norm(approximation.detach().double() - reference))
+    dtype = torch.promote_types(torch.promote_types(approximation.dtype, reference.dtype), torch.float32)
+    reference = reference.detach().to(dtype)
+    error = float(torch.linalg.vector_norm(approximation.detach().to(dtype) - reference))
     norm = float(torch.linalg.vector_norm(reference))
     if norm == 0.0:
         return 0.0 if error == 0.0 else math.inf
