@@ -489,24 +489,9 @@ class CompressionManager:
         bits, ``weight_error`` (relative L2 of the fake-quant weight against the float one, while active),
         input range, folded BatchNorm; then the registered losses' last values.
         """
-        report = self.report()
-        lines = [f"CompressionManager: step {report['step']}, {len(self.callbacks)} callback(s)"]
-        for cb, technique in zip(self.callbacks, report["techniques"].values()):
-            lines.append(f"\n{cb!r}")
-            layers = technique["layers"]
-            if not layers:
-                lines.append("  (not attached)")
-                continue
-            columns = ["module", *next(iter(layers.values()))]
-            cells = [[_fmt(module), *(_fmt(row.get(c)) for c in columns[1:])] for module, row in layers.items()]
-            widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-            lines.append("  " + "  ".join("-" * w for w in widths))
-            for r in cells:
-                lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
-        for name, values in report["losses"].items():
-            lines.append(f"\n{name}: " + (", ".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "(not called yet)"))
-        return "\n".join(lines)
+        from .reporting import report_table
+
+        return report_table(self.report(), [repr(cb) for cb in self.callbacks])
 
     def report(self) -> dict[str, Any]:
         """``summary()`` as plain, JSON-serialisable data (for notebooks and tests).
@@ -611,13 +596,3 @@ def _require_materialized(model: nn.Module) -> None:
             f"{', ...' if len(on_meta) > 3 else ''}): materialize it (model.to_empty(device=...) and load its "
             "weights) before `attach`"
         )
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
-    if isinstance(value, (tuple, list, torch.Size)):
-        return "x".join(str(v) for v in value)
-    return str(value)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SUMMARY_STATISTICS", "distribution_summary", "layer_log_values", "plain", "relative_l2_error"]
+__all__ = ["SUMMARY_STATISTICS", "distribution_summary", "format_value", "layer_log_values", "plain", "relative_l2_error", "report_table"]
 
 #: the statistics ``distribution_summary`` gives, in order (p10 / p50 / p90: linear-interpolated quantiles)
 SUMMARY_STATISTICS = ("min", "p10", "p50", "p90", "max", "mean")
@@ -85,3 +85,48 @@ def plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 4 decimals (tiny ones in scientific notation), lists as ``AxB``, None as ``-``.
+
+    >>> [format_value(v) for v in (0.5, 0.00012, [64, 16], None, "Linear")]
+    ['0.5000', '1.20e-04', '64x16', '-', 'Linear']
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
+    if isinstance(value, (tuple, list, torch.Size)):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def report_table(report: Mapping[str, Any], titles: Sequence[str]) -> str:
+    """``CompressionManager.report()`` as text: one table per technique (headed by ``titles``, in order),
+    then the losses' last values.
+
+    >>> report = {"step": 3, "losses": {}, "techniques": {"0:T": {"layers": {"fc": {"shape": [2, 4], "error": 0.25}}}}}
+    >>> print(report_table(report, ["T()"]))
+    CompressionManager: step 3, 1 callback(s)
+    <BLANKLINE>
+    T()
+      module  shape  error
+      ------  -----  ------
+      fc      2x4    0.2500
+    """
+    lines = [f"CompressionManager: step {report['step']}, {len(titles)} callback(s)"]
+    for title, technique in zip(titles, report["techniques"].values()):
+        lines.append(f"\n{title}")
+        layers = technique["layers"]
+        if not layers:
+            lines.append("  (not attached)")
+            continue
+        columns = ["module", *next(iter(layers.values()))]
+        cells = [[format_value(module), *(format_value(row.get(c)) for c in columns[1:])] for module, row in layers.items()]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+        for row in [columns, ["-" * w for w in widths], *cells]:
+            lines.append(("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths))).rstrip())
+    for name, values in report["losses"].items():
+        lines.append(f"\n{name}: " + (", ".join(f"{k}={format_value(v)}" for k, v in values.items()) or "(not called yet)"))
+    return "\n".join(lines)
