@@ -7,7 +7,8 @@ Model: the MLP 1024-2048-1024-512-10 (about 4.7M parameters) at batch 64, SGD wi
 ``log_every=1`` (every step measures per-layer sparsity, the weight quantization error and the input
 ranges). Timed in rounds, in a freshly shuffled order each round; a figure is the median over rounds of
 (the variant's step time / the ``log_every=0`` step time in the same round), with the quartiles. Also
-timed on its own: one ``collect_log_values()`` (what a log step adds), as a fraction of a step.
+timed in every round: one ``collect_log_values()`` (what a log step adds), as a fraction of that
+round's ``log_every=0`` step.
 
 Run: ``PYTHONPATH=. python benchmarks/logging_overhead.py`` (``--quick`` for a < 60 s smoke run).
 """
@@ -73,43 +74,40 @@ def main(argv: list[str] | None = None) -> str:
         for _ in range(5):
             step(model, optimizer, x, y)
 
-    ratios: dict[str, list[float]] = {name: [] for name in variants}
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    ratios: dict[str, list[float]] = {name: [] for name in [*variants, "collect"]}
+    seconds: dict[str, list[float]] = {name: [] for name in [*variants, "collect"]}
+    manager = variants["log_every=0"][2]
     rng = random.Random(0)
     for _ in range(rounds):
-        order = list(variants)
+        order = [*variants, "collect"]
         rng.shuffle(order)
         times = {}
         for name in order:
-            model, optimizer, _ = variants[name]
             start = time.perf_counter()
+            if name == "collect":
+                for _ in range(5):
+                    values = manager.collect_log_values()
+                times[name] = (time.perf_counter() - start) / 5
+                continue
+            model, optimizer, _ = variants[name]
             for _ in range(args.steps):
                 step(model, optimizer, x, y)
             times[name] = (time.perf_counter() - start) / args.steps
-        for name in variants:
+        for name in times:
             ratios[name].append(times[name] / times["log_every=0"])
             seconds[name].append(times[name])
-
-    manager = variants["log_every=0"][2]
-    collect = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        values = manager.collect_log_values()
-        collect.append(time.perf_counter() - start)
-    step_time = statistics.median(seconds["log_every=0"])
 
     lines = [
         f"MLP 1024-2048-1024-512-10, batch 64, GMP 50% + QAT W8A8, {torch.get_num_threads()} threads, "
         f"{rounds} rounds x {args.steps} steps",
         f"{'variant':<14} {'step ms':>8} {'x events-only (median [q1, q3])':>34}",
     ]
-    for name in variants:
+    for name in [*variants, "collect"]:
         q1, median, q3 = statistics.quantiles(ratios[name], n=4) if rounds > 1 else (ratios[name][0],) * 3
         lines.append(f"{name:<14} {1e3 * statistics.median(seconds[name]):8.2f} "
                      f"{median:>16.3f}x [{q1:.3f}, {q3:.3f}]")
-    lines.append(f"one collect_log_values(): {1e3 * statistics.median(collect):.2f} ms = "
-                 f"{statistics.median(collect) / step_time:.2f} step ({len(values)} values); "
-                 f"per step at log_every=50: {statistics.median(collect) / step_time / 50:.4f} step")
+    lines.append(f"collect: one collect_log_values() ({len(values)} values), what a log step adds; at log_every=50 "
+                 f"that is {statistics.median(ratios['collect']) / 50:.4f} step per step")
     return "\n".join(lines)
 
 

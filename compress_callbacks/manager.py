@@ -148,7 +148,7 @@ class CompressionManager:
         self._phases: list[Any] = []  # each callback's log_phase() after the last update
         self._pending: dict[str, float] | None = None  # values logged by callbacks during the running update
         self._last_logged: tuple[int, int, dict[str, float]] | None = None  # (record number, step, values)
-        self.last_event_step: int | None = None
+        self.last_event_step: int | None = None  # step of the last event (the Trainer adapter logs that step)
 
     # ------------------------------------------------------------------ properties
     @property
