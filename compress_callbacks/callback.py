@@ -146,12 +146,23 @@ class CompressionTechnique:
         """Restore state (``check_state`` passed); called before ``on_attach`` or while attached (resume)."""
 
     # -- reporting ----------------------------------------------------------------------
+    #: per-layer log keys (``layer/<module>/...``) are logged when a technique touches at most this
+    #: many layers; with more, only the summary over layers (min / p10 / p50 / p90 / max / mean) is.
+    max_layer_keys: int = 32
+
     def log_values(self) -> dict[str, float]:
-        """Scalars worth logging now (names without prefix); cheap to call."""
+        """Scalars worth logging now (names without prefix). The manager calls it at log steps and
+        events only (it may measure every targeted weight); under FSDP2 on every rank together."""
         return {}
 
+    def log_phase(self) -> Any:
+        """A cheap value that changes when the technique enters a phase worth logging (QAT starting,
+        observers or BatchNorm freezing): the manager logs ``log_values()`` after an update that changed it."""
+        return None
+
     def summary_rows(self) -> list[dict[str, Any]]:
-        """One dict per touched module for ``CompressionManager.summary()``."""
+        """One dict per touched module for ``CompressionManager.summary()`` / ``report()``; no collective
+        (rank 0 alone may call it)."""
         return []
 
     @property

@@ -94,6 +94,8 @@ class CompressionManager:
         accelerator: optional ``accelerate.Accelerator``: the manager registers itself for
             ``save_state``/``load_state``, logs through ``accelerator.log`` and keeps ranks in sync.
         log_every: log callback and loss values every this many real updates (0: only on events).
+            Events are logged too: ``attach``, every mask update, QAT starting / freezing, ``finalize``.
+            The keys are listed in ``docs/manager.md``; they are computed only when logged.
         allow_new_plan: resume from a state saved with another plan (see below) without raising.
 
     ``attach(model, optimizer)`` hooks the real optimizer: every real update (not an accumulation
@@ -143,6 +145,10 @@ class CompressionManager:
         self._registered_for_checkpointing = False
         self._finalized = False
         self.hooked = False
+        self._phases: list[Any] = []  # each callback's log_phase() after the last update
+        self._pending: dict[str, float] | None = None  # values logged by callbacks during the running update
+        self._last_logged: tuple[int, int, dict[str, float]] | None = None  # (record number, step, values)
+        self.last_event_step: int | None = None  # step of the last event (the Trainer adapter logs that step)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -229,7 +235,8 @@ class CompressionManager:
             self.accelerator.register_for_checkpointing(self)
             self._registered_for_checkpointing = True
         _ATTACHED_MODELS.add(root)
-        self._log_event("attach", {f"{cb.name}/{k}": v for cb in self.callbacks for k, v in cb.log_values().items()})
+        self._phases = [cb.log_phase() for cb in self.callbacks]
+        self._log_event("attach", self._technique_values(self.callbacks))
 
     # ------------------------------------------------------------------ stepping
     def _pre_step_hook(self, optimizer, args, kwargs):
@@ -272,10 +279,23 @@ class CompressionManager:
 
     def _advance(self) -> None:
         self._step += 1
-        for cb in self.callbacks:
-            cb.on_update(self._step)
+        self._pending = {}  # what callbacks log at their events during the update goes out in one record
+        try:
+            for cb in self.callbacks:
+                cb.on_update(self._step)
+        finally:
+            pending, self._pending = self._pending, None
+        phases = [cb.log_phase() for cb in self.callbacks]
+        changed = [cb for cb, before, now in zip(self.callbacks, self._phases, phases) if before != now]
+        self._phases = phases
+        if changed:
+            self._mark_event("phase change of " + ", ".join(cb.name for cb in changed))
         if self.log_every and self._step % self.log_every == 0:
-            self.log(self.collect_log_values())
+            pending.update(self.collect_log_values())
+        elif changed:
+            pending.update(self._technique_values(changed))
+        if pending:
+            self._send(pending)
 
     # ------------------------------------------------------------------ logging
     def register_loss(self, loss: Any) -> Any:
@@ -287,29 +307,65 @@ class CompressionManager:
         return loss
 
     def collect_log_values(self) -> dict[str, float]:
-        values: dict[str, float] = {}
-        for cb in self.callbacks:
-            for key, value in cb.log_values().items():
-                values[f"compress/{cb.name}/{key}"] = float(value)
+        """Every callback's and registered loss's values now, keyed ``compress/<technique>/<key>``.
+
+        It measures (per-layer sparsity, quantization error): the manager calls it at log steps only.
+        Under FSDP2 every rank must call it together (the quantization error gathers whole weights);
+        the adapters and the manager do. The losses' values are this process's last micro-batch.
+        """
+        values = self._technique_values(self.callbacks)
         for source in self._loss_sources:
             for key, value in source.log_values().items():
                 values[f"compress/{type(source).__name__}/{key}"] = float(value)
         return values
 
+    @staticmethod
+    def _technique_values(callbacks: list[CompressionTechnique]) -> dict[str, float]:
+        return {f"compress/{cb.name}/{key}": float(value) for cb in callbacks for key, value in cb.log_values().items()}
+
     def log(self, values: dict[str, float], step: int | None = None) -> None:
-        """Send ``values`` to ``accelerator.log`` (when trackers are set) or to ``logging`` (main process)."""
+        """Log ``values`` for an event (callbacks call it when they change something, e.g. at a mask update):
+        to ``accelerator.log`` when trackers are set, else to ``logging`` (main process). Values logged
+        during an update go out with that update's other values, in one record."""
         if not values:
             return
         step = self._step if step is None else step
+        self.last_event_step = step
+        if self._pending is not None and step == self._step:
+            self._pending.update(values)
+        else:
+            self._send(values, step)
+
+    @property
+    def last_logged(self) -> tuple[int, int, dict[str, float]] | None:
+        """``(record number, step, values)`` of the last record the manager logged: the adapters forward
+        each new record to their loggers (values logged again at the same step join that step's record,
+        under a new number)."""
+        if self._last_logged is None:
+            return None
+        number, step, values = self._last_logged
+        return number, step, dict(values)
+
+    def _send(self, values: dict[str, float], step: int | None = None) -> None:
+        step = self._step if step is None else step
+        if self._last_logged is None:
+            self._last_logged = (1, step, dict(values))
+        else:
+            number, last_step, last_values = self._last_logged
+            self._last_logged = (number + 1, step, {**last_values, **values} if last_step == step else dict(values))
         trackers = getattr(self.accelerator, "trackers", None) if self.accelerator is not None else None
         if trackers:
             self.accelerator.log(values, step=step)
         else:
             self._info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
-    def _log_event(self, event: str, values: dict[str, float]) -> None:
+    def _mark_event(self, event: str) -> None:
+        self.last_event_step = self._step
         self._info("%s at step %d", event, self._step)
-        self.log({f"compress/{k}": float(v) for k, v in values.items()})
+
+    def _log_event(self, event: str, values: dict[str, float]) -> None:
+        self._mark_event(event)
+        self._send(values)
 
     def _info(self, message: str, *args: Any) -> None:
         """Log on the main process: through Accelerate's logger once an Accelerator exists (it knows
@@ -398,6 +454,8 @@ class CompressionManager:
         self._step = int(state["step"])
         for key, cb in zip(self._keys(), self.callbacks):
             cb.load_state_dict(state["callbacks"][key])
+        if self.attached:  # a resume is no event
+            self._phases = [cb.log_phase() for cb in self.callbacks]
 
     # ------------------------------------------------------------------ finalize / report
     def finalize(self, model: nn.Module | None = None) -> nn.Module:
@@ -414,32 +472,51 @@ class CompressionManager:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        final_values = self.collect_log_values()  # the trained state, before it is baked in
         for cb in self.callbacks:
             cb.finalize(root)
         _ATTACHED_MODELS.discard(root)
-        self._log_event("finalize", {})
+        self._log_event("finalize", final_values)
         self._finalized = True
         self._model = None
         self._optimizer = None
         return root
 
     def summary(self) -> str:
-        """A per-layer table of what every callback does to every module it touches."""
-        lines = [f"CompressionManager: step {self._step}, {len(self.callbacks)} callback(s)"]
-        for cb in self.callbacks:
-            rows = cb.summary_rows()
-            lines.append(f"\n{cb!r}")
-            if not rows:
-                lines.append("  (not attached)")
-                continue
-            columns = list(rows[0])
-            cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
-            widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-            lines.append("  " + "  ".join("-" * w for w in widths))
-            for r in cells:
-                lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
-        return "\n".join(lines)
+        """A per-layer table of what every callback does to every module it touches (``report()`` as text).
+
+        GradualMagnitudePruning: shape, parameters, target and measured sparsity; QuantizationAwareTraining:
+        bits, ``weight_error`` (relative L2 of the fake-quant weight against the float one, while active),
+        input range, folded BatchNorm; then the registered losses' last values.
+        """
+        from .reporting import report_table
+
+        return report_table(self.report(), [repr(cb) for cb in self.callbacks])
+
+    def report(self) -> dict[str, Any]:
+        """``summary()`` as plain, JSON-serialisable data (for notebooks and tests).
+
+        ``{"step": int, "techniques": {"<index>:<technique>": {"technique": name, "config": its keyword
+        arguments, "layers": {module: {column: value}}}}, "losses": {loss class: {key: last value}}}``;
+        shapes are lists, a value with nothing to show (``"-"`` in the table) is None. No collective:
+        rank 0 alone may call it (under FSDP2 the quantization error is the one measured at the last log).
+
+        >>> import torch, torch.nn as nn
+        >>> from compress_callbacks import GradualMagnitudePruning
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> manager = CompressionManager(GradualMagnitudePruning(target_sparsity=0.5, start_step=0, end_step=2, initial_sparsity=0.5))
+        >>> manager.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> manager.report()["techniques"]["0:GradualMagnitudePruning"]["layers"]
+        {'0': {'shape': [4, 4], 'params': 16, 'target': 0.5, 'sparsity': 0.5}}
+        """
+        from .reporting import plain
+
+        techniques = {}
+        for key, cb in zip(self._keys(), self.callbacks):
+            layers = {str(row["module"]): {k: v for k, v in row.items() if k != "module"} for row in cb.summary_rows()}
+            techniques[key] = {"technique": cb.name, "config": technique_plan(cb), "layers": plain(layers)}
+        losses = {type(source).__name__: {k: float(v) for k, v in source.log_values().items()} for source in self._loss_sources}
+        return {"step": self._step, "techniques": techniques, "losses": losses}
 
     # ------------------------------------------------------------------ recipes
     @classmethod
@@ -519,11 +596,3 @@ def _require_materialized(model: nn.Module) -> None:
             f"{', ...' if len(on_meta) > 3 else ''}): materialize it (model.to_empty(device=...) and load its "
             "weights) before `attach`"
         )
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, (tuple, list, torch.Size)):
-        return "x".join(str(v) for v in value)
-    return str(value)

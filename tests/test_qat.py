@@ -421,9 +421,14 @@ def test_state_dict_resume_is_exact():
 def test_summary_and_log_values():
     model = cnn()
     manager, qat, opt = attach(model, activation_bits=None)
-    assert qat.log_values() == {"active": 1.0, "observers_frozen": 0.0, "bn_frozen": 0.0}
+    values = qat.log_values()
+    assert {k: values[k] for k in ("active", "observers_frozen", "bn_frozen")} == {"active": 1.0, "observers_frozen": 0.0, "bn_frozen": 0.0}
+    errors = {name: values[f"layer/{name}/weight_error"] for name in ("0", "3", "7")}
+    assert all(0.0 < e < 0.01 for e in errors.values()) and values["weight_error/max"] == max(errors.values())
+    assert not any("input_" in key for key in values)  # weight-only: no input ranges
     rows = qat.summary_rows()
     assert [r["module"] for r in rows] == ["0", "3", "7"] and rows[0]["input_bits"] == "-"
+    assert [r["weight_error"] for r in rows] == list(errors.values())
     assert "QuantizationAwareTraining" in manager.summary()
     assert QuantizationAwareTraining(start_step=5).config()["start_step"] == 5
 

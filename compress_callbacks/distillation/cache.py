@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._progress import check_progress, progress_bar
 from .divergences import DEFAULT_CHUNK_ELEMENTS, TopKRows, check_temperature
 
 __all__ = ["TeacherLogitsCache", "TopKLogits", "cache_teacher_logits", "inputs_fingerprint", "load_teacher_logits", "teacher_top_k"]
@@ -244,8 +245,7 @@ def cache_teacher_logits(
         raise TypeError(f"`inputs` must be None, a key of the batch or a callable batch -> inputs, got {type(inputs).__name__}")
     if value_dtype not in _VALUE_DTYPES:
         raise ValueError(f"`value_dtype` must be torch.float16, torch.bfloat16 or torch.float32, got {value_dtype!r}")
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"`progress` must be None, True or False, got {progress!r}")
+    check_progress(progress)
     temperature = check_temperature(temperature)
     path = os.fspath(path)
     partial = path + ".partial"
@@ -253,7 +253,7 @@ def cache_teacher_logits(
     try:
         with open(partial, "wb") as handle:
             handle.write(_MAGIC)
-            footer = _write_entries(handle, teacher, _progress_bar(batches, progress), top_k, inputs, temperature, value_dtype)
+            footer = _write_entries(handle, teacher, progress_bar(batches, progress, desc="teacher logits"), top_k, inputs, temperature, value_dtype)
             encoded = json.dumps(footer).encode()
             handle.write(encoded + struct.pack("<Q", len(encoded)) + _END)
         os.replace(partial, path)
@@ -354,19 +354,6 @@ def _counted_positions(teacher_inputs: Any, leading: torch.Size) -> torch.Tensor
         counted[..., :-1] |= counted[..., 1:].clone()
     counted = counted.reshape(-1)
     return None if bool(counted.all()) else counted
-
-
-def _progress_bar(batches: Iterable[Any], progress: bool | None) -> Iterable[Any]:
-    if progress is False:
-        return batches
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        if progress:
-            raise ImportError("`progress=True` needs tqdm: pip install tqdm") from None
-        return batches
-    total = len(batches) if hasattr(batches, "__len__") else None
-    return tqdm(batches, total=total, desc="teacher logits", unit="batch", disable=None if progress is None else False)
 
 
 # ---------------------------------------------------------------------------- reading

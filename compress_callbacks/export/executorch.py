@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from .._progress import StageBar, progress_bar
 from ..quantization.fake_quant import activation_qparams
 from ..quantization.observer import RangeObserver
 from ..quantization.qat import STATE_ATTR
@@ -392,7 +393,7 @@ def _calibrate_points(prepared: nn.Module, points: list[_Point], batches: Iterab
     """
     count = 0
     with torch.no_grad():
-        for batch in batches:
+        for batch in progress_bar(batches, None, desc="calibrate (ExecuTorch)"):  # a bar on a terminal
             inputs = _as_calibration_batch(batch, n_inputs)
             try:
                 prepared(*(t.detach().cpu() for t in inputs))
@@ -541,6 +542,8 @@ def export_executorch(
     schemes = {name: _scheme(name, spec) for name, spec in qparams.items()}
     _require_executorch()
 
+    stage = StageBar("export_executorch", ["reference", "quantize and lower", "parity check"], None)  # on a terminal
+    stage("reference")
     graph_model = (quantized_copy(root) if qparams else copy.deepcopy(root)).cpu().eval()
     try:
         with torch.no_grad():
@@ -550,6 +553,7 @@ def export_executorch(
     reference = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
 
     static_layers = {name for name, scheme in schemes.items() if scheme == "static_int8"}
+    stage("quantize and lower")
     program, data, left_float, calibrated = _lower(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
     float_layers = sorted({name for name, scheme in schemes.items() if scheme == "weight_only"} | set(left_float))
     if calibrated:
@@ -566,6 +570,7 @@ def export_executorch(
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(data)
+        stage("parity check")
         try:
             outputs = ExecuTorchModule(temporary)(*inputs)
         except RuntimeError as error:  # e.g. an op only ExecuTorch's portable kernels could run, and they cannot
@@ -583,4 +588,5 @@ def export_executorch(
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+    stage.close()
     return ExecuTorchExport(path, len(data), max_error, agreement, float_layers, calibrated, program)

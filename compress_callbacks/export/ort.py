@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .._progress import progress_bar
 from ..quantization.fake_quant import activation_qparams
 from ..quantization.observer import RangeObserver
 from .onnx_passes import _insert_output_quantizers, _output_points, _quantized_skip_inputs
@@ -244,7 +245,7 @@ def _calibrated_ranges(onnx_model, names: list[str], batches) -> dict[str, tuple
     positions = [_input_position(name, i) for i, name in enumerate(input_names)]
     observer = RangeObserver(len(names))
     count = 0
-    for batch in batches:
+    for batch in progress_bar(batches, None, desc="calibrate (ONNX Runtime)"):  # a bar on a terminal
         inputs = _float32_inputs(_as_tuple(batch))
         values = session.run(names, {n: inputs[i].detach().cpu().contiguous().numpy() for n, i in zip(input_names, positions)})
         for slot, array in enumerate(values):

@@ -71,13 +71,17 @@ class CompressionCallback(L.Callback):
     * Checkpoints: the manager's ``state_dict()`` (masks, observer ranges, step) is this callback's
       state, stored in every Lightning checkpoint and restored by ``trainer.fit(..., ckpt_path=...)``
       before the manager attaches.
-    * ``on_train_batch_end``: logs the manager's values (``compress/...``) with ``pl_module.log_dict``.
+    * ``on_train_batch_end``: when the manager logged since the last batch (every ``log_every`` real
+      updates and at events: attach, mask updates, QAT starting / freezing), those values
+      (``compress/...``, see ``docs/manager.md``) go to ``trainer.loggers`` at the manager's step and to
+      ``pl_module.log_dict(..., logger=False)`` (``callback_metrics``, for monitors). Nothing is measured
+      on the other steps.
 
     Args:
         manager: the ``CompressionManager`` to drive (not yet attached).
         optimizer_index: which of ``configure_optimizers``' optimizers trains the compressed
             weights (None: the only one).
-        log: whether to log the manager's values on every training step.
+        log: whether to forward the manager's logged values to Lightning.
     """
 
     def __init__(self, manager: CompressionManager, *, optimizer_index: int | None = None, log: bool = True) -> None:
@@ -88,6 +92,7 @@ class CompressionCallback(L.Callback):
         self.manager = manager
         self.optimizer_index = optimizer_index
         self.log = bool(log)
+        self._forwarded = 0  # number of the manager's last record sent to Lightning
 
     def _optimizer(self, trainer: Any) -> Any:
         optimizers = list(trainer.optimizers)
@@ -113,10 +118,13 @@ class CompressionCallback(L.Callback):
         self.manager.attach(pl_module, optimizer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.log and self.manager.attached:
-            values = self.manager.collect_log_values()
-            if values:
-                pl_module.log_dict(values, on_step=True, on_epoch=False)
+        logged = self.manager.last_logged if self.log and self.manager.attached else None
+        if logged is None or logged[0] == self._forwarded:
+            return
+        self._forwarded, step, values = logged
+        pl_module.log_dict(values, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:  # as LearningRateMonitor does: the event's own step
+            logger.log_metrics(values, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return self.manager.state_dict()

@@ -73,9 +73,14 @@ class CompressionCallback(TrainerCallback):
     ...                          use_cpu=True, save_strategy="no", disable_tqdm=True)
     >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CompressionCallback(manager)])
     >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'loss': ...}
     {'train_runtime': ...}
     >>> manager.step, round(manager.callbacks[0].overall_sparsity(), 2)
     (4, 0.5)
+    >>> [round(logs["compress/GradualMagnitudePruning/mask_sparsity"], 2) for logs in trainer.state.log_history if "loss" in logs]
+    [0.29, 0.44, 0.49, 0.5]
+
+    (The masks change at every step here: each mask update is an event, logged at its step.)
 
     * ``on_train_begin``: attaches the manager to the model and the Trainer's real optimizer (it
       exists by then). The manager hooks the underlying ``torch.optim.Optimizer``, so it counts only
@@ -88,8 +93,11 @@ class CompressionCallback(TrainerCallback):
       checkpoint's path cannot be found, load it yourself before ``trainer.train``
       (``manager.load_state_dict(torch.load("<checkpoint>/compression_state.pt"))``): a manager
       already at the resumed step is taken as it is.
-    * ``on_log``: adds the manager's values (``compress/...``) to the Trainer's logs. The callback
-      moves itself first in the Trainer's callback list, so reporters (W&B, TensorBoard, ...) see them.
+    * ``on_log``: adds the manager's values (``compress/...``, see ``docs/manager.md``) to the Trainer's
+      logs, measured then (at the Trainer's ``logging_steps``, not on every step). The callback moves
+      itself first in the Trainer's callback list, so reporters (W&B, TensorBoard, ...) see them.
+      After an update with a compression event (a mask update, QAT starting or freezing) it asks the
+      Trainer to log at that step (``control.should_log``).
 
     Args:
         manager: the ``CompressionManager`` to drive (not yet attached).
@@ -137,6 +145,10 @@ class CompressionCallback(TrainerCallback):
             logger.warning("checkpoint folder %s not found; compression state not saved", folder)
             return
         torch.save(manager_state, os.path.join(folder, STATE_FILE))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.manager.attached and state.global_step > 0 and self.manager.last_event_step == state.global_step:
+            control.should_log = True  # a mask update / QAT phase change reaches the trackers at its step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.manager.attached or "loss" not in logs:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from .. import _dist as D
 from .._native import mask_multiply_kernel
 from ..callback import CompressionTechnique
+from ..reporting import layer_log_values
 from ..schedules import cubic_sparsity, last_grid_point
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules, weight_output_dim
 from . import masks as M
@@ -521,9 +522,20 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         return pruned / total if total else 0.0
 
     def log_values(self) -> dict[str, float]:
+        """``target_sparsity`` (the schedule's value the masks implement), ``mask_sparsity`` (pruned by the
+        masks), ``sparsity/overall`` (measured zeros over all targeted weights), ``sparsity/<statistic>``
+        over the layers and ``layer/<module>/sparsity`` (up to ``max_layer_keys`` layers)."""
         if not self._params:
             return {}
-        return {"target_sparsity": self._applied_sparsity, "mask_sparsity": self._mask_sparsity}
+        layers = self.layer_sparsities()
+        total = sum(p.numel() for p in self._params)
+        zeros = sum(value * p.numel() for value, p in zip(layers.values(), self._params))
+        return {
+            "target_sparsity": self._applied_sparsity,
+            "mask_sparsity": self._mask_sparsity,
+            "sparsity/overall": zeros / total if total else 0.0,
+            **layer_log_values("sparsity", layers, self.max_layer_keys),
+        }
 
     def summary_rows(self) -> list[dict[str, Any]]:
         if not self._params:

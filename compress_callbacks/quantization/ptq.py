@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._progress import check_progress, progress_bar
 from ..targets import ModuleSpec, is_transformers_conv1d, unwrap_model
 from . import fake_quant as FQ
 from .config import QuantizationConfig
@@ -70,7 +71,7 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
     return first if isinstance(first, torch.Tensor) else None
 
 
-def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any]):
+def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any], progress: bool | None = None):
     """Run the batches once; return input ``(min, max)`` per layer that saw one and the conv -> BatchNorm edges."""
     observer = RangeObserver(len(layers))
     producer: dict[int, str] = {}
@@ -106,7 +107,7 @@ def _observe(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[A
     count = 0
     try:
         with torch.no_grad(), fast_path_disabled():  # every layer's forward runs (see .fast_path)
-            for batch in batches:
+            for batch in progress_bar(batches, progress, desc="calibrate"):
                 producer.clear()
                 if isinstance(batch, dict):
                     model(**batch)
@@ -136,6 +137,7 @@ def calibrate(
     modules: ModuleSpec = None,
     exclude: ModuleSpec = None,
     fold_bn: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Post-training quantization, in place: snap weights, record input ranges, attach the specs.
 
@@ -143,8 +145,10 @@ def calibrate(
     keyword arguments). The model is run in eval mode. Weights: per output channel, symmetric,
     ``max|w|`` scales (zeros stay zero). Inputs: per tensor, affine uint8 over the observed min/max
     (``activation_bits=None``: weight-only). A Conv whose output is the input of a single BatchNorm
-    is quantized BN-folded (``fold_bn=False`` turns that off). Returns the (unwrapped) model.
+    is quantized BN-folded (``fold_bn=False`` turns that off). ``progress``: a tqdm bar over the
+    batches (None: on a terminal only, True: always, False: never). Returns the (unwrapped) model.
     """
+    check_progress(progress)
     config = QuantizationConfig(weight_bits=weight_bits, activation_bits=activation_bits, modules=modules, exclude=exclude)
     weight_bits, activation_bits = config.weight_bits, config.activation_bits
     root = unwrap_model(model)
@@ -155,7 +159,7 @@ def calibrate(
     was_training = root.training
     root.eval()
     try:
-        ranges, edges = _observe(root, layers, batches)
+        ranges, edges = _observe(root, layers, batches, progress)
     finally:
         root.train(was_training)
     qparams = get_qparams(root)

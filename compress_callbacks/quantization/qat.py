@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _dist
 from ..callback import CompressionTechnique
+from ..reporting import layer_log_values, relative_l2_error
 from ..targets import ModuleSpec, require_optimizer_owns_weights, select_modules
 from . import fake_quant as FQ
 from . import qat_layers
@@ -310,6 +311,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         return self._observed or any(g.fresh for g in self._groups)
 
     def finalize(self, model: nn.Module) -> None:
+        self._final_rows = self.summary_rows()  # before snapping: the trained weights' quantization error
         specs: dict[str, LayerQuantSpec] = {}
         never_observed = []
         with torch.no_grad():
@@ -342,7 +344,6 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
                 "(finalize before start_step?); their inputs stay float (weight-only spec)",
                 stacklevel=2,
             )
-        self._final_rows = self.summary_rows()
         self._set_active(False)
         self._set_bn_frozen(False)
         set_qparams(model, {**get_qparams(model), **specs})
@@ -484,29 +485,71 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
 
     # ------------------------------------------------------------------ reporting
     def log_values(self) -> dict[str, float]:
+        """The phase flags (``active``, ``observers_frozen``, ``bn_frozen``); while active the weight
+        quantization error (relative L2 of each fake-quant weight against its float weight:
+        ``weight_error/<statistic>`` over the layers, ``layer/<module>/weight_error``); the observed input
+        ranges (``input_min/min``, ``input_max/max`` over the layers, ``layer/<module>/input_min`` /
+        ``input_max``). Per-layer keys for up to ``max_layer_keys`` layers."""
         if not self._layers:
             return {}
-        return {
+        values = {
             "active": float(self._active),
             "observers_frozen": float(not self._observing),
             "bn_frozen": float(self._bn_frozen),
         }
+        if self._active:
+            values.update(layer_log_values("weight_error", self._weight_errors(), self.max_layer_keys))
+        lows, highs = self._input_ranges()
+        if lows:
+            values["input_min/min"], values["input_max/max"] = min(lows.values()), max(highs.values())
+            if len(self._layers) <= self.max_layer_keys:
+                for name in lows:
+                    values[f"layer/{name}/input_min"], values[f"layer/{name}/input_max"] = lows[name], highs[name]
+        return values
+
+    def log_phase(self) -> Any:
+        return (self._active, self._observing, self._bn_frozen)
+
+    def _input_ranges(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The observed input ranges as floats (one host copy per range group)."""
+        copies = {id(g): (g.running_min.tolist(), g.running_max.tolist()) for g in self._groups}
+        observed = [st for st in self._layers if st.group is not None and st.initialized]
+        lows = {st.name: copies[id(st.group)][0][st.slot] for st in observed}
+        highs = {st.name: copies[id(st.group)][1][st.slot] for st in observed}
+        return lows, highs
+
+    def _weight_errors(self) -> dict[str, float]:
+        """Relative L2 error of each layer's fake-quant weight (what its forward computes with) against the
+        float weight, measured now over the whole weights: under FSDP2 a collective (every rank calls
+        ``log_values``), and ``summary_rows`` shows this last measurement."""
+        with torch.no_grad():
+            errors = {st.name: relative_l2_error(st.weight(st.module), _dist.whole(st.module.weight)) for st in self._layers}
+        self._measured_weight_errors = errors
+        return errors
 
     def summary_rows(self) -> list[dict[str, Any]]:
         if not self._layers:
             return self._final_rows
+        sharded = any(_dist.is_sharded(st.module.weight) for st in self._layers)
+        if not self._active:
+            errors = {}
+        elif sharded:  # no collective here: rank 0 alone may call summary()
+            errors = getattr(self, "_measured_weight_errors", {})
+        else:
+            errors = self._weight_errors()
+        lows, highs = self._input_ranges()
         rows = []
         for st in self._layers:
-            observed = st.group is not None and st.initialized
             rows.append(
                 {
                     "module": st.name,
                     "type": st.original_class.__name__,
                     "shape": tuple(st.module.weight.shape),
                     "weight_bits": st.bits,
+                    "weight_error": errors.get(st.name, "-"),
                     "input_bits": _input_bits(st, self.activation_bits),
-                    "input_min": float(st.group.running_min[st.slot]) if observed else "-",
-                    "input_max": float(st.group.running_max[st.slot]) if observed else "-",
+                    "input_min": lows.get(st.name, "-"),
+                    "input_max": highs.get(st.name, "-"),
                     "folded_bn": st.bn_name or "-",
                     **({"weight_group": st.group_size} if self.weight_group_size is not None else {}),
                 }
