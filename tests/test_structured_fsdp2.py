@@ -101,6 +101,8 @@ def _structured_fsdp2_worker(path):
         what = f"{make.__name__}/{granularity}/{scope}"
         torch.manual_seed(0)
         reference = make().train()
+        with torch.no_grad():  # an exact zero in the second rank's block only: attach keeps it, on every rank alike
+            (reference.fc1 if make is ConvNet else reference.up).weight[-1, 0] = 0.0
         model = copy.deepcopy(reference)
         model.shard(fully_shard)
         assert all(D.is_sharded(p) for p in model.parameters())

@@ -212,7 +212,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._restore(self._loaded)
             self._loaded = None
         else:
-            self._keeps = [M.keep_from_zeros(D.local(p.detach())) for p in self._params]
+            self._keeps = self._keeps_from_zeros()
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(grads=True, state=True)
         self._update_masks(step)
@@ -220,6 +220,17 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._masked_grads = [None] * len(self._params)
         if self.mask_gradients == "backward":
             self._install_grad_hooks()
+
+    def _keeps_from_zeros(self) -> list[torch.Tensor | None]:
+        """Masks of the zeros already in the weights (a sparse checkpoint), or None for a weight with no
+        zeros (or only zeros). Under FSDP2 decided on the whole weight: every rank holds a mask (its
+        block's) or none, as the collectives that follow expect."""
+        blocks = [D.local(p.detach()) for p in self._params]
+        if not self._sharded:
+            return [M.keep_from_zeros(block) for block in blocks]
+        nonzero = D.sum_over_shards(torch.stack([(b != 0).sum(dtype=torch.int64) for b in blocks]).cpu(), self._params[0])
+        return [None if int(count) in (0, p.numel()) else (block != 0).to(torch.uint8)
+                for block, count, p in zip(blocks, nonzero, self._params)]
 
     # Gradients are masked once per backward pass, when autograd has finished it and before
     # ``backward()`` returns: the first gradient accumulated in a pass queues a callback at the end of
