@@ -540,9 +540,12 @@ def test_sharded_models_are_refused_before_anything_is_touched():
         n_m = GradualMagnitudePruning(0.5, 0, 2, granularity="2:4", modules=[nn.Linear, nn.ConvTranspose1d])
         with pytest.raises(NotImplementedError, match=r"granularity '2:4': \['2'\] store their output channels along dim 1"):
             CompressionManager(n_m).attach(transposed, torch.optim.SGD(transposed.parameters(), lr=0.1))
-        channel = GradualMagnitudePruning(0.5, 0, 2, granularity="channel")  # coupled channels need whole weights
-        with pytest.raises(NotImplementedError, match=r"granularity='channel'.*with FSDP2 use 'unstructured' or 'N:M'"):
-            CompressionManager(channel).attach(fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
+        hooks = len(transposed._forward_pre_hooks)  # FSDP2's
+        for granularity in ("channel", "head"):  # grouped selection runs on dim-0 blocks: dim-1 layers stay refused
+            grouped = GradualMagnitudePruning(0.5, 0, 2, granularity=granularity, modules=[nn.Linear, nn.ConvTranspose1d])
+            with pytest.raises(NotImplementedError, match=fr"granularity '{granularity}': \['2'\] store their output channels along dim 1"):
+                CompressionManager(grouped).attach(transposed, torch.optim.SGD(transposed.parameters(), lr=0.1))
+            assert len(transposed._forward_pre_hooks) == hooks  # no input hook left behind
         with pytest.raises(NotImplementedError, match="CountUpdates needs every rank to hold whole weights.*FSDP2"):
             CompressionManager(GradualMagnitudePruning(0.5, 0, 2), CountUpdates()).attach(
                 fsdp_model, torch.optim.SGD(fsdp_model.parameters(), lr=0.1))
@@ -618,10 +621,7 @@ def _fsdp2_worker(path):
         for mask, name in zip(state["masks"], state["names"]):
             param = finalized.get_submodule(name).weight
             assert torch.all(param.detach().full_tensor()[~mask] == 0), name
-    for granularity in ("channel", "head"):  # coupled channels are found on whole weights: refused, nothing attached
-        with pytest.raises(NotImplementedError, match=f"granularity='{granularity}'"):
-            CompressionManager(GradualMagnitudePruning(0.5, start_step=0, end_step=4, granularity=granularity)).attach(
-                model, torch.optim.SGD(model.parameters(), lr=0.1))
+    # channel and head under FSDP2: tests/test_structured_fsdp2.py
     # gradient accumulation: FSDP2 reduces only on the last micro-batch; one real update each
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(16, 30), nn.ReLU(), nn.Linear(30, 5))

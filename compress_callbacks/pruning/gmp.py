@@ -185,10 +185,6 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                     f"not a multiple of M={self._nm[1]}; exclude it with `exclude=[{name!r}]`"
                 )
         weights = [module.weight for _, module in selected]
-        if self.granularity in ("channel", "head") and any(D.is_sharded(w) for w in weights):
-            raise NotImplementedError(
-                f"GradualMagnitudePruning(granularity={self.granularity!r}) selects coupled channels from the traced "
-                "model, which needs whole weights on every rank (DDP); with FSDP2 use 'unstructured' or 'N:M'")
         if any(D.is_sharded(w) for w in weights) and not all(
             D.is_sharded(w) and w.device_mesh == weights[0].device_mesh for w in weights
         ):
@@ -224,7 +220,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._restore(self._loaded)
             self._loaded = None
         else:
-            self._keeps = [M.keep_from_zeros(D.local(p.detach())) for p in self._params]
+            self._keeps = self._keeps_from_zeros()
             self._mask_sparsity = self._count_mask_sparsity()
         self._enforce_masks(grads=True, state=True)
         self._update_masks(step)
@@ -232,6 +228,17 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         self._masked_grads = [None] * len(self._params)
         if self.mask_gradients == "backward":
             self._install_grad_hooks()
+
+    def _keeps_from_zeros(self) -> list[torch.Tensor | None]:
+        """Masks of the zeros already in the weights (a sparse checkpoint), or None for a weight with no
+        zeros (or only zeros). Under FSDP2 decided on the whole weight: every rank holds a mask (its
+        block's) or none, as the collectives that follow expect."""
+        blocks = [D.local(p.detach()) for p in self._params]
+        if not self._sharded:
+            return [M.keep_from_zeros(block) for block in blocks]
+        nonzero = D.sum_over_shards(torch.stack([(b != 0).sum(dtype=torch.int64) for b in blocks]).cpu(), self._params[0])
+        return [None if int(count) in (0, p.numel()) else (block != 0).to(torch.uint8)
+                for block, count, p in zip(blocks, nonzero, self._params)]
 
     # Gradients are masked once per backward pass, when autograd has finished it and before
     # ``backward()`` returns: the first gradient accumulated in a pass queues a callback at the end of
@@ -328,9 +335,11 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             self._groups.on_inputs = lambda: self._update_masks(step)
             return
         if self._groups is not None:
-            keeps, owned = self._groups.select([p.detach() for p in self._params], self._keeps, self._owned_keeps, target, self.scope)
-            self._keeps = [None if k is None else D.broadcast_(k) for k in keeps]
-            self._set_owned({name: None if k is None else D.broadcast_(k) for name, k in owned.items()})
+            keeps, owned = self._groups.select([p.detach() for p in self._params], self._keeps, self._owned_keeps,
+                                               target, self.scope, params=self._all_params)
+            agree = (lambda k: k) if self._sharded else D.broadcast_  # FSDP2: each rank's block of one choice
+            self._keeps = [None if k is None else agree(k) for k in keeps]
+            self._set_owned({name: None if k is None else agree(k) for name, k in owned.items()})
         elif self._sharded:
             self._keeps = self._select_sharded(target)
         else:  # every rank computes the same masks; the broadcast guarantees it (ties, float noise)
@@ -383,7 +392,7 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
         compute on the whole weights (ties included). No weight leaves its rank.
 
         Unstructured and N:M: a radix select over the ranks' blocks with histograms summed over
-        ranks, ties allotted in the whole weights' order. (Channel and head are refused at attach.)
+        ranks, ties allotted in the whole weights' order. (Channel and head: ``GroupSelection.select``.)
         """
         first = self._params[0]
         blocks = [D.local(p.detach()) for p in self._params]
@@ -435,7 +444,8 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
             # whole masks (gathered from the ranks' blocks under FSDP2: every rank must call this)
             "masks": [None if k is None else D.gather_like(k.detach(), p).to("cpu", torch.bool)
                       for k, p in zip(self._keeps, self._params)],
-            "owned_masks": {n: k.detach().to("cpu", torch.bool) for n, k in self._owned_keeps.items() if k is not None},
+            "owned_masks": {n: D.gather_like(k.detach(), self._owned[n]).to("cpu", torch.bool)
+                            for n, k in self._owned_keeps.items() if k is not None},
         }
 
     def check_state(self, state: dict[str, Any], model: nn.Module | None) -> None:
@@ -486,7 +496,8 @@ class GradualMagnitudePruning(CompressionTechnique, config_class=PruningConfig):
                 raise ValueError(f"`state` holds a mask for parameter {name!r}, which this model does not have")
             if tuple(mask.shape) != tuple(self._all_params[name].shape):
                 raise ValueError(f"`state` mask of shape {tuple(mask.shape)} does not fit {name!r}")
-            owned[name] = mask.to(torch.uint8).to(self._all_params[name].device)
+            param = self._all_params[name]
+            owned[name] = D.local_block_of(mask.to(torch.uint8), param).to(D.local(param).device)
         self._set_owned(owned)
         self._applied_sparsity = float(state["applied_sparsity"])
         self._mask_sparsity = self._count_mask_sparsity()

@@ -3,13 +3,23 @@
 Each rank holds one block of rows of every weight; :func:`sharded_keep_masks` gives each rank its
 block of exactly the masks :func:`~compress_callbacks.pruning.masks.unstructured_keep_masks` (or
 ``nm_keep_masks``) computes on the whole weights, moving only histograms and a few counts.
+:func:`row_range` says which rows a rank holds, and :func:`on_whole_model` runs a function once on
+the first rank while the model is a plain, unsharded module there (tracing the channel groups).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import pickle
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import _dist as D
 
 from .masks import (
     _apply_selection,
@@ -26,7 +36,9 @@ from .masks import (
     magnitude_key_source,
 )
 
-__all__ = ["sharded_keep_masks"]
+__all__ = ["sharded_keep_masks", "row_range", "on_whole_model"]
+
+T = TypeVar("T")
 
 
 def sharded_keep_masks(
@@ -106,3 +118,114 @@ def _largest_kept_over_ranks(
     indices = [index if int(holder[layer]) == rank and float(best[layer]) >= 0 else -1
                for layer, (_, index) in enumerate(found)]
     return indices, int((best >= 0).sum())
+
+
+# ------------------------------------------------------------------ blocks of rows, whole model
+def row_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """This rank's rows ``[start, stop)`` of ``tensor`` along dim 0: FSDP2's ``Shard(0)`` layout
+    (``torch.chunk``: blocks of ``ceil(rows / ranks)`` in rank order, the last ones shorter or
+    empty); all rows for a plain tensor.
+
+    >>> row_range(torch.zeros(5, 3))
+    (0, 5)
+    """
+    rows = tensor.shape[0] if tensor.ndim else 1
+    if not D.is_sharded(tensor):
+        return 0, rows
+    mesh = tensor.device_mesh
+    block = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * block, rows)
+    stop = min(start + block, rows)
+    held = D.local(tensor).shape[0] if tensor.ndim else 1
+    if stop - start != held:
+        raise ValueError(f"a sharded tensor of {rows} rows holds {held} on this rank, not FSDP2's block "
+                         f"[{start}, {stop}): only `fully_shard`'s dim-0 layout is supported")
+    return start, stop
+
+
+def on_whole_model(root: nn.Module, fn: Callable[[], T]) -> T:
+    """``fn()`` run once, on the first rank of the mesh that shards ``root``'s parameters, while
+    ``root`` is a plain module there: each sharded parameter replaced by its whole tensor and FSDP2's
+    forward hooks set aside (so that a forward pass runs no collective); everything is put back
+    afterwards. Its result, which must pickle, or its exception reaches every rank. Every rank must
+    call this (the parameters are gathered over the ranks). Memory: the first rank holds one whole
+    copy of the parameters while ``fn`` runs; the others one whole parameter at a time.
+    """
+    sharded = [p for p in root.parameters() if D.is_sharded(p)]
+    if not sharded:
+        return fn()
+    mesh = sharded[0].device_mesh
+    first = mesh.get_local_rank() == 0
+    whole: dict[int, nn.Parameter] = {}
+    for param in sharded:  # the same order on every rank: one all-gather each
+        full = param.detach().full_tensor()
+        if first:
+            whole[id(param)] = nn.Parameter(full, requires_grad=param.requires_grad)
+    outcome: list = [None]
+    failure: BaseException | None = None
+    if first:
+        try:
+            with _plain_modules(root, whole):
+                outcome = [(fn(), None)]
+        except Exception as err:  # noqa: BLE001 - every rank raises it
+            failure = err
+            outcome = [(None, err if _pickles(err) else RuntimeError(f"{type(err).__name__}: {err}"))]
+        whole.clear()
+    group = mesh.get_group()
+    dist.broadcast_object_list(outcome, src=dist.get_global_rank(group, 0), group=group)
+    result, error = outcome[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise error
+    return result
+
+
+def _pickles(value: object) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return False
+    return True
+
+
+def _bound_to(hook: Callable, owner: object) -> bool:
+    """Whether ``hook``, or a function it wraps (``functools.wraps``), is a method bound to ``owner``."""
+    seen = 0
+    while hook is not None and seen < 16:
+        if getattr(hook, "__self__", None) is owner:
+            return True
+        hook, seen = getattr(hook, "__wrapped__", None), seen + 1
+    return False
+
+
+@contextmanager
+def _plain_modules(root: nn.Module, whole: dict[int, nn.Parameter]) -> Iterator[None]:
+    """``root`` with the parameters keyed (by id) in ``whole`` swapped for those and FSDP2's forward
+    hooks set aside; restored on exit."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    hooks: list[tuple[nn.Module, str, OrderedDict]] = []
+    try:
+        for module in root.modules():
+            if isinstance(module, FSDPModule):
+                state = fully_shard.state(module)
+                for attribute in ("_forward_pre_hooks", "_forward_hooks"):
+                    found = getattr(module, attribute)
+                    own = {key for key, hook in found.items() if _bound_to(hook, state)}
+                    if not own:
+                        raise RuntimeError(f"could not find FSDP2's forward hooks on {type(module).__name__} in this "
+                                           f"torch {torch.__version__}: the model cannot be traced unsharded")
+                    hooks.append((module, attribute, found))
+                    setattr(module, attribute, OrderedDict((k, h) for k, h in found.items() if k not in own))
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) in whole:
+                    swapped.append((module, name, param))
+                    module._parameters[name] = whole[id(param)]
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+        for module, attribute, found in hooks:
+            setattr(module, attribute, found)

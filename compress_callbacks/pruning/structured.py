@@ -9,6 +9,10 @@ BatchNorm channels that belong to it, which are not targeted weights and so are 
 removed (a classifier's outputs, channels normalised together by a LayerNorm) keep per-row
 selection, and a warning names them; with ``"head"`` only attention heads are pruned.
 
+Under FSDP2 (``fully_shard``: every rank holds a block of rows of each parameter) the first rank
+traces the model once, with its parameters gathered whole (:func:`.sharded.on_whole_model`), and
+sends the units to the others; each rank then scores and masks its own block of rows.
+
 >>> import torch, torch.nn as nn
 >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
 >>> selection = GroupSelection(model, ["0.weight"], "channel")
@@ -21,14 +25,16 @@ selection, and a warning names them; with ``"head"`` only attention heads are pr
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .. import _dist as D
 from . import masks as M
 from .groups import trace_call
+from .sharded import on_whole_model, row_range
 
 __all__ = ["GroupSelection", "first_example"]
 
@@ -84,7 +90,10 @@ class GroupSelection:
         self.owned_names: list[str] = []
         self._rows: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._families: torch.Tensor | None = None
-        self._hook = root.register_forward_pre_hook(self._capture, with_kwargs=True)
+        # FSDP2: ahead of its hooks, so the first selection masks the sharded weights before they are
+        # gathered for that forward pass, and the inputs are the user's (not cast for mixed precision)
+        sharded = any(D.is_sharded(p) for p in root.parameters())
+        self._hook = root.register_forward_pre_hook(self._capture, with_kwargs=True, prepend=sharded)
 
     @property
     def ready(self) -> bool:
@@ -107,8 +116,13 @@ class GroupSelection:
 
     # ---------------------------------------------------------------- groups
     def _trace(self) -> None:
+        """Find the units on the first batch (under FSDP2: on the first rank, on the whole model)."""
         args, kwargs = self.inputs
         self.inputs = None
+        self._rows, self._families, self.owned_names = on_whole_model(self.root, lambda: self._units(args, kwargs))
+
+    def _units(self, args: tuple, kwargs: dict):
+        """``(rows, families, owned names)`` of the units traced on ``model(*args, **kwargs)``."""
         params = dict(self.root.named_parameters())
         try:
             groups = trace_call(self.root, args, kwargs)
@@ -117,10 +131,9 @@ class GroupSelection:
                 raise ValueError(f"GradualMagnitudePruning(granularity='head') needs the model's attention heads, "
                                  f"found by tracing it on its first batch, which failed: {err}") from err
             warnings.warn(f"GradualMagnitudePruning(granularity='channel'): the model could not be traced ({err}); "
-                          "every layer keeps per-row channel selection, and shrink() may leave them as they are", stacklevel=4)
-            self._index([[(n, self.out_dims[n], i)] for n in self.names for i in range(params[n].shape[self.out_dims[n]])],
-                        [frozenset([n]) for n in self.names for _ in range(params[n].shape[self.out_dims[n]])])
-            return
+                          "every layer keeps per-row channel selection, and shrink() may leave them as they are", stacklevel=7)
+            return self._index([[(n, self.out_dims[n], i)] for n in self.names for i in range(params[n].shape[self.out_dims[n]])],
+                               [frozenset([n]) for n in self.names for _ in range(params[n].shape[self.out_dims[n]])])
         kind = "head" if self.granularity == "head" else "channel"
         candidates = groups.prunable(self.names)
         units = [u for u in candidates if u.kind == kind]
@@ -134,7 +147,7 @@ class GroupSelection:
             if projections:  # their rows go by whole heads: zeroing single rows would leave them unremovable
                 warnings.warn(f"GradualMagnitudePruning(granularity='channel'): {', '.join(n.rsplit('.', 1)[0] for n in projections[:8])}"
                               f"{'...' if len(projections) > 8 else ''} project attention heads and stay dense; prune their "
-                              "heads with granularity='head'", stacklevel=4)
+                              "heads with granularity='head'", stacklevel=7)
             left = [n for n in left if n not in in_heads]
             for name in left:  # per-row selection where no group can be removed whole
                 for index in range(params[name].shape[self.out_dims[name]]):
@@ -145,19 +158,19 @@ class GroupSelection:
             action = "keep per-row channel selection: shrink() will leave them as they are" if self.granularity == "channel" \
                 else "have no attention heads and stay dense"
             warnings.warn(f"GradualMagnitudePruning(granularity={self.granularity!r}): {', '.join(n.rsplit('.', 1)[0] for n in left[:8])}"
-                          f"{'...' if len(left) > 8 else ''} {action} ({'; '.join(sorted(reasons))[:300]})", stacklevel=4)
-        self._index(slices, families)
+                          f"{'...' if len(left) > 8 else ''} {action} ({'; '.join(sorted(reasons))[:300]})", stacklevel=7)
+        return self._index(slices, families)
 
-    def _index(self, slices: list[list[tuple[str, int, int]]], families: list[frozenset]) -> None:
-        """Index the units' slices by tensor, and number their families."""
+    def _index(self, slices: list[list[tuple[str, int, int]]], families: list[frozenset]):
+        """The units' slices indexed by tensor, their families numbered, and the owned tensors' names."""
         rows: dict[str, _Rows] = {}
         for unit_index, unit_slices in enumerate(slices):
             for name, dim, index in unit_slices:
                 rows.setdefault(name, _Rows()).add(dim, index, unit_index)
-        self._rows = {name: r.tensors() for name, r in rows.items()}
+        indexed = {name: r.tensors() for name, r in rows.items()}
         family_ids = {f: i for i, f in enumerate(dict.fromkeys(families))}
-        self._families = torch.tensor([family_ids[f] for f in families], dtype=torch.int64)
-        self.owned_names = [n for n in self._rows if n not in self.names]
+        numbered = torch.tensor([family_ids[f] for f in families], dtype=torch.int64)
+        return indexed, numbered, [n for n in indexed if n not in self.names]
 
     @staticmethod
     def _reason(groups, name: str, granularity: str) -> str:
@@ -172,41 +185,64 @@ class GroupSelection:
     # ---------------------------------------------------------------- selection
     @torch.no_grad()
     def select(self, weights: Sequence[torch.Tensor], keeps: Sequence[torch.Tensor | None],
-               owned_keeps: dict[str, torch.Tensor | None], target: float, scope: str):
-        """New keep masks ``(for the targeted weights, {owned name: mask})`` at sparsity ``target``."""
+               owned_keeps: dict[str, torch.Tensor | None], target: float, scope: str,
+               params: Mapping[str, torch.Tensor] | None = None):
+        """New keep masks ``(for the targeted weights, {owned name: mask})`` at sparsity ``target``.
+
+        ``params``: the model's parameters by name (default ``root.named_parameters()``), where the
+        owned ones are found. Under FSDP2 (``weights`` are DTensors sharded along dim 0) ``keeps``,
+        ``owned_keeps`` and the result are this rank's blocks: each rank sums its rows' squares into
+        whole-length vectors, one all-reduce adds them up, every rank chooses the same units (rank 0's
+        choice is broadcast) and keeps the rows of its block: the blocks of a single process's masks.
+        """
         if self._rows is None:
             self._trace()
+        sharded = next((w for w in weights if D.is_sharded(w)), None)
         n_units = self._families.numel()
-        squares = torch.zeros(n_units, dtype=torch.float64)
         sizes = torch.zeros(n_units, dtype=torch.int64)
-        alive = torch.zeros(n_units, dtype=torch.int64)
+        per_row = []  # (name, dim, whole-length [squares, live] of each slice along dim)
         for name, weight, keep in zip(self.names, weights, keeps):
+            block, (start, stop) = D.local(weight.detach()), row_range(weight)
             for dim, (index, unit) in self._rows.get(name, {}).items():
-                w = weight.detach()
-                row_squares = w.to(torch.float64).pow(2).movedim(dim, 0).reshape(w.shape[dim], -1).sum(1).cpu()
-                squares.index_add_(0, unit, row_squares[index])
-                sizes.index_add_(0, unit, torch.full_like(unit, w.numel() // max(w.shape[dim], 1)))
-                live = torch.ones(w.shape[dim], dtype=torch.int64) if keep is None else \
-                    keep.movedim(dim, 0).reshape(w.shape[dim], -1).amax(1).to(torch.int64).cpu()
-                alive.index_add_(0, unit, live[index])
+                length = weight.shape[dim]
+                sizes.index_add_(0, unit, torch.full_like(unit, weight.numel() // max(length, 1)))
+                found = torch.zeros(2, length, dtype=torch.float64)
+                at = slice(start, stop) if dim == 0 else slice(0, length)  # along dim 0 a block holds rows start..stop
+                found[0, at] = block.to(torch.float64).pow(2).movedim(dim, 0).reshape(block.shape[dim], -1).sum(1).cpu()
+                found[1, at] = 1.0 if keep is None else keep.movedim(dim, 0).reshape(block.shape[dim], -1).amax(1).cpu().double()
+                per_row.append((index, unit, found))
+        if sharded is not None and per_row:  # zeros elsewhere: the sums are each rank's exact rows
+            summed = D.sum_over_shards(torch.cat([found for _, _, found in per_row], 1), sharded)
+            per_row = [(index, unit, part) for (index, unit, _), part in
+                       zip(per_row, summed.split([found.shape[1] for _, _, found in per_row], 1))]
+        squares = torch.zeros(n_units, dtype=torch.float64)
+        alive = torch.zeros(n_units, dtype=torch.int64)
+        for index, unit, found in per_row:
+            squares.index_add_(0, unit, found[0, index])
+            alive.index_add_(0, unit, (found[1, index] > 0).to(torch.int64))
         scores = squares.sqrt()
         if scope == "global":
             scores = scores / sizes.clamp_min(1).to(torch.float64).sqrt()
         total = sum(w.numel() for w in weights)
         chosen = M.units_to_prune(scores.to(torch.float32), sizes, alive == 0, self._families, target, scope, total)
+        if sharded is not None:  # every rank keeps its block of one choice
+            chosen = D.broadcast_(chosen)
         new_keeps = [self._masked(name, w, keep, chosen) for name, w, keep in zip(self.names, weights, keeps)]
-        params = dict(self.root.named_parameters())
+        params = dict(self.root.named_parameters()) if params is None else params
         owned = {name: self._masked(name, params[name], owned_keeps.get(name), chosen) for name in self.owned_names}
         return new_keeps, owned
 
     def _masked(self, name: str, tensor: torch.Tensor, keep: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor | None:
+        """``keep`` (this rank's block of ``tensor``'s mask) with the slices of the ``chosen`` units zeroed."""
         rows = self._rows.get(name)
         if not rows:
             return keep
-        out = torch.ones(tensor.shape, dtype=torch.uint8, device=tensor.device) if keep is None else keep.clone()
+        block, (start, stop) = D.local(tensor.detach()), row_range(tensor)
+        out = torch.ones(block.shape, dtype=torch.uint8, device=block.device) if keep is None else keep.clone()
         for dim, (index, unit) in rows.items():
             gone = index[chosen[unit]]
+            if dim == 0:  # the rows of this rank's block, numbered from its first
+                gone = gone[(gone >= start) & (gone < stop)] - start
             if gone.numel():
                 out.index_fill_(dim, gone.to(out.device), 0)
         return out
-
