@@ -8,7 +8,8 @@ One module each: ``quantized_graph`` (the float graph with BN folded and fake-qu
 grid: ``quantized_copy``, ``FakeQuantLayer``), ``onnx_export`` (``export_onnx``), ``onnx_passes``
 (rewrites of the exported Q/DQ graph), ``ort`` (``OnnxRuntimeModule`` and what export asks of ONNX
 Runtime), ``inductor`` (``Int8Layer``, ``InductorInt8Module``), ``int8`` (``to_int8``) and
-``compact`` (``save_compressed`` / ``load_compressed``).
+``compact`` (``save_compressed`` / ``load_compressed``); ``torchao`` (``to_torchao``: torchao quantized
+weights for language models).
 
 >>> import os, tempfile, torch, torch.nn as nn
 >>> from compress_callbacks.quantization.ptq import calibrate, fake_quantized
@@ -35,9 +36,11 @@ from .onnx_export import export_onnx
 from .ort import OnnxRuntimeModule
 from .quantized_graph import FakeQuantLayer, quantized_copy
 from .shrink import load_shrunk, shrink  # structured pruning made physical
+from .torchao import to_torchao
 
 __all__ = [
     "to_int8",
+    "to_torchao",
     "export_onnx",
     "save_compressed",
     "load_compressed",
