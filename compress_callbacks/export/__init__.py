@@ -9,7 +9,8 @@ grid: ``quantized_copy``, ``FakeQuantLayer``), ``onnx_export`` (``export_onnx``)
 (Transformers models through ``torch.export``: dynamic batch and sequence axes), ``onnx_nbits``
 (4-bit weights packed as ``MatMulNBits``), ``onnx_passes`` (rewrites of the exported Q/DQ graph), ``ort`` (``OnnxRuntimeModule`` and what export asks of ONNX
 Runtime), ``inductor`` (``Int8Layer``, ``InductorInt8Module``), ``int8`` (``to_int8``) and
-``compact`` (``save_compressed`` / ``load_compressed``).
+``compact`` (``save_compressed`` / ``load_compressed``); ``torchao`` (``to_torchao``: torchao quantized
+weights for language models).
 
 >>> import os, tempfile, torch, torch.nn as nn
 >>> from compress_callbacks.quantization.ptq import calibrate, fake_quantized
@@ -36,9 +37,11 @@ from .onnx_export import export_onnx
 from .ort import OnnxRuntimeModule
 from .quantized_graph import FakeQuantLayer, quantized_copy
 from .shrink import load_shrunk, shrink  # structured pruning made physical
+from .torchao import to_torchao
 
 __all__ = [
     "to_int8",
+    "to_torchao",
     "export_onnx",
     "save_compressed",
     "load_compressed",
