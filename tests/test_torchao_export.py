@@ -138,3 +138,42 @@ def test_llama_save_pretrained_and_from_pretrained_round_trip(llama_pair, tmp_pa
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, converted(input_ids=ids).logits)
+
+
+def small_tied_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_8da4w_groups_and_a_tied_embedding_head_match_the_fake_quant_model():
+    """int4 weights in groups of 16 with per-token int8 inputs; embedding and head tied, quantized once."""
+    from compress_callbacks.quantization.ptq import fake_quantized
+
+    model = small_tied_llama()
+    ids = [torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + ["model.embed_tokens"]
+    finalized = qat_trained(model, [{"input_ids": x, "labels": x} for x in ids], weight_bits=4, weight_group_size=16,
+                            activation_scheme="dynamic", modules=names)
+    qparams = get_qparams(finalized)
+    assert qparams["lm_head"].tied_to == "model.embed_tokens" and qparams["lm_head"].weight_group_size == 16
+    converted = to_torchao(finalized)
+    head, embed = converted.lm_head.weight, converted.model.embed_tokens.weight
+    assert head is embed and type(head).__name__ == "IntxUnpackedToInt8Tensor"  # one tensor for both layers
+    assert head.activation_quantization is not None and tuple(head.block_size) == (1, 16)
+    q_proj = converted.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(q_proj.qdata, quantize_weight(finalized.model.layers[1].self_attn.q_proj.weight,
+                                                      qparams["model.layers.1.self_attn.q_proj"]))
+    test_ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), fake_quantized(finalized):
+        reference = finalized(input_ids=test_ids).logits
+    with torch.no_grad():
+        logits = converted(input_ids=test_ids).logits
+    span = float(reference.max() - reference.min())
+    assert float((logits - reference).abs().max()) <= 1e-4 * span  # torchao's per-token rule is ours, bit for bit
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    with torch.no_grad():
+        compiled = torch.compile(converted)(input_ids=test_ids).logits
+    assert float((compiled - logits).abs().max()) <= 1e-3 * span

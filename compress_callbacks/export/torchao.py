@@ -112,10 +112,13 @@ def _plan(name: str, module: nn.Module, spec: LayerQuantSpec) -> _Plan:
         raise ValueError(f"to_torchao: layer {name!r} is an Embedding: its input is token ids, which have no activation range")
     bits, block = spec.weight_bits, [1, group]
 
+    # Int8Tensor serves F.linear; an embedding (or a weight tied to one) gets the tensor that serves F.embedding too
+    int8_tensor = scheme == "int8_weight_only" and not isinstance(module, nn.Embedding) and not _shares_weight(spec)
+
     def build(w: torch.Tensor) -> torch.Tensor:
-        codes = _codes(w, scales, group, bits)
+        codes = quantize_weight(w, spec)  # the fake-quant codes (per channel or per group)
         dtype = w.dtype
-        if scheme == "int8_weight_only":
+        if int8_tensor:
             from torchao.quantization.quantize_.workflows import Int8Tensor
 
             return Int8Tensor(codes, scales.clone(), block, dtype)
@@ -138,25 +141,21 @@ def _plan(name: str, module: nn.Module, spec: LayerQuantSpec) -> _Plan:
         )
 
         granularity = PerGroup(group) if _group_size(spec) is not None else PerAxis(0)
-        if scheme == "int8_weight_only":
+        if int8_tensor:
             return Int8WeightOnlyConfig()
-        if scheme == "intx_weight_only":
+        if scheme in ("int8_weight_only", "intx_weight_only"):
             return IntxWeightOnlyConfig(weight_dtype=_int_dtype(bits), granularity=granularity)
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=_int_dtype(bits), weight_granularity=granularity)
 
     return _Plan(scheme, build, config)
 
 
+def _shares_weight(spec: LayerQuantSpec) -> bool:
+    return getattr(spec, "tied_to", None) is not None
+
+
 def _int_dtype(bits: int) -> torch.dtype:
     return getattr(torch, f"int{bits}")
-
-
-def _codes(weight: torch.Tensor, scales: torch.Tensor, group: int, bits: int) -> torch.Tensor:
-    """The weight's integer codes on its grid (groups of ``group`` along the input dim), as int8."""
-    out_features, in_features = weight.shape
-    per_group = LayerQuantSpec(weight_bits=bits, weight_scale=scales.reshape(-1))
-    grouped = weight.detach().float().reshape(out_features * (in_features // group), group)
-    return quantize_weight(grouped, per_group).reshape(out_features, in_features)
 
 
 def to_torchao(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -166,8 +165,9 @@ def to_torchao(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     what was trained: weight-only layers dequantize their int codes, "8da4w" layers quantize each
     token of their input to int8 at run time as torchao's ``Int8DynamicActivationIntxWeightConfig``
     does. The model runs eagerly and under ``torch.compile``; a Transformers model keeps
-    ``generate()``. Every layer is checked before any is converted: a model not finalized, a layer
-    torchao cannot run (static input ranges, a folded BatchNorm, a Conv / Transformers Conv1D) raises
+    ``generate()``. An embedding and LM head tied and quantized once in training share one torchao
+    tensor. Every layer is checked before any is converted: a model not finalized, a layer torchao
+    cannot run (static input ranges, a folded BatchNorm, a Conv / Transformers Conv1D) raises
     ``ValueError`` naming it, with nothing changed. ``inplace=False`` (default) converts a deep copy.
     The specs (``compress_qparams``) are not carried over: the weights are no longer float.
 
@@ -187,12 +187,17 @@ def to_torchao(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     qparams = _require_qparams(model, "to_torchao")
     root = unwrap_model(model)
     plans = {name: _plan(name, root.get_submodule(name), spec) for name, spec in qparams.items()}
-    _refuse_shared_weights(root, plans)
+    _refuse_shared_weights(root, plans, qparams)
     _require_torchao()
     target = root if inplace else copy.deepcopy(root)
-    built = {name: plan.build(target.get_submodule(name).weight) for name, plan in plans.items()}  # all built, then set
-    for name, tensor in built.items():
-        target.get_submodule(name).weight = nn.Parameter(tensor, requires_grad=False)
+    built = {}  # all built, then set; a tied weight once, from the layer that runs it as a Linear
+    for name in sorted(plans, key=lambda n: isinstance(target.get_submodule(n), nn.Embedding)):
+        weight = target.get_submodule(name).weight
+        if id(weight) not in built:
+            built[id(weight)] = (weight, nn.Parameter(plans[name].build(weight), requires_grad=False))
+    for name in plans:
+        module = target.get_submodule(name)
+        module.weight = built[id(module.weight)][1]
     target.__dict__.pop(QPARAMS_ATTR, None)
     _record_for_transformers(target, plans)
     return target
@@ -216,8 +221,9 @@ def _record_for_transformers(model: nn.Module, plans: dict[str, _Plan]) -> None:
     model.config.quantization_config = quantizer.quantization_config
 
 
-def _refuse_shared_weights(root: nn.Module, plans: dict[str, Any]) -> None:
-    """A weight shared by two modules (a tied embedding and LM head) converts once, for both, or not at all."""
+def _refuse_shared_weights(root: nn.Module, plans: dict[str, Any], qparams: dict[str, LayerQuantSpec]) -> None:
+    """A weight shared by two modules converts once, for both: QAT quantized it once (the later layer's
+    spec names the first in ``tied_to``, an LM head tied to its embedding); any other sharing is refused."""
     owners: dict[int, dict[int, str]] = {}  # weight -> {module: its first name}: one module under two names is one owner
     for name, module in root.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
@@ -226,10 +232,13 @@ def _refuse_shared_weights(root: nn.Module, plans: dict[str, Any]) -> None:
     for name in plans:
         module = root.get_submodule(name)
         others = [n for key, n in owners.get(id(module.weight), {}).items() if key != id(module)]
+        tied = {getattr(qparams[name], "tied_to", None)} | {n for n in others if getattr(qparams.get(n), "tied_to", None) == name}
+        others = [n for n in others if n not in tied]
         if others:
             raise ValueError(
-                f"to_torchao: layer {name!r} shares its weight with {others} (tied weights); a torchao weight serves one "
-                "kind of layer: untie them before training (e.g. `config.tie_word_embeddings=False`) or leave the layer out"
+                f"to_torchao: layer {name!r} shares its weight with {others} (tied weights), which QAT did not quantize "
+                "as one: name both in `modules` when training (they then share one grid), untie them "
+                "(e.g. `config.tie_word_embeddings=False`) or leave the layer out"
             )
 
 
