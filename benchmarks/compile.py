@@ -32,26 +32,10 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from compress_callbacks import CompressionManager, DistillationLoss, GradualMagnitudePruning, QuantizationAwareTraining
+from qat_overhead import make_cnn, make_mlp  # the same models as the QAT overhead benchmark (benchmarks/ is on sys.path)
 
 VARIANTS = ("plain", "GMP", "QAT", "GMP+QAT", "KD")
 TARGETS = {"GMP": 1.1, "QAT": 1.3, "GMP+QAT": None, "KD": None}
-
-
-def make_mlp(sizes=(1024, 2048, 1024, 512, 10)) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def make_cnn(width: int = 32) -> nn.Module:
-    def block(cin, cout, stride):
-        return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    return nn.Sequential(
-        *block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
-    )
 
 
 def build_arm(make: Callable[[], nn.Module], variant: str, compiled: bool, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

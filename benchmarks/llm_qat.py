@@ -39,7 +39,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.lm_corpus import LMSpec, cosine_lr, perplexity, pretrained_lm, random_windows, token_ids, training_record  # noqa: E402
+from benchmarks.lm_corpus import LMSpec, perplexity, pretrained_lm, random_windows, token_ids, train_lm, training_record  # noqa: E402
 
 GROUP = 16  # the base model's MLP width (336) is not a multiple of 32
 OURS = {  # arm: QuantizationAwareTraining keyword arguments (the LM head is left out in every arm)
@@ -65,24 +65,10 @@ def _not_head(module: torch.nn.Module, name: str) -> bool:
 
 
 def fine_tune(model, batches, lr, step_hook=None) -> list[float]:
-    """Next-token training on ``batches`` (AdamW, cosine schedule, grad-norm clip 1); returns step times (s).
-
-    ``step_hook(optimizer)``: called once before training (a QAT attaches itself there)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    if step_hook is not None:
-        step_hook(optimizer)
-    schedule = cosine_lr(optimizer, len(batches))
-    model.train()
-    seconds = []
-    for ids in batches:
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        seconds.append(time.perf_counter() - start)
+    """``lm_corpus.train_lm`` without weight decay; returns the step times (s). ``step_hook(optimizer)``
+    runs once before training (a QAT attaches itself there)."""
+    seconds: list[float] = []
+    train_lm(model, batches, lr, weight_decay=0.0, on_optimizer=step_hook, step_seconds=seconds)
     return seconds
 
 

@@ -150,19 +150,28 @@ def cosine_lr(optimizer: torch.optim.Optimizer, steps: int, warmup: int | None =
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))))
 
 
-def train_lm(model: torch.nn.Module, batches: list[torch.Tensor], lr: float, log_every: int = 0) -> list[float]:
-    """Plain next-token training with AdamW (weight decay 0.1, grad-norm clip 1.0); returns the losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+def train_lm(model: torch.nn.Module, batches: list[torch.Tensor], lr: float, log_every: int = 0, *, weight_decay: float = 0.1,
+             on_optimizer=None, step_seconds: list[float] | None = None) -> list[float]:
+    """Plain next-token training with AdamW (grad-norm clip 1.0, cosine schedule); returns the losses.
+
+    ``on_optimizer(optimizer)`` runs once before the first step (a compression manager attaches
+    there); ``step_seconds``, when given, receives each step's wall time."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
     schedule = cosine_lr(optimizer, len(batches))
     model.train()
     losses = []
     for step, batch in enumerate(batches):
+        start = time.perf_counter()
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
             print(f"  step {step + 1}/{len(batches)}: loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
