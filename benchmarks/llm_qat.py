@@ -6,8 +6,8 @@ Every arm starts from it and fine-tunes on the same batches for the same number 
 
     fp32 fine-tune          the control: plain next-token training
     PTQ 8da4w / int4 WO     torchao ``quantize_`` of the fp32 fine-tune (Int8DynamicActivationIntxWeightConfig /
-                            IntxWeightOnlyConfig, int4 weights in groups of 16: the MLP width, 336, is not a
-                            multiple of 32): the post-training baseline
+                            IntxWeightOnlyConfig, int4 weights in groups of 32, or 16 for the small model whose
+                            MLP width, 336, is not a multiple of 32): the post-training baseline
     ours 8da4w / int4 WO    QuantizationAwareTraining(weight_bits=4, weight_group_size=32, activation_scheme=...),
                             with and without learn_scales, finalized and converted by to_torchao
     torchao QAT             torchao's QATConfig(base_config, step="prepare") ... step="convert", same base configs
@@ -20,6 +20,7 @@ compiled. Targets: our 8da4w QAT recovers at least 60 % of the PTQ gap and at le
 QAT; our fake-quant step at most torchao's ratio and at most 1.3x a plain step.
 
     PYTHONPATH=. python benchmarks/llm_qat.py            # about 10 minutes on 2 idle cores (+ the base model, once)
+    PYTHONPATH=. python benchmarks/llm_qat.py --size 12m # the 12.2M-parameter base (pre-training it: ~30 min)
     PYTHONPATH=. python benchmarks/llm_qat.py --quick    # tiny budgets (a barely trained model; < 2 minutes once cached)
 """
 
@@ -41,22 +42,35 @@ import torch  # noqa: E402
 
 from benchmarks.lm_corpus import LMSpec, perplexity, pretrained_lm, random_windows, token_ids, train_lm, training_record  # noqa: E402
 
-GROUP = 16  # the base model's MLP width (336) is not a multiple of 32
-OURS = {  # arm: QuantizationAwareTraining keyword arguments (the LM head is left out in every arm)
-    "ours 8da4w": dict(weight_bits=4, weight_group_size=GROUP, activation_scheme="dynamic"),
-    "ours 8da4w + learn_scales": dict(weight_bits=4, weight_group_size=GROUP, activation_scheme="dynamic", learn_scales=True),
-    "ours int4 WO": dict(weight_bits=4, weight_group_size=GROUP, activation_bits=None),
-    "ours int4 WO + learn_scales": dict(weight_bits=4, weight_group_size=GROUP, activation_bits=None, learn_scales=True),
+SIZES = {  # --size: the base model (LMSpec arguments); both pre-train 3000 steps x 16 x 64 tokens
+    "small": dict(layers=4, width=128, heads=4),  # 1.30M parameters; MLP width 336 (groups of 16)
+    "12m": dict(layers=6, width=384, heads=6),  # 12.2M parameters; MLP width 1024 (groups of 32)
 }
 
 
-def base_configs() -> dict[str, object]:
+def group_size(spec: LMSpec) -> int:
+    """32 (the field's default group), or 16 where the MLP width is not a multiple of 32."""
+    config = spec.config()
+    return 32 if config.intermediate_size % 32 == 0 and config.hidden_size % 32 == 0 else 16
+
+
+def our_arms(group: int) -> dict[str, dict]:
+    """arm: QuantizationAwareTraining keyword arguments (the LM head is left out in every arm)."""
+    return {
+        "ours 8da4w": dict(weight_bits=4, weight_group_size=group, activation_scheme="dynamic"),
+        "ours 8da4w + learn_scales": dict(weight_bits=4, weight_group_size=group, activation_scheme="dynamic", learn_scales=True),
+        "ours int4 WO": dict(weight_bits=4, weight_group_size=group, activation_bits=None),
+        "ours int4 WO + learn_scales": dict(weight_bits=4, weight_group_size=group, activation_bits=None, learn_scales=True),
+    }
+
+
+def base_configs(group: int) -> dict[str, object]:
     """torchao's configs of the two schemes (the PTQ and torchao-QAT arms)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerGroup
 
     return {
-        "8da4w": Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP)),
-        "int4 WO": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP)),
+        "8da4w": Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
+        "int4 WO": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)),
     }
 
 
@@ -137,10 +151,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a barely trained base model, 10 steps)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per arm (default 300, quick 10)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="the base model: small (1.3M parameters, ~4 min to pre-train) or 12m (12.2M, ~30 min)")
     args = parser.parse_args(argv)
     quick = args.quick
     torch.set_num_threads(args.threads)
-    spec = LMSpec(seq_len=64, batch_size=16, steps=60 if quick else 3000, lr=3e-3)
+    spec = LMSpec(seq_len=64, batch_size=16, steps=60 if quick else 3000, lr=3e-3, **SIZES[args.size])
+    group = group_size(spec)
+    arms = our_arms(group)
     steps = args.steps or (10 if quick else 300)
     lr = 3e-4
     eval_windows = 32 if quick else 512
@@ -159,12 +177,12 @@ def main(argv: list[str] | None = None) -> str:
     fp32_seconds = fine_tune(fp32, batches, lr)
     fp32.eval()
     results["fp32 fine-tune"] = ppl(fp32)
-    configs = base_configs()
+    configs = base_configs(group)
     for scheme, config in configs.items():
         results[f"PTQ {scheme}"] = ppl(ptq(fp32, config))
     step_ms = {"plain": 1e3 * statistics.median(fp32_seconds[1:])}
     converted = {}
-    for arm, kwargs in OURS.items():
+    for arm, kwargs in arms.items():
         model, seconds = ours(base, batches, lr, kwargs)
         results[arm], step_ms[arm] = ppl(model), 1e3 * statistics.median(seconds[1:])
         converted[arm] = model
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> str:
 
     # training-step cost, interleaved rounds on a short slice (the arms' own medians above are load-sensitive)
     rounds, slice_ = (1, batches[:4]) if quick else (3, batches[:12])
-    ratio_ours = step_ratio(base, slice_, lr, lambda: ours(base, slice_, lr, OURS["ours 8da4w"])[1], rounds)
+    ratio_ours = step_ratio(base, slice_, lr, lambda: ours(base, slice_, lr, arms["ours 8da4w"])[1], rounds)
     ratio_torchao = step_ratio(base, slice_, lr, lambda: torchao_qat(base, slice_, lr, configs["8da4w"])[1], rounds)
 
     # inference: file size, then greedy decoding, compiled, batch 1
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> str:
     lines.append(f"base: Llama {spec.layers} layers x {spec.width}, {params / 1e6:.2f}M parameters, vocabulary {spec.vocab_size} "
                  f"(BPE on the stdlib's sources), pre-trained {spec.steps} steps x {spec.batch_size} x {spec.seq_len} tokens"
                  f"{' (read from the cache)' if cached else ''}; fine-tune: {steps} steps x {spec.batch_size} x {spec.seq_len} "
-                 f"tokens, AdamW lr {lr} cosine, the same batches in every arm; torch threads {args.threads}")
+                 f"tokens, AdamW lr {lr} cosine, the same batches in every arm; int4 groups of {group}; torch threads {args.threads}")
     lines.append(f"  {'arm':<30} {'held-out ppl':>12} {'PTQ gap recovered':>18} {'step':>9}")
     for arm, value in results.items():
         scheme = "8da4w" if "8da4w" in arm else "int4 WO" if "int4 WO" in arm else None
