@@ -308,8 +308,10 @@ def test_4bit_llama_weights_are_packed_trained_codes_about_half_the_int8_size(ll
     assert ratio <= 0.55, ratio  # codes: half; the per-row scales are the same in both
 
 
-def test_4bit_llama_through_onnx_runtime_matches_the_fake_quant_model_at_two_shapes(llama_4bit_file):
-    llama, path = llama_4bit_file
+@pytest.mark.parametrize("exported", ["llama_4bit_file", "llama_8da4w_file"])
+def test_4bit_llama_through_onnx_runtime_matches_the_fake_quant_model_at_two_shapes(exported, request):
+    """Per-channel 4-bit weights with int8 input ranges, and 8da4w (groups of 32, per-token inputs)."""
+    llama, path = request.getfixturevalue(exported)
     onnx_bytes = onnx.load(path).SerializeToString()
     as_written, session = unoptimized_session(onnx_bytes), OnnxRuntimeModule(onnx_bytes)
     for number, shape in enumerate(SHAPES):
@@ -346,31 +348,126 @@ def test_matmulnbits_packing_computes_codes_times_scales(in_features, group_size
     np.testing.assert_allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
-def test_group_wise_or_dynamic_specs_are_refused_naming_the_layer(llama, tmp_path):
-    """The LLM schemes (``weight_group_size``, per-token ``activation_scheme``) are not written to ONNX yet."""
-    import dataclasses
+# ----------------------------------------------------------------------------------- the LLM schemes
+def quantized_linears(model):
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
-    from compress_callbacks.quantization.spec import LayerQuantSpec
 
-    @dataclasses.dataclass
-    class LLMSchemeSpec(LayerQuantSpec):  # the fields QuantizationAwareTraining's LLM modes put on a spec
-        weight_group_size: int | None = None
-        activation_scheme: str = "static"
+@pytest.fixture(scope="module")
+def llama_8da4w_file(tmp_path_factory):
+    """A Llama trained with 8da4w (int4 groups of 32, per-token int8 inputs); the head kept at 8 bits by default."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head kept at 8 bits is announced
+        llama = qat_finalized(tiny_llama(), weight_bits=4, weight_group_size=32, activation_scheme="dynamic")
+    ids = tokens((2, 6), seed=81)
+    path = tmp_path_factory.mktemp("lm8da4w") / "llama.onnx"
+    return llama, export_onnx(llama, example_inputs=(ids, torch.ones_like(ids)), path=path)
 
+
+def test_8da4w_llama_stores_the_trained_group_codes_and_scales_packed_in_matmulnbits(llama_8da4w_file):
+    from onnx import numpy_helper
+
+    from compress_callbacks.export.onnx_nbits import unpack_nbits
+
+    llama, path = llama_8da4w_file
+    onnx_model = onnx.load(path)
+    initializers = {init.name: numpy_helper.to_array(init) for init in onnx_model.graph.initializer}
+    nbits = {node.input[1]: node for node in onnx_model.graph.node if node.op_type == "MatMulNBits"}
     specs = get_qparams(llama)
-    down = specs["model.layers.1.mlp.down_proj"]
-    ids = tokens((2, 5), seed=0)
-    for fields, what in (({"weight_group_size": 32, "weight_scale": down.weight_scale[:, None].repeat(1, 4)},
-                          "weight_group_size=32"),
-                         ({"activation_scheme": "dynamic", "input_scale": None, "input_zero_point": None},  # per token
-                          "activation_scheme='dynamic'")):
-        odd = LLMSchemeSpec(**{**dataclasses.asdict(down), **fields})
-        set_qparams(llama, {**specs, "model.layers.1.mlp.down_proj": odd})
-        try:
-            with pytest.raises(ValueError, match=rf"'model.layers.1.mlp.down_proj' was trained with {what}"):
-                export_onnx(llama, example_inputs=ids, path=tmp_path / "m.onnx")
-            with pytest.raises(ValueError, match=rf"'model.layers.1.mlp.down_proj' was trained with {what}"):
-                to_int8(llama, example_inputs=ids)
-        finally:
-            set_qparams(llama, specs)
-    assert not (tmp_path / "m.onnx").exists()
+    four_bit = {name: spec for name, spec in specs.items() if spec.weight_bits == 4}
+    assert len(four_bit) == len(nbits) == 14 and specs["lm_head"].weight_bits == 8  # every Linear but the head
+    assert all(spec.activation_scheme == "dynamic" and spec.weight_group_size == 32 for spec in specs.values())
+    for name, spec in four_bit.items():
+        node = nbits[f"model.{name}.codes_packed4"]
+        weight = llama.get_submodule(name).weight.detach()
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attributes["K"], attributes["N"], attributes["block_size"]) == (weight.shape[1], weight.shape[0], 32)
+        assert np.array_equal(unpack_nbits(initializers[node.input[1]], weight.shape[1]), quantize_weight(weight, spec).numpy())
+        assert np.array_equal(initializers[node.input[2]], spec.weight_scale.numpy().reshape(-1))  # [out, in / 32] row-major
+    assert not any(node.op_type == "QuantizeLinear" for node in onnx_model.graph.node)  # no stored input range anywhere
+    # a per-token range per distinct layer input (q/k/v read one, gate/up read one: the exporter shares them):
+    # 4 per decoder layer, and the head's
+    assert sum(node.op_type == "ReduceMax" for node in onnx_model.graph.node) == 4 * 2 + 1
+
+
+def test_to_int8_of_an_8da4w_llama_matches_the_fake_quant_model(llama_8da4w_file):
+    llama, _ = llama_8da4w_file
+    int8 = to_int8(llama, example_inputs=tokens((1, 8), seed=0))
+    for number, shape in enumerate(SHAPES):
+        ids = tokens(shape, seed=97 + number)
+        assert_matches(int8(ids).logits, fake_quant_logits(llama, ids), INT8_KERNELS)
+
+
+def test_a_tied_embedding_and_head_in_4bit_groups_export_and_match(tmp_path):
+    """Embedding (weight-only, groups) and the head tied to it (8da4w): the head packed, the embedding gathered from
+    its int8 codes (named in a warning: MatMulNBits is for MatMuls), both on the one trained grid."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    llama = transformers.LlamaForCausalLM(config)
+    named = [name for name, module in llama.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))]
+    llama = qat_finalized(llama, weight_bits=4, weight_group_size=32, activation_scheme="dynamic", modules=named)
+    specs = get_qparams(llama)
+    assert specs["lm_head"].tied_to == "model.embed_tokens" and specs["model.embed_tokens"].weight_only
+    ids = tokens((2, 6), seed=3)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) of 4 bits or fewer are stored as int8 codes.*embed_tokens"):
+        path = export_onnx(llama, example_inputs=ids, path=tmp_path / "tied.onnx")
+    onnx_model = onnx.load(path)
+    assert "model.lm_head.codes_packed4" in {node.input[1] for node in onnx_model.graph.node if node.op_type == "MatMulNBits"}
+    as_written = unoptimized_session(onnx_model.SerializeToString())
+    for number, shape in enumerate(SHAPES):
+        ids = tokens(shape, seed=60 + number)
+        assert_matches(as_written(ids), fake_quant_logits(llama, ids), EXACT)
+
+
+def test_gpt2_conv1d_8da4w_exports_packed_and_matches(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GPT-2's tied lm_head is skipped, with a warning
+        gpt2 = qat_finalized(tiny_gpt2(), weight_bits=4, weight_group_size=32, activation_scheme="dynamic")
+    path = export_onnx(gpt2, example_inputs=tokens((2, 6), seed=4), path=tmp_path / "gpt2.onnx")
+    onnx_model = onnx.load(path)
+    assert sum(node.op_type == "MatMulNBits" for node in onnx_model.graph.node) == len(get_qparams(gpt2)) == 8
+    as_written = unoptimized_session(onnx_model.SerializeToString())
+    for number, shape in enumerate(SHAPES):
+        ids = tokens(shape, seed=70 + number)
+        assert_matches(as_written(ids), fake_quant_logits(gpt2, ids), EXACT)
+
+
+def test_a_group_matmulnbits_cannot_block_stays_int8_codes_and_says_so(tmp_path):
+    """Groups of 8 (under MatMulNBits' smallest block, 16): int8 codes one row per group, still exact."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llama = qat_finalized(tiny_llama(), weight_bits=4, weight_group_size=8, activation_bits=None)
+    ids = tokens((2, 6), seed=5)
+    with pytest.warns(UserWarning, match=r"14 layer\(s\) of 4 bits or fewer are stored as int8 codes"):
+        path = export_onnx(llama, example_inputs=ids, path=tmp_path / "g8.onnx")
+    onnx_model = onnx.load(path)
+    assert not any(node.op_type == "MatMulNBits" for node in onnx_model.graph.node)
+    assert_matches(unoptimized_session(onnx_model.SerializeToString())(ids), fake_quant_logits(llama, ids), EXACT)
+
+
+@pytest.mark.parametrize("scheme", [
+    dict(weight_bits=4, weight_group_size=16, activation_scheme="dynamic"),
+    dict(weight_bits=4, weight_group_size=16, activation_bits=None),
+    dict(weight_bits=8, activation_scheme="dynamic"),
+])
+@pytest.mark.parametrize("backend", ["onnxruntime", "inductor"])
+def test_an_mlp_trained_with_the_llm_schemes_converts_on_both_backends(scheme, backend):
+    """The TorchScript path (a plain module) and Inductor: group rows and per-token inputs as trained."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    optimizer = torch.optim.AdamW(mlp.parameters(), lr=1e-3)
+    manager = CompressionManager(QuantizationAwareTraining(start_step=0, **scheme))
+    manager.attach(mlp, optimizer)
+    for _ in range(3):
+        mlp(torch.randn(8, 32)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    mlp = manager.finalize(mlp).eval()
+    x = torch.randn(5, 32) * 3
+    with torch.no_grad(), fake_quantized(mlp):
+        reference = mlp(x)
+    int8 = to_int8(mlp, example_inputs=x[:2], backend=backend)
+    error = float((int8(x) - reference).abs().max() / (reference.max() - reference.min()))
+    assert error <= EXACT, error

@@ -12,10 +12,10 @@ import types
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..quantization.fake_quant import per_token_quantize_dequantize
 from ..quantization.spec import LayerQuantSpec, quantize_weight
-from .quantized_graph import FakeQuantLayer, _float32_inputs, _set_submodule, quantized_copy
+from .quantized_graph import FakeQuantLayer, _float32_inputs, _set_submodule, layer_forward, quantized_copy
 
 __all__ = ["Int8Layer", "InductorInt8Module"]
 
@@ -30,8 +30,9 @@ class Int8Layer(nn.Module):
     >>> int8.codes.tolist(), int8(torch.tensor([[2.0, 4.0]])).tolist()
     ([[50, -25]], [[0.0]])
 
-    The input is quantized/dequantized per tensor with the learned range (skipped when weight-only),
-    the weight dequantized per channel from its int8 codes; under ``torch.compile`` with
+    The input is quantized/dequantized per tensor with the learned range (per token at run time for a
+    dynamic spec; skipped when weight-only), the weight dequantized per channel from its int8 codes (per
+    group: ``codes`` holds one row per group of ``weight_group_size`` inputs); under ``torch.compile`` with
     ``freezing=True`` Inductor's x86 passes fuse the pattern into oneDNN ``qlinear`` / ``qconv``.
     Eager, it computes the fake-quant layer (slowly).
     """
@@ -42,28 +43,31 @@ class Int8Layer(nn.Module):
 
         layer, spec = fake_quant.layer, fake_quant.spec
         self.spec = spec
-        self.register_buffer("codes", quantize_weight(layer.weight.detach(), spec))
+        codes = quantize_weight(layer.weight.detach(), spec)
+        self.weight_shape = tuple(codes.shape)
+        group_size = spec.weight_group_size
+        self.register_buffer("codes", codes if group_size is None else codes.reshape(-1, group_size))  # a row per group
         self.register_buffer("weight_scale", fake_quant.weight_scale.clone())
         self.register_buffer("weight_zero_point", torch.zeros_like(fake_quant.weight_zero_point, dtype=torch.int64))
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
-        self.linear = isinstance(layer, nn.Linear)
-        self.conv = None
-        if not self.linear:
-            self.conv = copy.copy(layer)  # keeps stride/padding/... ; its weight is not used
-            self.conv._parameters = {}
+        bias = getattr(layer, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.template = copy.copy(layer)  # keeps stride / padding / padding_idx ... ; its weight is not used
+        self.template._parameters = dict.fromkeys(layer._parameters)  # None: read as absent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.quantized_decomposed
         spec = self.spec
-        if not spec.weight_only:
+        if spec.dynamic:
+            x = per_token_quantize_dequantize(x)
+        elif not spec.weight_only:
             args = (spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax, torch.uint8)
             x = ops.dequantize_per_tensor.default(ops.quantize_per_tensor.default(x, *args), *args)
         weight = ops.dequantize_per_channel.default(
             self.codes, self.weight_scale, self.weight_zero_point, 0, -128, 127, torch.int8
         )
-        if self.linear:
-            return F.linear(x, weight, self.bias)
-        return self.conv._conv_forward(x, weight, self.bias)
+        if self.spec.weight_group_size is not None:  # (per channel no reshape: Inductor's int8 patterns match dq -> linear)
+            weight = weight.reshape(self.weight_shape)
+        return layer_forward(self.template, x, weight, self.bias)
 
 
 def _call_module(module: nn.Module, *inputs):

@@ -86,6 +86,11 @@ def to_int8(
     A Transformers ``PreTrainedModel`` goes through ``export_onnx``'s language-model path (dynamic batch
     and sequence axes, ``input_ids`` and optionally ``attention_mask``; see ``docs/export.md``): the
     module takes any batch size and sequence length and returns the model's output class (``.logits``).
+
+    The LLM schemes (``weight_group_size``, ``activation_scheme="dynamic"``) run as trained on both
+    backends: ONNX Runtime with 4-bit groups in ``MatMulNBits`` (float compute over the packed weights,
+    per-token activation quantization in plain ops), Inductor over the dequantized codes: neither runs
+    them with int8 GEMMs on CPU (:func:`~compress_callbacks.export.to_torchao` gives torchao's kernels).
     """
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..targets import unwrap_model
-from .onnx_lm import check_exportable_specs, check_token_inputs, is_transformers_model, language_model_onnx
+from .onnx_lm import check_token_inputs, is_transformers_model, language_model_onnx
 from .onnx_passes import _fold_weight_quantizers, _uint8_weight_codes
 from .ort import _calibration_batches, _layers_ort_computes_float, _output_template, _quantize_outputs
 from .quantized_graph import _as_tuple, _float32_inputs, _require_qparams, quantized_copy
@@ -45,7 +45,6 @@ def _onnx_model(model: nn.Module, example_inputs: Any, weight_dtype: str = "int8
     and sequence axes, opset 18); any other model by the TorchScript exporter (dynamic batch, opset 17).
     """
     inputs = _float32_inputs(_as_tuple(example_inputs))
-    check_exportable_specs(model)
     if is_transformers_model(model):
         onnx_model, template = language_model_onnx(model, inputs)
         if weight_dtype == "uint8":
@@ -141,8 +140,13 @@ def export_onnx(
     18, :mod:`.onnx_lm`): ``example_inputs`` is ``input_ids`` or ``(input_ids, attention_mask)``, both
     the batch and the sequence axis are dynamic, the model runs with ``use_cache=False`` (logits of
     every position, no key/value cache), and layers of 4 bits or fewer are packed as ONNX Runtime's
-    ``MatMulNBits`` (:mod:`.onnx_nbits`). Specs with ``weight_group_size`` or dynamic activations raise
-    ``ValueError`` naming the layer; an exporter failure raises one ``RuntimeError`` naming the cause.
+    ``MatMulNBits`` (:mod:`.onnx_nbits`); an exporter failure raises one ``RuntimeError`` naming the cause.
+
+    The LLM schemes export too, exactly as trained: group-wise weights (``weight_group_size`` g) are
+    stored one row of codes per group (``DequantizeLinear`` per row, then reshaped; 4-bit groups of a
+    power of two from 16 up packed in ``MatMulNBits`` with ``block_size`` g), dynamic activations
+    (``activation_scheme="dynamic"``) are quantized per token in plain ONNX ops, and an ``nn.Embedding``
+    with a spec gathers from its dequantized int8 codes.
     """
     if weight_dtype not in ("int8", "uint8"):
         raise ValueError(f"`weight_dtype` must be 'int8' or 'uint8', got {weight_dtype!r}")

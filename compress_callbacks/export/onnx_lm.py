@@ -57,20 +57,6 @@ def check_token_inputs(inputs: tuple) -> None:
         )
 
 
-def check_exportable_specs(model: nn.Module) -> None:
-    """Refuse specs of schemes the ONNX export does not write yet (before anything is traced): group-wise
-    weight scales (``weight_group_size``) and activations other than static per-tensor ranges."""
-    for name, spec in get_qparams(unwrap_model(model)).items():
-        group_size = getattr(spec, "weight_group_size", None)
-        scheme = getattr(spec, "activation_scheme", "static")
-        if group_size is not None or scheme != "static":
-            what = f"weight_group_size={group_size}" if group_size is not None else f"activation_scheme={scheme!r}"
-            raise ValueError(
-                f"layer {name!r} was trained with {what}: the ONNX export writes per-channel weights with static "
-                "per-tensor input ranges only (compress_callbacks.export.to_torchao runs the LLM schemes)"
-            )
-
-
 class _PositionalCall(nn.Module):
     """``model(*inputs, use_cache=False)`` (``use_cache`` only where ``forward`` takes it): full-sequence logits."""
 
@@ -108,9 +94,11 @@ def language_model_onnx(model: nn.Module, inputs: tuple):
     Graph inputs ``input_0`` (``input_ids``) and ``input_1`` (``attention_mask``, if given), both
     ``[batch, sequence]`` with symbolic dims; outputs ``output_<i>`` (the logits: ``[batch, sequence,
     vocab]``). Weights are the int8 codes of the specs (per-channel scales, ``DequantizeLinear`` on
-    axis 0; layers of 4 bits or fewer packed two codes a byte in ``MatMulNBits``, see :mod:`.onnx_nbits`),
-    each quantized layer's input ``QuantizeLinear`` / ``DequantizeLinear`` with its learned scale and
-    zero point. Raises ``RuntimeError`` with a one-line cause when ``torch.export`` or the
+    axis 0; group-wise codes one row per group, reshaped back; Linears of 4 bits or fewer packed two codes
+    a byte in ``MatMulNBits``, see :mod:`.onnx_nbits`), each quantized layer's input ``QuantizeLinear`` /
+    ``DequantizeLinear`` with its learned scale and zero point, or, for a dynamic spec, the per-token
+    range computed at run time in plain ops (``ReduceMin`` / ``ReduceMax`` / ``Round`` / ``Clip``, the
+    same arithmetic as training). Raises ``RuntimeError`` with a one-line cause when ``torch.export`` or the
     ONNX translation fails.
     """
     check_token_inputs(inputs)

@@ -81,12 +81,26 @@ def unpack_nbits(packed: np.ndarray, in_features: int) -> np.ndarray:
     return (nibbles[:, :in_features].astype(np.int16) - 2 ** (NBITS - 1)).astype(np.int8)
 
 
+def _matmul_reading(dequantize, readers: dict, grouped: bool):
+    """The ``MatMul`` that reads ``dequantize``'s weight through ``Transpose`` (and, for group-wise codes stored
+    one row per group, a ``Reshape`` back to ``[out, in]`` first) and nothing else; or None."""
+    after = readers.get(dequantize.output[0], [])
+    if grouped and len(after) == 1 and after[0].op_type == "Reshape":
+        after = readers.get(after[0].output[0], [])
+    if len(after) != 1 or after[0].op_type != "Transpose" or len(readers.get(after[0].output[0], [])) != 1:
+        return None
+    matmul = readers[after[0].output[0]][0]
+    return matmul if matmul.op_type == "MatMul" and matmul.input[1] == after[0].output[0] else None
+
+
 def _pack_low_bit_matmuls(onnx_model, specs_by_codes: dict) -> list[str]:
-    """Rewrite ``DequantizeLinear(codes) -> Transpose -> MatMul`` as ``MatMulNBits`` for the layers in
+    """Rewrite ``DequantizeLinear(codes) -> [Reshape] -> Transpose -> MatMul`` as ``MatMulNBits`` for the layers in
     ``specs_by_codes`` (codes initializer name -> spec, each with ``weight_bits <= 4``).
 
-    Returns the codes initializers rewritten. The input's Q/DQ pair stays in front of the MatMulNBits,
-    so the activations are what training simulated; ``accuracy_level`` is left unset (float compute).
+    Returns the codes initializers rewritten. The input's quantization (Q/DQ pair, or the per-token ops of
+    a dynamic spec) stays in front of the MatMulNBits, so the activations are what training simulated;
+    ``accuracy_level`` is left unset (float compute). Group sizes ``MatMulNBits`` cannot take as its block
+    (not a power of two, or under 16) stay int8 codes.
     """
     from onnx import helper, numpy_helper
 
@@ -101,14 +115,15 @@ def _pack_low_bit_matmuls(onnx_model, specs_by_codes: dict) -> list[str]:
     packed_names = []
     for dequantize in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in specs_by_codes]:
         spec = specs_by_codes[dequantize.input[0]]
-        after = readers.get(dequantize.output[0], [])
-        if len(after) != 1 or after[0].op_type != "Transpose" or len(readers.get(after[0].output[0], [])) != 1:
+        group_size = getattr(spec, "weight_group_size", None)
+        matmul = _matmul_reading(dequantize, readers, grouped=group_size is not None)
+        if matmul is None:
             continue
-        matmul = readers[after[0].output[0]][0]
-        if matmul.op_type != "MatMul" or matmul.input[1] != after[0].output[0]:
+        codes = numpy_helper.to_array(initializers[dequantize.input[0]]).reshape(spec.weight_scale.shape[0], -1)
+        try:
+            packed, scales, block = pack_nbits(codes, spec.weight_scale.numpy(), group_size)
+        except ValueError:  # a group MatMulNBits has no block for
             continue
-        codes = numpy_helper.to_array(initializers[dequantize.input[0]])
-        packed, scales, block = pack_nbits(codes, spec.weight_scale.numpy(), getattr(spec, "weight_group_size", None))
         name = dequantize.input[0]
         graph.initializer.extend([numpy_helper.from_array(packed, f"{name}_packed{NBITS}"),
                                   numpy_helper.from_array(scales, f"{name}_block_scales")])

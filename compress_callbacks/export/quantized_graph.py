@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quantization.fake_quant import per_token_quantize_dequantize
 from ..quantization.fast_path import keep_on_module_path
 from ..quantization.grid import batchnorm_fold_factor, channel_view, folded_conv_bias
 from ..quantization.spec import QPARAMS_ATTR, LayerQuantSpec, dequantized_weight, get_qparams, quantize_weight
@@ -36,7 +37,7 @@ __all__ = ["FakeQuantLayer", "quantized_copy"]
 
 
 class FakeQuantLayer(nn.Module):
-    """A Linear/Conv whose weight and input pass through fake-quant with fixed (learned) qparams.
+    """A Linear/Conv/Embedding whose weight and input pass through fake-quant with fixed (learned) qparams.
 
     >>> layer = nn.Linear(2, 1, bias=False)
     >>> layer.weight.data = torch.tensor([[0.5, -0.26]])
@@ -47,6 +48,9 @@ class FakeQuantLayer(nn.Module):
 
     Traced by ``torch.onnx.export`` this becomes QuantizeLinear/DequantizeLinear around the layer.
     The weight it holds is already on its grid (``codes * scale``), so fake-quant is exact on it.
+    Group-wise scales (``weight_group_size`` g) quantize the weight viewed ``[out * in / g, g]`` per row;
+    a dynamic spec quantizes each token of the input at run time
+    (:func:`~compress_callbacks.quantization.fake_quant.per_token_quantize_dequantize`).
     """
 
     def __init__(self, layer: nn.Module, spec: LayerQuantSpec, bias: torch.Tensor | None = None):
@@ -55,8 +59,8 @@ class FakeQuantLayer(nn.Module):
         self.spec = spec
         weight = layer.weight.detach()
         codes = quantize_weight(weight, spec)
-        self.register_buffer("weight_scale", spec.weight_scale.to(weight.device, torch.float32).clone())
-        self.register_buffer("weight_zero_point", torch.zeros(codes.shape[0], dtype=torch.int32, device=weight.device))
+        self.register_buffer("weight_scale", spec.weight_scale.to(weight.device, torch.float32).reshape(-1).clone())
+        self.register_buffer("weight_zero_point", torch.zeros(spec.weight_scale.numel(), dtype=torch.int32, device=weight.device))
         with torch.no_grad():
             layer.weight.copy_(dequantized_weight(codes, spec).to(weight.dtype))
             if bias is not None:
@@ -67,16 +71,34 @@ class FakeQuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if not spec.weight_only:
+        if spec.dynamic:
+            x = per_token_quantize_dequantize(x)
+        elif not spec.weight_only:
             x = torch.fake_quantize_per_tensor_affine(
                 x, spec.input_scale, spec.input_zero_point, spec.activation_qmin, spec.activation_qmax
             )
-        weight = torch.fake_quantize_per_channel_affine(
-            self.layer.weight, self.weight_scale, self.weight_zero_point, 0, -128, 127
-        )
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+        weight = self.layer.weight
+        if spec.weight_group_size is None:  # (no reshape: ONNX Runtime's QDQ fusions match DequantizeLinear -> Gemm / Conv)
+            weight = torch.fake_quantize_per_channel_affine(weight, self.weight_scale, self.weight_zero_point, 0, -128, 127)
+        else:
+            rows = weight.reshape(-1, spec.weight_group_size)
+            rows = torch.fake_quantize_per_channel_affine(rows, self.weight_scale, self.weight_zero_point, 0, -128, 127)
+            weight = rows.reshape(weight.shape)
+        return layer_forward(self.layer, x, weight, getattr(self.layer, "bias", None))
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What ``layer`` (a Linear, Conv or Embedding) computes on ``x`` with ``weight`` and ``bias`` in place of its own.
+
+    >>> embedding = nn.Embedding(3, 2, padding_idx=0)
+    >>> layer_forward(embedding, torch.tensor([2]), torch.arange(6.0).reshape(3, 2), None).tolist()
+    [[4.0, 5.0]]
+    """
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
+    return layer._conv_forward(x, weight, bias)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

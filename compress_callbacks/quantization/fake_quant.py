@@ -41,6 +41,7 @@ __all__ = [
     "fake_quantize_activation_with_bounds",
     "per_group_weight_scale",
     "fake_quantize_weight_groups",
+    "per_token_quantize_dequantize",
     "lsq_gradient_factor",
     "fake_quantize_weight_learned",
     "per_token_activation_qparams",
@@ -310,17 +311,35 @@ def per_token_activation_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return scale, zero_point
 
 
+def _per_token_quantize_dequantize(x: torch.Tensor, with_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(clamp(round(x * (1 / s)) + z, -128, 127) - z) * s`` per token, and where nothing was clamped (or None)."""
+    scale, zero_point = per_token_activation_qparams(x)
+    shifted = (x * scale.reciprocal()).round_().add_(zero_point)
+    codes = shifted.clamp(DYNAMIC_ACTIVATION_QMIN, DYNAMIC_ACTIVATION_QMAX)
+    inside = (codes == shifted) if with_mask else None
+    return codes.sub_(zero_point).mul_(scale), inside
+
+
+def per_token_quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
+    """The values of :func:`fake_quantize_per_token` in plain tensor ops, without a gradient rule: the form the
+    export graphs trace (ONNX ``ReduceMin`` / ``ReduceMax`` / ``Round`` / ``Clip``; Inductor fuses it).
+
+    >>> x = torch.tensor([[0.0, 1.0, 2.55], [-3.0, 0.5, 7.0]])
+    >>> torch.equal(per_token_quantize_dequantize(x), fake_quantize_per_token(x))
+    True
+    """
+    return _per_token_quantize_dequantize(x)[0]
+
+
 class _PerTokenFakeQuant(torch.autograd.Function):
     """``(clamp(round(x * (1 / s)) + z, -128, 127) - z) * s`` per token; gradient where nothing was clamped."""
 
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
-        scale, zero_point = per_token_activation_qparams(x)
-        shifted = (x * scale.reciprocal()).round_().add_(zero_point)
-        codes = shifted.clamp(DYNAMIC_ACTIVATION_QMIN, DYNAMIC_ACTIVATION_QMAX)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(codes == shifted)
-        return codes.sub_(zero_point).mul_(scale)
+        values, inside = _per_token_quantize_dequantize(x, with_mask=ctx.needs_input_grad[0])
+        if inside is not None:
+            ctx.save_for_backward(inside)
+        return values
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
