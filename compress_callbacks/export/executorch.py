@@ -33,6 +33,7 @@ from ..quantization.qat import STATE_ATTR
 from ..quantization.spec import LayerQuantSpec, get_qparams
 from ..targets import unwrap_model
 from .ort import _as_calibration_batch, _calibration_batches
+from .executorch_llm import llm_layer_scheme, lower_llm, reference_outputs, uses_llm_path
 from .quantized_graph import FakeQuantLayer, _as_tuple, _set_submodule, quantized_copy
 
 __all__ = ["export_executorch", "ExecuTorchExport", "ExecuTorchModule", "DEFAULT_TOLERANCE"]
@@ -117,16 +118,20 @@ class ExecuTorchModule(nn.Module):
             return 1
         batch = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 0
         chunks = shapes[0][0] // batch if batch and shapes and shapes[0] and shapes[0][0] % batch == 0 else 0
-        expected = [(batch * chunks,) + s[1:] for s in self.input_shapes]
-        if len(shapes) != len(self.input_shapes) or not chunks or shapes != expected:
+        fits = len(shapes) == len(self.input_shapes) and chunks and all(  # a symbolic axis takes up to its bound
+            len(s) == len(p) and s[0] == batch * chunks and all(a <= b for a, b in zip(s[1:], p[1:])) for s, p in zip(shapes, self.input_shapes))
+        if not fits:
             raise ValueError(f"inputs of shapes {shapes} do not fit the program {self.path!r}, which takes {self.input_shapes} "
-                             "(or a multiple of its batch)")
+                             "(or a multiple of its batch; shorter along an axis exported as symbolic)")
         return chunks
 
     def forward(self, *inputs: torch.Tensor):
         inputs = tuple(t.detach().cpu().contiguous() for t in inputs)
         chunks = self._chunks(inputs)
-        parts = [self._method.execute(list(part)) for part in zip(*(t.chunk(chunks) for t in inputs))]
+        try:
+            parts = [self._method.execute(list(p)) for p in zip(*(t.chunk(chunks) for t in inputs))]
+        except RuntimeError as error:  # a shorter axis in a program that fixed it
+            raise ValueError(f"inputs of shapes {[tuple(t.shape) for t in inputs]} do not fit the program {self.path!r} ({error})") from error
         outputs = [torch.cat(column) for column in zip(*parts)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -156,16 +161,11 @@ def _check_finalized(root: nn.Module) -> None:
 
 
 def _scheme(name: str, spec: LayerQuantSpec) -> str:
-    """Which XNNPACK scheme runs a layer's spec: ``"static_int8"`` or ``"weight_only"`` (kept float).
+    """Which XNNPACK scheme runs a static-path spec: ``"static_int8"`` or ``"weight_only"`` (kept float).
 
-    The one place to add schemes: group-wise int4 weights and dynamic per-token activations (the LLM
-    schemes) would map to XNNPACK's dynamically quantized linear; QAT does not produce them yet.
+    The LLM schemes (group-wise weights, per-token dynamic inputs) take the other path:
+    ``executorch_llm.llm_layer_scheme`` maps them to XNNPACK's dynamically quantized linear.
     """
-    grouped = getattr(spec, "weight_group_size", None) is not None or spec.weight_scale.dim() != 1
-    dynamic = getattr(spec, "activation_scheme", "static") != "static"
-    if grouped or dynamic:
-        raise ValueError(f"`model`: layer {name!r} uses {'group-wise weight scales' if grouped else 'dynamic activations'}, "
-                         "which export_executorch does not support yet (static per-channel int8 and weight-only only)")
     if spec.weight_only:
         return "weight_only"
     if spec.activation_qmax - spec.activation_qmin != INT8_MAX - INT8_MIN:
@@ -539,30 +539,37 @@ def export_executorch(
     root = unwrap_model(model)
     _check_finalized(root)
     qparams = get_qparams(root)
-    schemes = {name: _scheme(name, spec) for name, spec in qparams.items()}
+    llm = any(uses_llm_path(spec) for spec in qparams.values())
+    schemes = {name: llm_layer_scheme(name, spec)[0] if llm else _scheme(name, spec) for name, spec in qparams.items()}
     _require_executorch()
 
     stage = StageBar("export_executorch", ["reference", "quantize and lower", "parity check"], None)  # on a terminal
     stage("reference")
-    graph_model = (quantized_copy(root) if qparams else copy.deepcopy(root)).cpu().eval()
-    try:
-        with torch.no_grad():
-            reference = graph_model(*inputs)
-    except Exception as error:
-        raise ValueError(f"`example_inputs` do not match `model` ({type(error).__name__}: {error})") from error
-    reference = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
-
-    static_layers = {name for name, scheme in schemes.items() if scheme == "static_int8"}
-    stage("quantize and lower")
-    program, data, left_float, calibrated = _lower(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
-    float_layers = sorted({name for name, scheme in schemes.items() if scheme == "weight_only"} | set(left_float))
+    if llm:
+        reference = reference_outputs(root, inputs)
+        stage("quantize and lower")
+        program, data, float_reasons = lower_llm(root, inputs, qparams)
+        float_layers, calibrated = sorted(float_reasons), []
+        float_note = ": " + ", ".join(f"{name} ({why})" for name, why in float_reasons.items())
+    else:
+        graph_model = (quantized_copy(root) if qparams else copy.deepcopy(root)).cpu().eval()
+        try:
+            with torch.no_grad():
+                reference = graph_model(*inputs)
+        except Exception as error:
+            raise ValueError(f"`example_inputs` do not match `model` ({type(error).__name__}: {error})") from error
+        reference = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+        static_layers = {name for name, scheme in schemes.items() if scheme == "static_int8"}
+        stage("quantize and lower")
+        program, data, left_float, calibrated = _lower(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
+        float_layers = sorted({name for name, scheme in schemes.items() if scheme == "weight_only"} | set(left_float))
+        float_note = f" (weight-only, or not quantizable / not delegated by XNNPACK): {', '.join(float_layers)}"
     if calibrated:
         source = "`calibration`" if calibration is not None else "`example_inputs` alone (pass `calibration=`, a few batches)"
         warnings.warn(f"export_executorch: {len(calibrated)} quantization point(s) that training did not observe were calibrated on "
                       f"{source}: {'; '.join(calibrated)}", stacklevel=2)
     if float_layers:
-        warnings.warn(f"export_executorch: {len(float_layers)} layer(s) with a spec run in float in the program "
-                      f"(weight-only, or not quantizable / not delegated by XNNPACK): {', '.join(float_layers)}", stacklevel=2)
+        warnings.warn(f"export_executorch: {len(float_layers)} layer(s) with a spec run in float in the program{float_note}", stacklevel=2)
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -573,7 +580,7 @@ def export_executorch(
         stage("parity check")
         try:
             outputs = ExecuTorchModule(temporary)(*inputs)
-        except RuntimeError as error:  # e.g. an op only ExecuTorch's portable kernels could run, and they cannot
+        except (RuntimeError, ValueError) as error:  # e.g. an op only ExecuTorch's portable kernels could run, and they cannot
             raise RuntimeError(f"export_executorch: executorch.runtime cannot run the program on `example_inputs` ({error}); "
                                f"nothing was written at {path!r}") from error
         max_error, agreement = _parity(list(outputs) if isinstance(outputs, tuple) else [outputs], reference)
