@@ -103,7 +103,8 @@ def _dynamic_shapes(inputs: tuple):
     if len(lengths) != 1 or min(lengths) < 2:
         return None
     sequence = torch.export.Dim("sequence", min=1, max=lengths.pop())
-    return tuple({1: sequence} if t.dim() == 2 and not t.is_floating_point() else None for t in inputs)
+    # one entry: ``_PositionalCall.forward(*inputs)`` takes the inputs as one tuple argument
+    return (tuple({1: sequence} if t.dim() == 2 and not t.is_floating_point() else None for t in inputs),)
 
 
 def reference_outputs(root: nn.Module, inputs: tuple) -> list[torch.Tensor]:
