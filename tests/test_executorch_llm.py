@@ -104,6 +104,9 @@ def test_refusals_name_the_layer_and_write_nothing(tmp_path):
     live(batches[0]).sum().backward()
     with pytest.raises(ValueError, match="finalize"):
         export_executorch(live, batches[0], tmp_path / "live.pte")
+    grouped = qat_trained(mlp(5), batches, weight_bits=4, weight_group_size=32, activation_scheme="dynamic")
+    with pytest.raises(ValueError, match="example_inputs"):
+        export_executorch(grouped, torch.randn(8, 63), tmp_path / "shape.pte")
     mixed = qat_trained(mlp(4), batches, weight_bits=4, weight_group_size=32, activation_scheme="dynamic")
     mixed.compress_qparams["2"] = LayerQuantSpec(weight_bits=8, weight_scale=torch.full((64,), 0.01), activation_bits=8,
                                                  input_scale=0.05, input_zero_point=0)
@@ -174,3 +177,27 @@ def test_llama_program_runs_shorter_sequences_and_refuses_longer_ones(llama_expo
         assert relative_error(logits, llama_logits(finalized, ids)) <= DEFAULT_TOLERANCE
     with pytest.raises(ValueError, match="do not fit"):
         program(torch.randint(0, 128, (2, 17)))
+
+
+class FixedLength(nn.Module):
+    """Token ids [batch, 16] -> flattened embeddings -> a Linear: the graph fixes the sequence length."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.fc = nn.Embedding(32, 8), nn.Linear(16 * 8, 32)
+
+    def forward(self, ids):
+        return self.fc(self.embed(ids).flatten(1))
+
+
+def test_a_model_that_fixes_the_sequence_length_gets_a_fixed_program_and_says_so(tmp_path):
+    ids = [torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    finalized = qat_trained(FixedLength(), ids, weight_bits=4, weight_group_size=32, activation_scheme="dynamic", modules=["fc"])
+    result, messages = export_quietly(finalized, ids[0], tmp_path / "fixed.pte")
+    assert any("could not be made symbolic" in m and "(4, 16)" in m for m in messages)
+    assert result.float_layers == [] and result.max_error <= DEFAULT_TOLERANCE
+    program = ExecuTorchModule(result.path)
+    assert relative_error(program(ids[1]), fake_quant_output(finalized, ids[1])) <= DEFAULT_TOLERANCE
+    with pytest.raises(ValueError, match=r"do not fit the program"):
+        program(ids[1][:, :9])

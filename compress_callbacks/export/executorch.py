@@ -64,7 +64,7 @@ class ExecuTorchExport:
     argmax agree (None for outputs of fewer than 2 dims). ``float_layers``: layers with a spec that
     the program runs in float. ``calibrated_points``: quantization points whose range training did
     not give (calibrated; or a learned range widened so that it clips no other reader's values).
-    ``program``: the ``torch.export`` program with quantize / dequantize ops that was lowered.
+    ``program``: the ``torch.export`` program that was lowered (q/dq ops, or torchao tensors for the LLM schemes).
     """
 
     path: str
@@ -95,8 +95,8 @@ class ExecuTorchModule(nn.Module):
     >>> out.shape, bool((out - reference).abs().max() <= DEFAULT_TOLERANCE * (reference.max() - reference.min()))
     (torch.Size([8, 4]), True)
 
-    A program takes inputs of the shapes it was exported with (ExecuTorch plans its memory for them);
-    inputs whose batch is a multiple of the program's are run in chunks and the outputs concatenated.
+    A program takes inputs of the shapes it was exported with (ExecuTorch plans its memory for them), or
+    shorter along a symbolic axis (a causal LM's sequence); a multiple of its batch runs in chunks.
     Outputs are on the CPU (one tensor, or a tuple for several). XNNPACK's thread count is process-wide
     (``executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool``).
     """
@@ -162,10 +162,7 @@ def _check_finalized(root: nn.Module) -> None:
 
 def _scheme(name: str, spec: LayerQuantSpec) -> str:
     """Which XNNPACK scheme runs a static-path spec: ``"static_int8"`` or ``"weight_only"`` (kept float).
-
-    The LLM schemes (group-wise weights, per-token dynamic inputs) take the other path:
-    ``executorch_llm.llm_layer_scheme`` maps them to XNNPACK's dynamically quantized linear.
-    """
+    The LLM schemes take ``executorch_llm.llm_layer_scheme`` (XNNPACK's dynamically quantized linear)."""
     if spec.weight_only:
         return "weight_only"
     if spec.activation_qmax - spec.activation_qmin != INT8_MAX - INT8_MIN:
@@ -516,6 +513,10 @@ def export_executorch(
     in training is folded as trained. Weight-only specs, layers without a spec and layers XNNPACK
     cannot quantize run in float (named in ``float_layers``). A model without specs (pure-pruned or
     plain float) is lowered in float. The program takes inputs shaped like ``example_inputs``.
+    The LLM schemes (``activation_scheme="dynamic"``, ``weight_group_size``; ``export/executorch_llm.py``)
+    run as XNNPACK's dynamically quantized linears ("8da4w": int8 per token x int4 codes in groups of
+    32n) holding the trained codes; a causal LM is called ``model(input_ids, use_cache=False)`` and its
+    sequence axis is symbolic up to ``example_inputs``' length. Static and dynamic specs in one model: ValueError.
 
     ``calibration``: a few batches of model inputs for the points XNNPACK quantizes that training
     did not observe (the last layer's output, ``Add`` / ``cat`` / global pooling outputs) and for a
@@ -524,7 +525,7 @@ def export_executorch(
     the points are named in a warning and in ``calibrated_points``.
 
     Parity gate: the written program runs on ``example_inputs`` through ``executorch.runtime``; its
-    largest error against the fake-quant model (``quantized_copy``) as a fraction of the output range
+    largest error against the fake-quant model (``quantized_copy`` / ``fake_quantized``) as a fraction of the output range
     is ``max_error``. Above ``tolerance`` it warns, or with ``strict=True`` raises ``ValueError`` and
     writes nothing. The file appears at ``path`` only complete (temp file + rename).
     """
@@ -548,9 +549,8 @@ def export_executorch(
     if llm:
         reference = reference_outputs(root, inputs)
         stage("quantize and lower")
-        program, data, float_reasons = lower_llm(root, inputs, qparams)
-        float_layers, calibrated = sorted(float_reasons), []
-        float_note = ": " + ", ".join(f"{name} ({why})" for name, why in float_reasons.items())
+        (program, data, why), calibrated = lower_llm(root, inputs, qparams), []
+        float_layers, float_note = sorted(why), ": " + ", ".join(f"{name} ({why[name]})" for name in sorted(why))
     else:
         graph_model = (quantized_copy(root) if qparams else copy.deepcopy(root)).cpu().eval()
         try:

@@ -79,7 +79,7 @@ def llm_layer_scheme(name: str, spec: LayerQuantSpec) -> tuple[str, str]:
 def _program_model(root: nn.Module, qparams: dict[str, LayerQuantSpec], schemes: dict[str, tuple[str, str]]) -> nn.Module:
     """A copy in which the ``dynamic_int`` layers hold torchao tensors of their trained codes; every
     other layer (and every embedding, whose lookup XNNPACK does not run) holds its float weight on the grid."""
-    work = copy.deepcopy(root).cpu().eval()
+    work = copy.deepcopy(root).cpu().float().eval()  # XNNPACK computes the float parts in float32
     work.__dict__.pop(QPARAMS_ATTR, None)
     for module in work.modules():
         if isinstance(module, nn.Embedding):  # untied from a quantized head: the lookup stays a float table
@@ -109,7 +109,7 @@ def _dynamic_shapes(inputs: tuple):
 
 def reference_outputs(root: nn.Module, inputs: tuple) -> list[torch.Tensor]:
     """The fake-quant model's outputs (per-token input quantization, weights on their grid)."""
-    model = copy.deepcopy(root).cpu().eval()
+    model = copy.deepcopy(root).cpu().float().eval()
     try:
         with torch.no_grad(), fake_quantized(model):
             outputs = _PositionalCall(model)(*inputs)
@@ -133,8 +133,10 @@ def lower_llm(root: nn.Module, inputs: tuple, qparams: dict[str, LayerQuantSpec]
         shapes = _dynamic_shapes(inputs)
         try:
             program = torch.export.export(model, inputs, dynamic_shapes=shapes) if shapes else torch.export.export(model, inputs)
-        except Exception:  # a model whose graph fixes the sequence length: the example's shapes only
+        except Exception as error:  # a model whose graph fixes the sequence length: the example's shapes only
             program = torch.export.export(model, inputs)
+            warnings.warn(f"export_executorch: the sequence axis could not be made symbolic ({type(error).__name__}); "
+                          f"the program takes inputs of shapes {[tuple(t.shape) for t in inputs]} only", stacklevel=3)
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         data = edge.to_executorch().buffer
     return program, data, {name: why for name, (scheme, why) in sorted(schemes.items()) if scheme == "float"}
