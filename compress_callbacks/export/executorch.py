@@ -118,19 +118,20 @@ class ExecuTorchModule(nn.Module):
             return 1
         batch = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 0
         chunks = shapes[0][0] // batch if batch and shapes and shapes[0] and shapes[0][0] % batch == 0 else 0
-        fits = len(shapes) == len(self.input_shapes) and chunks and all(  # a symbolic axis takes up to its bound
-            len(s) == len(p) and s[0] == batch * chunks and all(a <= b for a, b in zip(s[1:], p[1:])) for s, p in zip(shapes, self.input_shapes))
-        if not fits:
-            raise ValueError(f"inputs of shapes {shapes} do not fit the program {self.path!r}, which takes {self.input_shapes} "
-                             "(or a multiple of its batch; shorter along an axis exported as symbolic)")
-        return chunks
+        if len(shapes) == len(self.input_shapes) and chunks and all(  # a symbolic axis takes up to its bound
+                len(s) == len(p) and s[0] == batch * chunks and all(a <= b for a, b in zip(s[1:], p[1:])) for s, p in zip(shapes, self.input_shapes)):
+            return chunks
+        raise ValueError(f"inputs of shapes {shapes} do not fit the program {self.path!r}, which takes {self.input_shapes} "
+                         "(or a multiple of its batch; shorter along an axis exported as symbolic)")
 
     def forward(self, *inputs: torch.Tensor):
         inputs = tuple(t.detach().cpu().contiguous() for t in inputs)
         chunks = self._chunks(inputs)
         try:
             parts = [self._method.execute(list(p)) for p in zip(*(t.chunk(chunks) for t in inputs))]
-        except RuntimeError as error:  # a shorter axis in a program that fixed it
+        except RuntimeError as error:  # a shorter axis in a program that fixed it; other failures stay RuntimeError
+            if all(tuple(t.shape[1:]) == p[1:] for t, p in zip(inputs, self.input_shapes)):
+                raise
             raise ValueError(f"inputs of shapes {[tuple(t.shape) for t in inputs]} do not fit the program {self.path!r} ({error})") from error
         outputs = [torch.cat(column) for column in zip(*parts)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -513,10 +514,9 @@ def export_executorch(
     in training is folded as trained. Weight-only specs, layers without a spec and layers XNNPACK
     cannot quantize run in float (named in ``float_layers``). A model without specs (pure-pruned or
     plain float) is lowered in float. The program takes inputs shaped like ``example_inputs``.
-    The LLM schemes (``activation_scheme="dynamic"``, ``weight_group_size``; ``export/executorch_llm.py``)
-    run as XNNPACK's dynamically quantized linears ("8da4w": int8 per token x int4 codes in groups of
-    32n) holding the trained codes; a causal LM is called ``model(input_ids, use_cache=False)`` and its
-    sequence axis is symbolic up to ``example_inputs``' length. Static and dynamic specs in one model: ValueError.
+    The LLM schemes (``activation_scheme="dynamic"``, ``weight_group_size``: ``executorch_llm``) run as XNNPACK's
+    dynamic linears ("8da4w") holding the trained codes; a causal LM runs ``model(input_ids, use_cache=False)``,
+    its sequence axis symbolic up to ``example_inputs``' length. Static and dynamic specs in one model: ValueError.
 
     ``calibration``: a few batches of model inputs for the points XNNPACK quantizes that training
     did not observe (the last layer's output, ``Add`` / ``cat`` / global pooling outputs) and for a
