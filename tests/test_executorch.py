@@ -354,8 +354,8 @@ def test_bad_input_raises_before_anything_is_written(tmp_path, monkeypatch):
     _bad_export(tmp_path, live, batches[0], TypeError, "calibration", calibration=batches[0])
     grouped = make_mlp()
     calibrate(grouped, batches)
-    grouped.compress_qparams["2"].weight_group_size = 32  # the group-wise QAT scheme, once it exists
-    _bad_export(tmp_path, grouped, batches[0], ValueError, "not support yet")
+    grouped.compress_qparams["2"].weight_group_size = 32  # one LLM-scheme layer among static int8 ones: mixed, refused
+    _bad_export(tmp_path, grouped, batches[0], ValueError, r"layer '0' has static per-tensor input ranges while other layers use the LLM")
     for name in [m for m in sys.modules if m == "executorch" or m.startswith("executorch.")]:
         monkeypatch.setitem(sys.modules, name, None)
     _bad_export(tmp_path, live, batches[0], ImportError, r"compress-callbacks\[edge\]")

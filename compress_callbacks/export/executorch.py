@@ -33,6 +33,7 @@ from ..quantization.qat import STATE_ATTR
 from ..quantization.spec import LayerQuantSpec, get_qparams
 from ..targets import unwrap_model
 from .ort import _as_calibration_batch, _calibration_batches
+from .executorch_llm import llm_layer_scheme, lower_llm, reference_outputs, uses_llm_path
 from .quantized_graph import FakeQuantLayer, _as_tuple, _set_submodule, quantized_copy
 
 __all__ = ["export_executorch", "ExecuTorchExport", "ExecuTorchModule", "DEFAULT_TOLERANCE"]
@@ -63,7 +64,7 @@ class ExecuTorchExport:
     argmax agree (None for outputs of fewer than 2 dims). ``float_layers``: layers with a spec that
     the program runs in float. ``calibrated_points``: quantization points whose range training did
     not give (calibrated; or a learned range widened so that it clips no other reader's values).
-    ``program``: the ``torch.export`` program with quantize / dequantize ops that was lowered.
+    ``program``: the ``torch.export`` program that was lowered (q/dq ops, or torchao tensors for the LLM schemes).
     """
 
     path: str
@@ -94,8 +95,8 @@ class ExecuTorchModule(nn.Module):
     >>> out.shape, bool((out - reference).abs().max() <= DEFAULT_TOLERANCE * (reference.max() - reference.min()))
     (torch.Size([8, 4]), True)
 
-    A program takes inputs of the shapes it was exported with (ExecuTorch plans its memory for them);
-    inputs whose batch is a multiple of the program's are run in chunks and the outputs concatenated.
+    A program takes inputs of the shapes it was exported with (ExecuTorch plans its memory for them), or
+    shorter along a symbolic axis (a causal LM's sequence); a multiple of its batch runs in chunks.
     Outputs are on the CPU (one tensor, or a tuple for several). XNNPACK's thread count is process-wide
     (``executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool``).
     """
@@ -117,16 +118,21 @@ class ExecuTorchModule(nn.Module):
             return 1
         batch = self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 0
         chunks = shapes[0][0] // batch if batch and shapes and shapes[0] and shapes[0][0] % batch == 0 else 0
-        expected = [(batch * chunks,) + s[1:] for s in self.input_shapes]
-        if len(shapes) != len(self.input_shapes) or not chunks or shapes != expected:
-            raise ValueError(f"inputs of shapes {shapes} do not fit the program {self.path!r}, which takes {self.input_shapes} "
-                             "(or a multiple of its batch)")
-        return chunks
+        if len(shapes) == len(self.input_shapes) and chunks and all(  # a symbolic axis takes up to its bound
+                len(s) == len(p) and s[0] == batch * chunks and all(a <= b for a, b in zip(s[1:], p[1:])) for s, p in zip(shapes, self.input_shapes)):
+            return chunks
+        raise ValueError(f"inputs of shapes {shapes} do not fit the program {self.path!r}, which takes {self.input_shapes} "
+                         "(or a multiple of its batch; shorter along an axis exported as symbolic)")
 
     def forward(self, *inputs: torch.Tensor):
         inputs = tuple(t.detach().cpu().contiguous() for t in inputs)
         chunks = self._chunks(inputs)
-        parts = [self._method.execute(list(part)) for part in zip(*(t.chunk(chunks) for t in inputs))]
+        try:
+            parts = [self._method.execute(list(p)) for p in zip(*(t.chunk(chunks) for t in inputs))]
+        except RuntimeError as error:  # a shorter axis in a program that fixed it; other failures stay RuntimeError
+            if all(tuple(t.shape[1:]) == p[1:] for t, p in zip(inputs, self.input_shapes)):
+                raise
+            raise ValueError(f"inputs of shapes {[tuple(t.shape) for t in inputs]} do not fit the program {self.path!r} ({error})") from error
         outputs = [torch.cat(column) for column in zip(*parts)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -156,16 +162,8 @@ def _check_finalized(root: nn.Module) -> None:
 
 
 def _scheme(name: str, spec: LayerQuantSpec) -> str:
-    """Which XNNPACK scheme runs a layer's spec: ``"static_int8"`` or ``"weight_only"`` (kept float).
-
-    The one place to add schemes: group-wise int4 weights and dynamic per-token activations (the LLM
-    schemes) would map to XNNPACK's dynamically quantized linear; QAT does not produce them yet.
-    """
-    grouped = getattr(spec, "weight_group_size", None) is not None or spec.weight_scale.dim() != 1
-    dynamic = getattr(spec, "activation_scheme", "static") != "static"
-    if grouped or dynamic:
-        raise ValueError(f"`model`: layer {name!r} uses {'group-wise weight scales' if grouped else 'dynamic activations'}, "
-                         "which export_executorch does not support yet (static per-channel int8 and weight-only only)")
+    """Which XNNPACK scheme runs a static-path spec: ``"static_int8"`` or ``"weight_only"`` (kept float).
+    The LLM schemes take ``executorch_llm.llm_layer_scheme`` (XNNPACK's dynamically quantized linear)."""
     if spec.weight_only:
         return "weight_only"
     if spec.activation_qmax - spec.activation_qmin != INT8_MAX - INT8_MIN:
@@ -516,6 +514,9 @@ def export_executorch(
     in training is folded as trained. Weight-only specs, layers without a spec and layers XNNPACK
     cannot quantize run in float (named in ``float_layers``). A model without specs (pure-pruned or
     plain float) is lowered in float. The program takes inputs shaped like ``example_inputs``.
+    The LLM schemes (``activation_scheme="dynamic"``, ``weight_group_size``: ``executorch_llm``) run as XNNPACK's
+    dynamic linears ("8da4w") holding the trained codes; a causal LM runs ``model(input_ids, use_cache=False)``,
+    its sequence axis symbolic up to ``example_inputs``' length. Static and dynamic specs in one model: ValueError.
 
     ``calibration``: a few batches of model inputs for the points XNNPACK quantizes that training
     did not observe (the last layer's output, ``Add`` / ``cat`` / global pooling outputs) and for a
@@ -524,7 +525,7 @@ def export_executorch(
     the points are named in a warning and in ``calibrated_points``.
 
     Parity gate: the written program runs on ``example_inputs`` through ``executorch.runtime``; its
-    largest error against the fake-quant model (``quantized_copy``) as a fraction of the output range
+    largest error against the fake-quant model (``quantized_copy`` / ``fake_quantized``) as a fraction of the output range
     is ``max_error``. Above ``tolerance`` it warns, or with ``strict=True`` raises ``ValueError`` and
     writes nothing. The file appears at ``path`` only complete (temp file + rename).
     """
@@ -539,30 +540,36 @@ def export_executorch(
     root = unwrap_model(model)
     _check_finalized(root)
     qparams = get_qparams(root)
-    schemes = {name: _scheme(name, spec) for name, spec in qparams.items()}
+    llm = any(uses_llm_path(spec) for spec in qparams.values())
+    schemes = {name: llm_layer_scheme(name, spec)[0] if llm else _scheme(name, spec) for name, spec in qparams.items()}
     _require_executorch()
 
     stage = StageBar("export_executorch", ["reference", "quantize and lower", "parity check"], None)  # on a terminal
     stage("reference")
-    graph_model = (quantized_copy(root) if qparams else copy.deepcopy(root)).cpu().eval()
-    try:
-        with torch.no_grad():
-            reference = graph_model(*inputs)
-    except Exception as error:
-        raise ValueError(f"`example_inputs` do not match `model` ({type(error).__name__}: {error})") from error
-    reference = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
-
-    static_layers = {name for name, scheme in schemes.items() if scheme == "static_int8"}
-    stage("quantize and lower")
-    program, data, left_float, calibrated = _lower(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
-    float_layers = sorted({name for name, scheme in schemes.items() if scheme == "weight_only"} | set(left_float))
+    if llm:
+        reference = reference_outputs(root, inputs)
+        stage("quantize and lower")
+        (program, data, why), calibrated = lower_llm(root, inputs, qparams), []
+        float_layers, float_note = sorted(why), ": " + ", ".join(f"{name} ({why[name]})" for name in sorted(why))
+    else:
+        graph_model = (quantized_copy(root) if qparams else copy.deepcopy(root)).cpu().eval()
+        try:
+            with torch.no_grad():
+                reference = graph_model(*inputs)
+        except Exception as error:
+            raise ValueError(f"`example_inputs` do not match `model` ({type(error).__name__}: {error})") from error
+        reference = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)]
+        static_layers = {name for name, scheme in schemes.items() if scheme == "static_int8"}
+        stage("quantize and lower")
+        program, data, left_float, calibrated = _lower(_plain_layers(graph_model), inputs, qparams, static_layers, calibration)
+        float_layers = sorted({name for name, scheme in schemes.items() if scheme == "weight_only"} | set(left_float))
+        float_note = f" (weight-only, or not quantizable / not delegated by XNNPACK): {', '.join(float_layers)}"
     if calibrated:
         source = "`calibration`" if calibration is not None else "`example_inputs` alone (pass `calibration=`, a few batches)"
         warnings.warn(f"export_executorch: {len(calibrated)} quantization point(s) that training did not observe were calibrated on "
                       f"{source}: {'; '.join(calibrated)}", stacklevel=2)
     if float_layers:
-        warnings.warn(f"export_executorch: {len(float_layers)} layer(s) with a spec run in float in the program "
-                      f"(weight-only, or not quantizable / not delegated by XNNPACK): {', '.join(float_layers)}", stacklevel=2)
+        warnings.warn(f"export_executorch: {len(float_layers)} layer(s) with a spec run in float in the program{float_note}", stacklevel=2)
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -573,7 +580,7 @@ def export_executorch(
         stage("parity check")
         try:
             outputs = ExecuTorchModule(temporary)(*inputs)
-        except RuntimeError as error:  # e.g. an op only ExecuTorch's portable kernels could run, and they cannot
+        except (RuntimeError, ValueError) as error:  # e.g. an op only ExecuTorch's portable kernels could run, and they cannot
             raise RuntimeError(f"export_executorch: executorch.runtime cannot run the program on `example_inputs` ({error}); "
                                f"nothing was written at {path!r}") from error
         max_error, agreement = _parity(list(outputs) if isinstance(outputs, tuple) else [outputs], reference)
