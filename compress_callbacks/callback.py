@@ -72,6 +72,9 @@ class CompressionTechnique:
 
     #: Whether ``on_before_update`` must run (it costs a hook call per update when True).
     needs_before_update: bool = False
+    #: Whether ``attach`` adds parameters of its own to the optimizer (they must be there before a
+    #: resumed run loads the optimizer's state).
+    adds_optimizer_parameters: bool = False
     supports_sharded_weights: bool = False  # handles FSDP2 (DTensor) weights; see targets.require_unsharded
 
     def __init_subclass__(cls, config_class: type[TechniqueConfig] | None = None, **kwargs: Any) -> None:

@@ -355,6 +355,7 @@ def test_default_path_has_no_scales_and_no_pre_update_hook():
     assert "scales" not in qat.state_dict()
 
 
+
 # ------------------------------------------------------------------------------------ what holds today holds here
 def test_gradient_accumulation_matches_the_full_batch():
     """Per-token ranges and group-wise weights do not depend on the batch's make-up: two half batches
@@ -510,9 +511,10 @@ def test_scale_gradients_do_not_pile_up_when_the_loop_zeroes_only_the_model():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def trainer_run(output_dir, resume=None):
-    """A Trainer run with learned scales; attached before ``train`` (to the Trainer's optimizer) so that
-    a resumed run's optimizer holds the scales when the Trainer loads its state."""
+def trainer_run(output_dir, resume=None, attach_first=False):
+    """A Trainer run with learned scales: the callback attaches when ``train`` creates the optimizer, so
+    that a resumed run's optimizer holds the scales when the Trainer loads its state (``attach_first``:
+    the user attaches to ``trainer.create_optimizer()`` before ``train``, which must keep working)."""
     from transformers import Trainer, TrainingArguments
 
     from compress_callbacks.integrations.transformers import CompressionCallback
@@ -525,16 +527,22 @@ def trainer_run(output_dir, resume=None):
     args = TrainingArguments(str(output_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
                              report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[CompressionCallback(manager)])
-    manager.attach(model, trainer.create_optimizer())
+    if attach_first:
+        manager.attach(model, trainer.create_optimizer())
     trainer.train(resume_from_checkpoint=resume)
+    assert manager.optimizer is trainer.optimizer.optimizer  # the Trainer's optimizer (under its Accelerate wrapper)
     return model, qat
 
 
-def test_transformers_trainer_resume_with_learned_scales_matches_an_uninterrupted_run(tmp_path):
-    full, full_qat = trainer_run(tmp_path)
-    resumed, resumed_qat = trainer_run(tmp_path, resume=str(tmp_path / "checkpoint-2"))
+@pytest.mark.parametrize("attach_first", [False, True], ids=["callback_attaches", "user_attaches_first"])
+def test_transformers_trainer_resume_with_learned_scales_matches_an_uninterrupted_run(tmp_path, attach_first):
+    full, full_qat = trainer_run(tmp_path, attach_first=attach_first)
+    resumed, resumed_qat = trainer_run(tmp_path, resume=str(tmp_path / "checkpoint-2"), attach_first=attach_first)
     assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(full_qat.scale_parameters(), resumed_qat.scale_parameters()))
+    saved = torch.load(tmp_path / "checkpoint-2" / "compression_state.pt", weights_only=True)
+    at_checkpoint = saved["callbacks"]["0:QuantizationAwareTraining"]["scales"]
+    assert any(not torch.equal(s, s2) for s, s2 in zip(resumed_qat.scale_parameters(), at_checkpoint))  # they trained on
 
 
 # ------------------------------------------------------------------------------------ DDP

@@ -40,6 +40,17 @@ STATE_FILE = "compression_state.pt"
 FEATURE_STATE_FILE = "feature_distillation.pt"
 
 
+def _constructing_trainer() -> Trainer | None:
+    """The ``Trainer`` whose ``__init__`` is running (callbacks get ``on_init_end`` from there; no argument holds it)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer) and frame.f_code.co_name == "__init__":
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def _running_training_call() -> tuple[Trainer | None, str | None]:
     """The ``Trainer`` whose ``train()`` is running and the checkpoint it resumes from (None: fresh run).
 
@@ -86,6 +97,12 @@ class CompressionCallback(TrainerCallback):
       exists by then). The manager hooks the underlying ``torch.optim.Optimizer``, so it counts only
       updates that happened: a gradient-accumulation micro-batch is not an update, and neither is one
       the AMP grad scaler skipped (the Trainer's ``on_optimizer_step`` would count both).
+      A technique that adds parameters to the optimizer (``QuantizationAwareTraining(learn_scales=True)``)
+      is attached earlier, when ``train`` creates the optimizer (``trainer.create_optimizer``), so that a
+      resumed run's saved optimizer state, loaded before ``on_train_begin``, finds them. (That needs the
+      callback at the Trainer's construction, ``callbacks=[...]``; one added later with ``add_callback``:
+      ``manager.attach(model, trainer.create_optimizer())`` before ``train``.) A manager attached
+      already is taken as it is.
     * ``on_save``: every rank computes ``manager.state_dict()`` (a collective under FSDP2); the main
       process writes it to ``checkpoint-N/compression_state.pt``.
     * ``trainer.train(resume_from_checkpoint=...)``: loads that file back before attaching, so masks,
@@ -107,6 +124,22 @@ class CompressionCallback(TrainerCallback):
         if not isinstance(manager, CompressionManager):
             raise TypeError(f"`manager` must be a CompressionManager, got {type(manager).__name__}")
         self.manager = manager
+
+    def on_init_end(self, args, state, control, **kwargs):
+        trainer = _constructing_trainer()
+        if trainer is None or not any(cb.adds_optimizer_parameters for cb in self.manager.callbacks):
+            return
+        # learned scales must be in the optimizer before a resumed run loads its state, which the
+        # Trainer does before on_train_begin: attach when train() creates the optimizer instead
+        create_optimizer = trainer.create_optimizer
+
+        def create_optimizer_then_attach(*args: Any, **kwargs: Any):
+            optimizer = create_optimizer(*args, **kwargs)
+            if not self.manager.attached and _running_training_call()[0] is trainer:
+                self.manager.attach(trainer.model, optimizer)
+            return optimizer
+
+        trainer.create_optimizer = create_optimizer_then_attach
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer, resume = _running_training_call()

@@ -165,6 +165,7 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         )
         self._learned = LearnedScales() if self.settings.learn_scales else None
         self.needs_before_update = self._learned is not None  # averages the scales' gradients under DDP
+        self.adds_optimizer_parameters = self._learned is not None  # the scales join the optimizer at attach
 
         self._root: nn.Module | None = None
         self._layers: list[_LayerState] = []
@@ -269,8 +270,8 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         ``attach`` adds them to the optimizer it is given: to its first param group without weight
         decay (the Transformers Trainer's bias / norm group), else to its first group, so they follow
         that group's learning rate and schedule. Pass them yourself to an optimizer made after
-        ``attach``. With the Transformers Trainer and checkpoints, attach to
-        ``trainer.create_optimizer()`` before ``trainer.train`` (see ``docs/quantization.md``).
+        ``attach``. The Transformers ``CompressionCallback`` attaches when ``train`` creates the
+        optimizer, so a resumed run's optimizer state finds them (see ``docs/quantization.md``).
 
         They are initialized from the weights' min/max grid when fake-quant starts (``start_step``)
         and saved in this callback's ``state_dict``. With Adam-like optimizers a scale moves by about
