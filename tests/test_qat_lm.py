@@ -355,6 +355,29 @@ def test_default_path_has_no_scales_and_no_pre_update_hook():
     assert "scales" not in qat.state_dict()
 
 
+def test_learned_scales_under_ddp_refuse_an_optimizer_without_step_hooks_before_touching_anything(monkeypatch):
+    """Without a torch optimizer's pre-step hook nothing averages the scales' gradients over the ranks."""
+    from compress_callbacks import _dist
+
+    class BareOptimizer:  # steps itself; no torch step hooks
+        def __init__(self, params):
+            self.param_groups = [{"params": list(params), "lr": 0.1}]
+
+    monkeypatch.setattr(_dist, "world_size", lambda: 2)
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = BareOptimizer(model.parameters())
+    manager = CompressionManager(QuantizationAwareTraining(learn_scales=True, **W4G4_DYNAMIC))
+    with pytest.raises(ValueError, match="learn_scales=True under DDP needs a torch optimizer"):
+        manager.attach(model, optimizer, hook=False)
+    assert not manager.attached and len(optimizer.param_groups) == 1
+    assert all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same run with a torch optimizer (and hook=False) attaches: its pre-step hook averages
+    other = mlp()
+    accepted = CompressionManager(QuantizationAwareTraining(learn_scales=True, **W4G4_DYNAMIC))
+    accepted.attach(other, torch.optim.SGD(other.parameters(), lr=0.1), hook=False)
+    assert accepted.attached and accepted.has_before_update_hook
 
 # ------------------------------------------------------------------------------------ what holds today holds here
 def test_gradient_accumulation_matches_the_full_batch():

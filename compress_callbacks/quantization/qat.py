@@ -228,6 +228,12 @@ class QuantizationAwareTraining(CompressionTechnique, config_class=QuantizationC
         check_group_size(selected, self.weight_group_size)
         check_embeddings(selected)
         require_optimizer_owns_weights(selected, optimizer)
+        if self._learned is not None and _dist.world_size() > 1 and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                "learn_scales=True under DDP needs a torch optimizer (or a wrapper of one) at `attach`: its pre-step "
+                "hook averages the scales' gradients over the ranks (DDP never sees the scales), and "
+                f"{type(optimizer).__name__} has none, so every rank would train its own scales"
+            )
 
     def on_attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
         selected, skipped = self._selection(model, warn_shared=False)  # validate warned
